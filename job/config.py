@@ -1,0 +1,282 @@
+"""The job's whole configuration: one typed, frozen object read from the environment in one place.
+
+Every field of `Config` is one environment variable (its name in upper case), with its default,
+its help line and its check. `.env.example`, `python -m job config` and the README table are
+generated from this definition, so this file is the single source of truth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+SECRET_MARK = "***"
+RUN_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+# Variables that other libraries read themselves (boto3, huggingface_hub, torchrun, the shell).
+# They are documented here so that `.env.example` and the near-miss check know them.
+FOREIGN_VARIABLES = {
+    "AWS_ACCESS_KEY_ID": "S3 access key (read by boto3)",
+    "AWS_SECRET_ACCESS_KEY": "S3 secret key (read by boto3)",
+    "AWS_SESSION_TOKEN": "S3 session token, if any (read by boto3)",
+    "AWS_DEFAULT_REGION": "S3 region, e.g. us-east-1 (read by boto3)",
+    "AWS_ENDPOINT_URL_S3": "S3-compatible endpoint for MinIO, R2, ... (read by boto3); empty = AWS",
+    "HF_ENDPOINT": "Hugging Face Hub endpoint (read by huggingface_hub); empty = huggingface.co",
+    "HF_HOME": "cache of Hub models and datasets (read by huggingface_hub)",
+}
+
+
+class ConfigError(ValueError):
+    """Bad configuration. Each entry of `problems` is one clear line."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def setting(default: Any, help: str, *, check: Callable[[Any], str | None] | None = None,
+            choices: Callable[[], list[str]] | None = None, secret: bool = False,
+            affects_result: bool = True) -> Any:
+    """A config field: its default, one help line, an optional check, and whether it changes the trained weights."""
+    return field(default=default, metadata=dict(help=help, check=check, choices=choices, secret=secret,
+                                                affects_result=affects_result))
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"must be >= {low:g}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 and math.isfinite(v) else "must be a positive number"
+
+
+def _fraction(v: float) -> str | None:
+    return None if 0 <= v < 1 else "must be >= 0 and < 1"
+
+
+def _max_steps(v: int) -> str | None:
+    return None if v == -1 or v > 0 else "must be -1 (use NUM_TRAIN_EPOCHS) or a positive number of steps"
+
+
+def _target_modules(v: str) -> str | None:
+    names = [m.strip() for m in v.split(",")]
+    if v.strip() == "all-linear" or (names and all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", n) for n in names)):
+        return None
+    return "must be a comma list of module names (e.g. q_proj,v_proj) or all-linear"
+
+
+def _run_id(v: str) -> str | None:
+    return None if v == "" or RUN_ID_PATTERN.match(v) else \
+        "must be empty (derived) or 1-63 chars of a-z, 0-9, '.', '_', '-' starting with a letter or digit"
+
+
+def _hub_id(v: str) -> str | None:
+    return None if v == "" or HUB_ID_PATTERN.match(v) else "must be empty (no push) or 'user/name'"
+
+
+def _scheduler_names() -> list[str]:
+    from transformers.trainer_utils import SchedulerType
+    return [s.value for s in SchedulerType]
+
+
+def _optimizer_names() -> list[str]:
+    from transformers.training_args import OptimizerNames
+    return [o.value for o in OptimizerNames]
+
+
+def _fixed(*names: str) -> Callable[[], list[str]]:
+    return lambda: list(names)
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- what is trained, on what ---
+    base_model: str = setting("NousResearch/Llama-2-7b-chat-hf", "base model: Hub id or local directory")
+    dataset: str = setting("Cynaptics/persona-chat", "Hub dataset id, or a local .jsonl/.json/.parquet file")
+    num_samples: int = setting(1000, "rows drawn after a seeded shuffle (0 = all)", check=_at_least(0))
+    seed: int = setting(42, "one seed for shuffle, split, init and dropout")
+    max_seq_length: int = setting(1024, "tokens per example; old context turns are dropped first, never the reply",
+                                  check=_at_least(32))
+    eval_fraction: float = setting(0.05, "share of conversations held out for eval loss (0 = no eval)",
+                                   check=_fraction)
+    # --- the adapter ---
+    lora_r: int = setting(64, "LoRA rank", check=_at_least(1))
+    lora_alpha: float = setting(16.0, "LoRA alpha (scaling = alpha / r)", check=_positive)
+    lora_dropout: float = setting(0.1, "dropout on the LoRA input", check=_fraction)
+    lora_target_modules: str = setting("q_proj,v_proj", "comma list of module names, or all-linear",
+                                       check=_target_modules)
+    # --- the optimisation ---
+    per_device_train_batch_size: int = setting(4, "sequences per GPU per micro-step", check=_at_least(1))
+    per_device_eval_batch_size: int = setting(4, "sequences per GPU per eval step", check=_at_least(1),
+                                              affects_result=False)
+    gradient_accumulation_steps: int = setting(1, "micro-steps per optimizer step", check=_at_least(1))
+    learning_rate: float = setting(2e-4, "peak learning rate", check=_positive)
+    lr_scheduler_type: str = setting("cosine", "any transformers scheduler name", choices=_scheduler_names)
+    warmup_steps: float = setting(0.03, "warmup: steps if >= 1, else a fraction of all steps", check=_at_least(0))
+    weight_decay: float = setting(0.001, "AdamW weight decay", check=_at_least(0))
+    max_grad_norm: float = setting(0.3, "gradient clipping norm", check=_positive)
+    optim: str = setting("paged_adamw_32bit", "any transformers optimizer name", choices=_optimizer_names)
+    num_train_epochs: float = setting(1.0, "passes over the training rows (MAX_STEPS > 0 wins)", check=_positive)
+    max_steps: int = setting(-1, "optimizer steps; -1 = from NUM_TRAIN_EPOCHS", check=_max_steps)
+    compute_dtype: str = setting("auto", "4-bit compute dtype: auto (bfloat16 if the GPU has it, else float16), "
+                                 "bfloat16, float16, float32", choices=_fixed("auto", "bfloat16", "float16", "float32"))
+    gradient_checkpointing: str = setting("auto", "recompute activations to save memory: auto (by GPU memory), "
+                                          "true, false", choices=_fixed("auto", "true", "false"),
+                                          affects_result=False)
+    # --- cadence and storage ---
+    save_steps: int = setting(50, "checkpoint every N optimizer steps", check=_at_least(1), affects_result=False)
+    save_total_limit: int = setting(3, "committed checkpoints kept in the store", check=_at_least(1),
+                                    affects_result=False)
+    logging_steps: int = setting(10, "log loss, learning rate and speed every N steps", check=_at_least(1),
+                                 affects_result=False)
+    eval_steps: int = setting(50, "eval loss every N steps (and at the end)", check=_at_least(1),
+                              affects_result=False)
+    run_id: str = setting("", "name under which checkpoints are stored; empty = derived from the settings",
+                          check=_run_id, affects_result=False)
+    checkpoint_uri: str = setting("./checkpoints", "s3://bucket/prefix or a local path", affects_result=False)
+    output_dir: str = setting("./output", "local scratch; the final adapter lands here too", affects_result=False)
+    shutdown_budget_seconds: float = setting(20.0, "on SIGTERM: seconds to save and upload before exit 75 "
+                                             "(keep below the pod's terminationGracePeriodSeconds)",
+                                             check=_positive, affects_result=False)
+    # --- publishing ---
+    hub_model_id: str = setting("", "Hub repo 'user/name' to push the adapter to; empty = no push", check=_hub_id,
+                                affects_result=False)
+    hub_private_repo: bool = setting(True, "create the Hub repo private", affects_result=False)
+    hub_revision: str = setting("main", "Hub branch to push to", affects_result=False)
+    push_merged: bool = setting(False, "also push merged 16-bit weights (branch HUB_MERGED_REVISION)",
+                                affects_result=False)
+    hub_merged_revision: str = setting("merged", "Hub branch for the merged weights", affects_result=False)
+    hf_token: str = setting("", "Hugging Face token (write access if HUB_MODEL_ID is set)", secret=True,
+                            affects_result=False)
+    # --- the machine ---
+    require_gpu: bool = setting(True, "fail (exit 2) when no CUDA GPU is visible; false runs on the CPU",
+                                affects_result=False)
+    log_format: str = setting("auto", "auto (progress bar on a terminal, else JSON lines), bar, json",
+                              choices=_fixed("auto", "bar", "json"), affects_result=False)
+
+    # --- derived values ---
+    @property
+    def target_modules(self) -> list[str] | str:
+        if self.lora_target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.lora_target_modules.split(",")]
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that change the trained weights, by environment variable name."""
+        return {f.name.upper(): getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata["affects_result"]}
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.result_settings(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def resolved_run_id(self) -> str:
+        if self.run_id:
+            return self.run_id
+        name = re.sub(r"[^a-z0-9]+", "-", self.base_model.rstrip("/").split("/")[-1].lower()).strip("-")
+        return f"{name[:40] or 'run'}-{self.fingerprint()}"
+
+    def redacted(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name.upper()] = (SECRET_MARK if value else "") if f.metadata["secret"] else value
+        out["RUN_ID"] = self.resolved_run_id
+        return out
+
+    def secrets(self) -> list[str]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["secret"] and getattr(self, f.name)]
+
+
+FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config)}
+
+
+def _parse(name: str, raw: str, f: dataclasses.Field) -> tuple[Any, str | None]:
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    text = raw.strip()
+    if kind is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True, None
+        if low in ("0", "false", "no", "off"):
+            return False, None
+        return None, "must be true or false"
+    if kind is int:
+        try:
+            return int(text), None
+        except ValueError:
+            return None, "must be a whole number"
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            return None, "must be a number"
+        return (value, None) if math.isfinite(value) else (None, "must be a finite number")
+    return raw, None
+
+
+def _shown(f: dataclasses.Field, raw: str) -> str:
+    return SECRET_MARK if f.metadata["secret"] else repr(raw)
+
+
+def from_env(environ: Mapping[str, str]) -> Config:
+    """Build the Config from environment variables; raise ConfigError listing every problem, one line each."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, f in FIELDS.items():
+        if name not in environ:
+            continue
+        raw = environ[name]
+        value, problem = _parse(name, raw, f)
+        if problem is None and f.metadata["check"]:
+            problem = f.metadata["check"](value)
+        if problem is None and f.metadata["choices"]:
+            allowed = f.metadata["choices"]()
+            if value not in allowed:
+                close = difflib.get_close_matches(value, allowed, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problem = f"must be one of: {', '.join(allowed)}{hint}"
+        if problem:
+            problems.append(f"{name}={_shown(f, raw)}: {problem}")
+        else:
+            values[f.name] = value
+    problems += _near_misses(environ)
+    if problems:
+        raise ConfigError(problems)
+    return Config(**values)
+
+
+def _near_misses(environ: Mapping[str, str]) -> list[str]:
+    """A misspelt setting would silently fall back to its default; name it instead."""
+    known = list(FIELDS) + list(FOREIGN_VARIABLES) + ["AWS_REGION", "AWS_ENDPOINT_URL"]
+    problems = []
+    for name in sorted(environ):
+        if name in known or not re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+", name):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if close:
+            problems.append(f"{name} is not a setting of this job (did you mean {close[0]}?); "
+                            f"rename it, or see .env.example for every setting")
+    return problems
+
+
+def env_example() -> str:
+    """The text of `.env.example`: every variable, its default and one line of help."""
+    lines = ["# Every setting of the persona QLoRA job, with its default. Copy to .env and edit.",
+             "# Generated from job/config.py by `python -m job env-example`; a test fails when they drift.",
+             ""]
+    for name, f in FIELDS.items():
+        default = f.default
+        shown = str(default).lower() if isinstance(default, bool) else ("" if f.metadata["secret"] else default)
+        lines += [f"# {f.metadata['help']}", f"{name}={shown}", ""]
+    lines += ["# --- read by the libraries themselves ---", ""]
+    for name, help_line in FOREIGN_VARIABLES.items():
+        lines += [f"# {help_line}", f"{name}=", ""]
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,195 @@
+"""Persona-chat rows -> checked rows -> a seeded sample split by conversation -> token ids with a loss mask.
+
+The one prompt template lives here (`render_prompt`), used for training, eval, the model card and any
+generation. The loss mask is ours because no library masks multi-turn Llama-2 chat by speaker.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+PERSONA_OPEN, PERSONA_CLOSE = "<persona_b>", "</persona_b>"
+PERSONA_TOKENS = [PERSONA_OPEN, PERSONA_CLOSE]
+SYSTEM_PROMPT = "You are Persona B. Stay in character and reply as the persona described below."
+SPEAKERS = ("Persona A:", "Persona B:")
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used. The message is one line naming the dataset, row and field."""
+
+
+@dataclass(frozen=True)
+class Row:
+    index: int            # 1-based position in the source (the line number of a .jsonl file)
+    conv_id: str
+    persona: tuple[str, ...]
+    turns: tuple[tuple[str, str], ...]   # (speaker "A"|"B", text), labels stripped
+    reference: str
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[Row]
+    eval: list[Row]
+
+
+def load_rows(dataset: str) -> list[dict[str, Any]]:
+    """Rows as plain dicts, from the Hub or a local file, through the same `datasets` loader."""
+    import datasets
+
+    path = Path(dataset)
+    if path.suffix in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DataError(f"DATASET={dataset!r}: no such file; give a Hub id or a .jsonl/.json/.parquet file")
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise DataError(f"DATASET={dataset!r}: unsupported file type {path.suffix!r}; "
+                            f"accepted: {', '.join(LOCAL_SUFFIXES)}")
+        try:
+            ds = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
+        except Exception as exc:  # datasets raises many types for unreadable files
+            raise DataError(f"DATASET={dataset!r}: cannot read the file ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]})") from None
+    else:
+        ds = datasets.load_dataset(dataset, split="train")
+    return ds.to_list()
+
+
+def parse_rows(raw: Sequence[dict[str, Any]], source: str) -> list[Row]:
+    """Check every row; the first bad one stops the job with its row number and field."""
+    if not raw:
+        raise DataError(f"DATASET={source!r}: no rows")
+    return [_parse_row(r, i + 1, source) for i, r in enumerate(raw)]
+
+
+def _parse_row(r: Any, index: int, source: str) -> Row:
+    where = f"DATASET={source!r} row {index}"
+    if not isinstance(r, dict):
+        raise DataError(f"{where}: expected an object with persona_b, dialogue, reference; got {type(r).__name__}")
+    for key in ("persona_b", "dialogue", "reference"):
+        if key not in r or r[key] is None:
+            raise DataError(f"{where}: missing field {key!r} (needed: persona_b, dialogue, reference; "
+                            f"optional conv_id)")
+    persona, dialogue, reference = r["persona_b"], r["dialogue"], r["reference"]
+    if not isinstance(persona, list) or not persona or not all(isinstance(p, str) and p.strip() for p in persona):
+        raise DataError(f"{where}: field 'persona_b' must be a non-empty list of non-empty strings; "
+                        f"got {_short(persona)}")
+    if not isinstance(dialogue, list) or not dialogue:
+        raise DataError(f"{where}: field 'dialogue' must be a non-empty list of turns; got {_short(dialogue)}")
+    turns = []
+    for t, turn in enumerate(dialogue):
+        if not isinstance(turn, str) or not turn.startswith(SPEAKERS) or not turn.split(":", 1)[1].strip():
+            raise DataError(f"{where}: field 'dialogue' turn {t + 1} must be a string starting with "
+                            f"'Persona A:' or 'Persona B:' followed by text; got {_short(turn)}")
+        turns.append(("A" if turn.startswith(SPEAKERS[0]) else "B", turn.split(":", 1)[1].strip()))
+    if not isinstance(reference, str) or not reference.strip():
+        raise DataError(f"{where}: field 'reference' must be a non-empty string; got {_short(reference)}")
+    conv_id = r.get("conv_id")
+    if conv_id is not None and not isinstance(conv_id, (str, int)):
+        raise DataError(f"{where}: field 'conv_id' must be a string or number; got {_short(conv_id)}")
+    if conv_id is None:
+        # Rows are prefixes of one conversation: same persona, same opening turn.
+        conv_id = hashlib.sha1(json.dumps([persona, dialogue[0]]).encode()).hexdigest()[:12]
+    return Row(index=index, conv_id=str(conv_id), persona=tuple(p.strip() for p in persona),
+               turns=tuple(turns), reference=reference.strip())
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def sample_and_split(rows: list[Row], num_samples: int, eval_fraction: float, seed: int) -> Splits:
+    """Shuffle with the seed, take NUM_SAMPLES, hold out whole conversations for eval."""
+    order = list(rows)
+    random.Random(seed).shuffle(order)
+    if num_samples:
+        order = order[:num_samples]
+    if eval_fraction <= 0:
+        return Splits(train=order, eval=[])
+    conversations = sorted({r.conv_id for r in order})
+    random.Random(seed + 1).shuffle(conversations)
+    n_eval = max(1, round(len(conversations) * eval_fraction)) if len(conversations) > 1 else 0
+    held_out = set(conversations[:n_eval])
+    return Splits(train=[r for r in order if r.conv_id not in held_out],
+                  eval=[r for r in order if r.conv_id in held_out])
+
+
+def _exchanges(row: Row) -> list[tuple[str, str]]:
+    """(user text, Persona B reply) pairs; the reference is the last reply. Same-speaker runs are joined."""
+    merged: list[list[str]] = []
+    for speaker, text in list(row.turns) + [("B", row.reference)]:
+        if merged and merged[-1][0] == speaker:
+            merged[-1][1] += "\n" + text
+        else:
+            merged.append([speaker, text])
+    if merged[0][0] == "B":
+        merged.insert(0, ["A", ""])
+    return [(merged[i][1], merged[i + 1][1]) for i in range(0, len(merged) - 1, 2)]
+
+
+def system_block(persona: Sequence[str]) -> str:
+    return f"<<SYS>>\n{SYSTEM_PROMPT}\n{PERSONA_OPEN}{' '.join(persona)}{PERSONA_CLOSE}\n<</SYS>>\n\n"
+
+
+def render_prompt(persona: Sequence[str], exchanges: Sequence[tuple[str, str]], next_user: str | None = None) -> str:
+    """The Llama-2 chat text of a conversation (BOS/EOS written as <s> and </s>), for docs and generation."""
+    parts = []
+    for i, (user, reply) in enumerate(exchanges):
+        sys = system_block(persona) if i == 0 else ""
+        parts.append(f"<s>[INST] {sys}{user} [/INST] {reply} </s>")
+    if next_user is not None:
+        sys = system_block(persona) if not exchanges else ""
+        parts.append(f"<s>[INST] {sys}{next_user} [/INST]")
+    return "".join(parts)
+
+
+def encode_row(row: Row, tokenizer, max_length: int) -> dict[str, list[int]] | None:
+    """Token ids and labels: only Persona B's replies and their EOS are trained.
+
+    Each exchange is encoded as Meta's reference code does (BOS + "[INST] user [/INST] reply" + EOS).
+    When too long, the oldest exchanges are dropped (the persona moves to the first one kept); an
+    example whose last exchange alone does not fit is skipped (returns None), never cut through the reply.
+    """
+    exchanges = _exchanges(row)
+    for start in range(len(exchanges)):
+        ids, labels = [], []
+        for i, (user, reply) in enumerate(exchanges[start:]):
+            sys = system_block(row.persona) if i == 0 else ""
+            e_ids, e_labels = _encode_exchange(tokenizer, f"[INST] {sys}{user} [/INST]", reply)
+            ids += e_ids
+            labels += e_labels
+        if len(ids) <= max_length:
+            return {"input_ids": ids, "labels": labels}
+    return None
+
+
+def _encode_exchange(tokenizer, prompt: str, reply: str) -> tuple[list[int], list[int]]:
+    text = f"{prompt} {reply}"
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    reply_start = len(prompt) + 1
+    ids = [tokenizer.bos_token_id] + enc["input_ids"] + [tokenizer.eos_token_id]
+    labels = [IGNORE_INDEX]
+    for token, (begin, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        labels.append(token if end > reply_start else IGNORE_INDEX)
+    labels.append(tokenizer.eos_token_id)
+    return ids, labels
+
+
+def encode_rows(rows: Sequence[Row], tokenizer, max_length: int) -> tuple[list[dict[str, list[int]]], int]:
+    """Encoded examples and the number skipped for length."""
+    encoded = [encode_row(r, tokenizer, max_length) for r in rows]
+    kept = [e for e in encoded if e is not None]
+    return kept, len(encoded) - len(kept)
+
+
+def dataset_fingerprint(rows: Sequence[Row]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r.conv_id, r.persona, r.turns, r.reference]).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,81 @@
+"""What the job says while it runs: a progress bar on a terminal, JSON lines in a pod's log.
+
+Every line goes through `Reporter`, which masks the run's secrets, so no token or key reaches a log.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+MASK = "***"
+
+
+class Reporter:
+    def __init__(self, mode: str = "auto", secrets: list[str] | None = None, stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+        if mode == "auto":
+            mode = "bar" if self.stream.isatty() else "json"
+        self.mode = mode
+        self.secrets = [s for s in (secrets or []) if s]
+        self._bar = None
+
+    def _mask(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+    def _write(self, text: str) -> None:
+        text = self._mask(text)
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def event(self, event: str, message: str = "", **fields: Any) -> None:
+        """A milestone (loaded, resumed, committed, ...): one line of text or JSON."""
+        if self.mode == "json":
+            self._write(json.dumps({"time": _now(), "event": event, "message": message, **fields}, default=str))
+        else:
+            extra = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+            self._write(f"[{event}] {message} {extra}".rstrip())
+
+    def error(self, message: str) -> None:
+        """A failure the user must fix: one clear line on stderr."""
+        self.close_progress()
+        print(f"error: {self._mask(message)}", file=sys.stderr, flush=True)
+
+    def start_progress(self, total: int, initial: int = 0) -> None:
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=self.stream,
+                             dynamic_ncols=True)
+
+    def progress(self, step: int, total: int, **fields: Any) -> None:
+        """One logging step: step, loss, learning rate, tokens/s, ETA."""
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix({k: _fmt(v) for k, v in fields.items()}, refresh=True)
+        else:
+            self._write(json.dumps({"time": _now(), "event": "progress", "step": step, "max_steps": total,
+                                    **fields}, default=str))
+
+    def advance(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+
+    def close_progress(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,94 @@
+"""The tokenizer with the persona tokens, the 4-bit NF4 base, and the LoRA adapter on it."""
+from __future__ import annotations
+
+import torch
+
+from .config import Config
+from .data import PERSONA_TOKENS
+
+
+def choose_device(config: Config) -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(config: Config, device: str) -> torch.dtype:
+    if config.compute_dtype != "auto":
+        return getattr(torch, config.compute_dtype)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # bnb's CPU 4-bit path is exact and fastest in float32
+
+
+def load_tokenizer(config: Config):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model, token=config.hf_token or None)
+    tokenizer.add_special_tokens({"additional_special_tokens": PERSONA_TOKENS})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def persona_token_ids(tokenizer) -> list[int]:
+    return tokenizer.convert_tokens_to_ids(PERSONA_TOKENS)
+
+
+def load_base_model(config: Config, tokenizer, device: str):
+    """The base in 4-bit NF4, with room for the persona tokens (their rows start as the mean row)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(config, device)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=False)
+    model = AutoModelForCausalLM.from_pretrained(config.base_model, quantization_config=quantization,
+                                                 dtype=dtype, device_map={"": device},
+                                                 token=config.hf_token or None)
+    grow_vocabulary(model, len(tokenizer))
+    model.config.use_cache = False
+    if device == "cpu":
+        _one_cpu_kernel(model)
+    return model
+
+
+def grow_vocabulary(model, vocab_size: int) -> None:
+    """Resize to `vocab_size`, filling new rows with the mean row: deterministic, unlike resize's sampling."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+            layer.weight[old:] = layer.weight[:old].float().mean(0).to(layer.weight.dtype)
+
+
+def _one_cpu_kernel(model) -> None:
+    # bitsandbytes switches a CPU Linear4bit to a repacked bf16 kernel the first time it runs in eval mode
+    # without grad (an eval pass). Training after that would take other numerics than a resumed run that
+    # never evaluated, breaking bit-exact resume; so keep every layer on the one reference kernel.
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def add_lora(config: Config, model, tokenizer):
+    """LoRA on the target modules; the persona tokens' embedding and output rows train as well, alone."""
+    from peft import LoraConfig, get_peft_model
+
+    ids = persona_token_ids(tokenizer)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM",
+                      trainable_token_indices={"embed_tokens": ids, "lm_head": ids})
+    return get_peft_model(model, lora)
+
+
+def wants_gradient_checkpointing(config: Config, device: str) -> bool:
+    if config.gradient_checkpointing != "auto":
+        return config.gradient_checkpointing == "true"
+    if device != "cuda":
+        return False
+    # Activations of a 7B model at batch 4 x 1024 tokens need ~30 GiB without recomputation.
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return total < 48

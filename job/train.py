@@ -1,0 +1,287 @@
+"""One run, top to bottom: preflight -> data -> 4-bit base + LoRA -> Trainer loop -> final adapter.
+
+The run's lifecycle is persisted in the store's status.json (training -> finalizing -> publishing -> done),
+so a restart with the same RUN_ID continues from whatever phase it finds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config
+from .data import DataError, Splits, dataset_fingerprint, encode_rows, load_rows, parse_rows, sample_and_split
+from .log import Reporter
+from .storage import RunStore, StoreError, open_store
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 75
+FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json", "training_summary.json")
+
+
+class BadInput(Exception):
+    """Bad configuration or input that a retry cannot fix: exit 2. The message is one clear line."""
+
+
+class Stopped(Exception):
+    """Stopped by a signal; the newest checkpoint is committed (or none was due): exit 75."""
+
+
+class StopSignal:
+    """First SIGTERM/SIGINT: finish the step, save, exit 75. Second: exit at once."""
+
+    def __init__(self, reporter: Reporter):
+        self.reporter = reporter
+        self.received: str | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received:
+            self.reporter.event("stop", f"second {name}: exiting now; the last committed checkpoint stands")
+            os._exit(EXIT_STOPPED)
+        self.received = name
+        self.reporter.event("stop", f"{name}: finishing this step, then saving and exiting")
+
+
+@dataclass
+class Prepared:
+    """What preflight found: everything checked before any model is loaded."""
+    device: str
+    run_store: RunStore
+    splits: Splits
+    data_fingerprint: str
+
+
+# ---------------------------------------------------------------- preflight
+
+def preflight(config: Config, reporter: Reporter) -> Prepared:
+    """Every check that can fail on bad input, before a byte of the model is loaded."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if config.require_gpu and device != "cuda":
+        raise BadInput("REQUIRE_GPU=true but no CUDA GPU is visible; run on a GPU node "
+                       "(docker: --gpus all; k8s: nvidia.com/gpu) or set REQUIRE_GPU=false to train on the CPU")
+    if device == "cpu" and config.optim.startswith("paged_"):
+        raise BadInput(f"OPTIM={config.optim!r} needs a CUDA GPU (paged optimizers page GPU memory); "
+                       f"on the CPU use adamw_torch")
+    try:
+        store = open_store(config.checkpoint_uri)
+        store.probe()
+    except StoreError as exc:
+        raise BadInput(str(exc)) from None
+    run_store = RunStore(store, config.resolved_run_id)
+    try:
+        splits, data_fp = _prepare_rows(config)
+    except DataError as exc:
+        raise BadInput(str(exc)) from None
+    _check_same_run(config, run_store, data_fp)
+    if config.hub_model_id:
+        from .publish import check_hub_access
+        check_hub_access(config)
+    reporter.event("preflight", "checks passed", device=device, run_id=config.resolved_run_id,
+                   train_rows=len(splits.train), eval_rows=len(splits.eval))
+    return Prepared(device=device, run_store=run_store, splits=splits, data_fingerprint=data_fp)
+
+
+def _prepare_rows(config: Config) -> tuple[Splits, str]:
+    rows = parse_rows(load_rows(config.dataset), config.dataset)
+    splits = sample_and_split(rows, config.num_samples, config.eval_fraction, config.seed)
+    if not splits.train:
+        raise DataError(f"DATASET={config.dataset!r}: no training rows left after the eval split; "
+                        f"lower EVAL_FRACTION or add rows")
+    return splits, dataset_fingerprint(splits.train + splits.eval)
+
+
+def _check_same_run(config: Config, run_store: RunStore, data_fp: str) -> None:
+    """A restart must train the same thing, or it would mix two runs' checkpoints."""
+    wanted = {"settings": config.result_settings(), "data_fingerprint": data_fp,
+              "fingerprint": config.fingerprint()}
+    found = run_store.read_run()
+    if found is None:
+        run_store.write_run({**wanted, "run_id": config.resolved_run_id, "created_at": time.time()})
+        return
+    differ = [k for k in sorted(set(wanted["settings"]) | set(found.get("settings", {})))
+              if wanted["settings"].get(k) != found.get("settings", {}).get(k)]
+    changes = [f"{k} (stored {found.get('settings', {}).get(k)!r}, now {wanted['settings'].get(k)!r})"
+               for k in differ]
+    if found.get("data_fingerprint") != data_fp:
+        changes.append("DATASET content (the sampled rows differ)")
+    if changes:
+        raise BadInput(f"RUN_ID={config.resolved_run_id!r} was started with other settings: {'; '.join(changes)}. "
+                       f"Restore them, or use a new RUN_ID for a new run")
+
+
+# ---------------------------------------------------------------- training
+
+def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: StopSignal) -> dict[str, Any]:
+    """Train (or resume) to the end; returns the training summary. Raises Stopped on a signal."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from .model import add_lora, load_base_model, load_tokenizer, wants_gradient_checkpointing
+    from .trainer import CheckpointCommitter, PersonaTrainer, ReportCallback, StopCallback, training_arguments
+
+    started = time.time()
+    out = Path(config.output_dir)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    tokenizer = load_tokenizer(config)
+    train_examples, skipped = encode_rows(prepared.splits.train, tokenizer, config.max_seq_length)
+    eval_examples, _ = encode_rows(prepared.splits.eval, tokenizer, config.max_seq_length)
+    if not train_examples:
+        raise BadInput(f"MAX_SEQ_LENGTH={config.max_seq_length}: every training row is longer than this even "
+                       f"with old turns dropped; raise MAX_SEQ_LENGTH")
+    if skipped:
+        reporter.event("data", f"{skipped} rows skipped: their last exchange alone exceeds MAX_SEQ_LENGTH")
+
+    run_store = prepared.run_store
+    resume = run_store.latest_verified_checkpoint(work / "resume", log=lambda m: reporter.event("resume", m))
+    if stop.received:
+        raise Stopped("stopped before training started; nothing new to save")
+
+    model = load_base_model(config, tokenizer, prepared.device)
+    model = add_lora(config, model, tokenizer)
+    reporter.event("model", "4-bit base with LoRA ready", base=config.base_model,
+                   trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+    import datasets
+    args = training_arguments(config, work / "trainer", prepared.device, bool(eval_examples),
+                              wants_gradient_checkpointing(config, prepared.device))
+    committer = CheckpointCommitter(config, run_store, reporter, protect=resume[0] if resume else None)
+    status = _StatusWriter(config, run_store, committer)
+    trainer = PersonaTrainer(
+        model=model, args=args,
+        train_dataset=datasets.Dataset.from_list(train_examples),
+        eval_dataset=datasets.Dataset.from_list(eval_examples) if eval_examples else None,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        processing_class=tokenizer,
+        callbacks=[StopCallback(stop), committer, ReportCallback(reporter, status)],
+    )
+    committer.clean_leftovers()
+    if resume:
+        reporter.event("resume", f"resuming from committed checkpoint step {resume[0]}", step=resume[0])
+    status.write(phase="training", step=resume[0] if resume else 0)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
+    finally:
+        reporter.close_progress()
+
+    if stop.received:
+        committed = committer.wait(config.shutdown_budget_seconds)
+        status.write(phase="training", stopped_by=stop.received)
+        raise Stopped(f"stopped by {stop.received} at step {trainer.state.global_step}; "
+                      f"checkpoint {'committed' if committed else 'not committed in time'}; "
+                      f"newest committed step {committer.last_committed}")
+    if not committer.wait(None):
+        raise RuntimeError(f"checkpoint upload failed: {committer.errors()}")
+
+    final_eval = trainer.evaluate() if eval_examples else {}
+    summary = _summary(config, trainer, result, final_eval, started, len(train_examples), len(eval_examples),
+                       prepared)
+    status.write(phase="finalizing", step=trainer.state.global_step)
+    trainer.model.save_pretrained(out, save_embedding_layers=False)
+    tokenizer.save_pretrained(out)
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    committer.close()
+    return summary
+
+
+def _summary(config, trainer, result, final_eval, started, n_train, n_eval, prepared) -> dict[str, Any]:
+    history = trainer.state.log_history
+    seconds = time.time() - started
+    tokens = trainer.state.num_input_tokens_seen
+    train_seconds = result.metrics.get("train_runtime") or seconds
+    return {
+        "run_id": config.resolved_run_id,
+        "config": config.redacted(),
+        "device": torch.cuda.get_device_name(0) if prepared.device == "cuda" else "cpu",
+        "steps": trainer.state.global_step,
+        "train_rows": n_train,
+        "eval_rows": n_eval,
+        "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+        "eval_loss": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        "final_eval_loss": final_eval.get("eval_loss"),
+        "wall_time_seconds": round(seconds, 2),
+        "train_tokens": tokens,
+        "tokens_per_second": round(tokens / train_seconds, 2) if train_seconds else None,
+        "data_fingerprint": prepared.data_fingerprint,
+    }
+
+
+class _StatusWriter:
+    """status.json, kept current; a failed write is reported, never fatal to training."""
+
+    def __init__(self, config: Config, run_store: RunStore, committer):
+        self.config, self.run_store, self.committer = config, run_store, committer
+        self.fields: dict[str, Any] = {"run_id": config.resolved_run_id}
+        previous = run_store.read_status() or {}
+        self.fields["attempt"] = int(previous.get("attempt", 0)) + 1
+
+    def write(self, **fields: Any) -> None:
+        self.fields.update(fields)
+        self.fields["newest_checkpoint"] = self.committer.last_committed
+        try:
+            self.run_store.write_status(dict(self.fields))
+        except Exception as exc:  # status is advisory; the manifests are the truth
+            self.committer.reporter.event("status", f"could not write status.json: {type(exc).__name__}")
+
+
+# ---------------------------------------------------------------- the whole run
+
+def main(config: Config, reporter: Reporter) -> int:
+    """The job: continue the run of this RUN_ID from whatever phase its status.json shows."""
+    stop = StopSignal(reporter)
+    stop.install()
+    try:
+        prepared = preflight(config, reporter)
+        run_store = prepared.run_store
+        status = run_store.read_status() or {}
+        if status.get("phase") == "done":
+            reporter.event("done", "this run is already done; nothing to do", run_id=config.resolved_run_id,
+                           hub_commit=status.get("hub_commit_url"))
+            return EXIT_OK
+        if run_store.final_committed():
+            reporter.event("final", "final adapter already committed; skipping training")
+            run_store.download_final(Path(config.output_dir))
+        else:
+            summary = run_training(config, reporter, prepared, stop)
+            run_store.commit_final(Path(config.output_dir), config.fingerprint(), files=final_files(config))
+            reporter.event("final", "final adapter committed", steps=summary["steps"],
+                           final_eval_loss=summary["final_eval_loss"])
+        return finish(config, reporter, run_store)
+    except BadInput as exc:
+        reporter.error(str(exc))
+        return EXIT_BAD_INPUT
+    except Stopped as exc:
+        reporter.event("stopped", str(exc))
+        return EXIT_STOPPED
+
+
+def final_files(config: Config) -> list[str]:
+    """The finished adapter, tokenizer and summary in OUTPUT_DIR (not the scratch under work/)."""
+    out = Path(config.output_dir)
+    return sorted(p.name for p in out.iterdir() if p.is_file())
+
+
+def finish(config: Config, reporter: Reporter, run_store: RunStore) -> int:
+    """After final/ is committed: publish if asked, then mark the run done."""
+    status = run_store.read_status() or {}
+    if config.hub_model_id:
+        from .publish import publish
+        run_store.write_status({**status, "phase": "publishing"})
+        url = publish(config, reporter, Path(config.output_dir))
+        status = {**status, "hub_commit_url": url}
+    run_store.write_status({**status, "phase": "done"})
+    reporter.event("done", "run complete", run_id=config.resolved_run_id, output_dir=config.output_dir)
+    return EXIT_OK

@@ -1,0 +1,163 @@
+"""The pieces we add to transformers.Trainer: arguments from our Config, and callbacks for stopping,
+committing checkpoints to the store in the background, and reporting progress."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from .config import Config
+from .log import Reporter
+from .storage import BackgroundUploader, RunStore
+
+
+def training_arguments(config: Config, output_dir: Path, device: str, has_eval: bool,
+                       gradient_checkpointing: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps if config.warmup_steps < 1 else int(config.warmup_steps),
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim=config.optim,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=None,           # retention is the store's job (CheckpointCommitter)
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.eval_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=False, fp16=False,          # compute dtype comes from the 4-bit config, as in the seed
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        use_cpu=device == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+class PersonaTrainer(Trainer):
+    """Trainer whose checkpoints hold only the adapter (with the persona token rows), not the resized
+    embedding matrices that peft would otherwise add (half a gigabyte for a 7B model)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.remove_callback(PrinterCallback)
+        self.remove_callback(ProgressCallback)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(output_dir, save_embedding_layers=False)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+
+class StopCallback(TrainerCallback):
+    """On a signal, end after the optimizer step in flight, with a checkpoint of it."""
+
+    def __init__(self, stop):
+        self.stop = stop
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop.received:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class CheckpointCommitter(TrainerCallback):
+    """Hands each checkpoint the Trainer writes to the background uploader; prunes after each commit."""
+
+    def __init__(self, config: Config, run_store: RunStore, reporter: Reporter, protect: int | None):
+        self.config, self.run_store, self.reporter, self.protect = config, run_store, reporter, protect
+        self.uploader = BackgroundUploader(run_store, on_committed=self._committed)
+        self.local_dirs: dict[int, Path] = {}
+
+    @property
+    def last_committed(self) -> int | None:
+        return self.uploader.last_committed() or (self.protect if self.protect else None)
+
+    def clean_leftovers(self) -> None:
+        removed = self.run_store.clean_uncommitted()
+        if removed:
+            self.reporter.event("checkpoint", f"removed {len(removed)} uncommitted checkpoint leftover(s)")
+
+    def on_save(self, args, state, control, **kwargs):
+        step = state.global_step
+        local = Path(args.output_dir) / f"checkpoint-{step}"
+        # The data position, explicit: the Trainer resumes by skipping this many batches of the epoch.
+        (local / "data_position.json").write_text(json.dumps({
+            "global_step": step, "epoch": state.epoch, "num_input_tokens_seen": state.num_input_tokens_seen,
+            "batches_consumed": step * args.gradient_accumulation_steps}))
+        self.local_dirs[step] = local
+        self.uploader.submit(step, local, self.config.fingerprint())
+        return control
+
+    def _committed(self, step: int) -> None:
+        self.reporter.event("checkpoint", f"committed step {step}", step=step)
+        deleted = self.run_store.prune(self.config.save_total_limit,
+                                       protect=[self.protect] if self.protect else [])
+        if deleted:
+            self.reporter.event("checkpoint", f"retention removed steps {deleted}")
+        for old in [s for s in self.local_dirs if s <= step]:
+            shutil.rmtree(self.local_dirs.pop(old), ignore_errors=True)
+
+    def wait(self, timeout: float | None) -> bool:
+        return self.uploader.wait(timeout)
+
+    def errors(self):
+        return self.uploader.errors()
+
+    def close(self) -> None:
+        self.uploader.close()
+
+
+class ReportCallback(TrainerCallback):
+    """Progress: a bar on a terminal, a JSON line per logging step otherwise; status.json as we go."""
+
+    def __init__(self, reporter: Reporter, status):
+        self.reporter, self.status = reporter, status
+        self.last_time = self.last_tokens = None
+        self.start_time = self.start_step = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_time, self.start_step = time.time(), state.global_step
+        self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen
+        self.reporter.start_progress(state.max_steps, initial=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.reporter.advance(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs:
+            if "eval_loss" in logs:
+                self.reporter.event("eval", "eval loss", step=state.global_step, eval_loss=logs["eval_loss"])
+            return
+        now = time.time()
+        tokens = state.num_input_tokens_seen
+        tokens_per_second = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, tokens
+        done = state.global_step - self.start_step
+        eta = (now - self.start_time) / done * (state.max_steps - state.global_step) if done else None
+        fields = {"loss": round(float(logs["loss"]), 5), "learning_rate": float(logs.get("learning_rate", 0.0)),
+                  "tokens_per_second": round(tokens_per_second, 1),
+                  "eta_seconds": round(eta, 1) if eta is not None else None}
+        self.reporter.progress(state.global_step, state.max_steps, **fields)
+        self.status.write(phase="training", step=state.global_step, max_steps=state.max_steps,
+                          last_loss=fields["loss"], tokens_per_second=fields["tokens_per_second"])

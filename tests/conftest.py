@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny Llama built here (never downloaded), the shipped sample data, and a runner
+that starts `python -m job` as a subprocess with environment variables, exactly as the container does."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = ROOT / "data" / "persona_sample.jsonl"
+
+# Fast settings for a tiny model on a CPU; tests add what they exercise.
+CPU_SETTINGS = {
+    "REQUIRE_GPU": "false",
+    "OPTIM": "adamw_torch",
+    "NUM_SAMPLES": "64",
+    "PER_DEVICE_TRAIN_BATCH_SIZE": "4",
+    "LEARNING_RATE": "3e-3",
+    "LORA_R": "8",
+    "LORA_TARGET_MODULES": "all-linear",
+    "MAX_SEQ_LENGTH": "384",
+    "MAX_STEPS": "12",
+    "SAVE_STEPS": "4",
+    "LOGGING_STEPS": "2",
+    "EVAL_STEPS": "6",
+    "EVAL_FRACTION": "0.1",
+    "LOG_FORMAT": "json",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from job.tiny import build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@dataclass
+class JobResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def events(self, name: str | None = None) -> list[dict]:
+        out = []
+        for line in self.stdout.splitlines():
+            if line.startswith("{"):
+                event = json.loads(line)
+                if name is None or event.get("event") == name:
+                    out.append(event)
+        return out
+
+
+def job_env(**settings: str) -> dict[str, str]:
+    """A clean environment: only what the job needs, so the host's variables can't leak in."""
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR", "SYSTEMROOT")}
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                "PYTHONUNBUFFERED": "1"})
+    env.update(settings)
+    return env
+
+
+def run_job(*args: str, env: dict[str, str], timeout: float = 600) -> JobResult:
+    proc = subprocess.run([sys.executable, "-m", "job", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    return JobResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cpu_job(tiny_model, tmp_path):
+    """Settings for a CPU run of the tiny model on the sample data, with a local store in tmp_path."""
+    def settings(**overrides: str) -> dict[str, str]:
+        return job_env(**{**CPU_SETTINGS, "BASE_MODEL": str(tiny_model), "DATASET": str(SAMPLE_DATA),
+                          "CHECKPOINT_URI": str(tmp_path / "store"), "OUTPUT_DIR": str(tmp_path / "out"),
+                          "HF_HOME": str(tmp_path / "hf"), **overrides})
+    return settings
