@@ -276,7 +276,7 @@ def env_example() -> str:
         default = f.default
         shown = str(default).lower() if isinstance(default, bool) else ("" if f.metadata["secret"] else default)
         lines += [f"# {f.metadata['help']}", f"{name}={shown}", ""]
-    lines += ["# --- read by the libraries themselves ---", ""]
+    lines += ["# --- read by boto3 and huggingface_hub themselves; uncomment to set ---", ""]
     for name, help_line in FOREIGN_VARIABLES.items():
-        lines += [f"# {help_line}", f"{name}=", ""]
+        lines += [f"# {help_line}", f"# {name}=", ""]
     return "\n".join(lines).rstrip() + "\n"
