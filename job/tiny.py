@@ -41,7 +41,7 @@ def build_tiny_model(directory: str | Path, *, layers: int = 2, hidden: int = 64
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                         max_position_embeddings=2048, initializer_range=0.15, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(str(directory))
     return directory

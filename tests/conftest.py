@@ -20,7 +20,7 @@ CPU_SETTINGS = {
     "OPTIM": "adamw_torch",
     "NUM_SAMPLES": "64",
     "PER_DEVICE_TRAIN_BATCH_SIZE": "4",
-    "LEARNING_RATE": "3e-3",
+    "LEARNING_RATE": "1e-2",
     "LORA_R": "8",
     "LORA_TARGET_MODULES": "all-linear",
     "MAX_SEQ_LENGTH": "384",

@@ -1,0 +1,1260 @@
+"""A small, real, in-memory HTTP fake of the Hugging Face Hub, for tests.
+
+It speaks enough of the Hub HTTP API that the real, unpatched ``huggingface_hub``
+client (2.4.0, httpx2-based) pointed at it -- via ``HF_ENDPOINT`` in a subprocess,
+or ``endpoint=`` / the ``hub_server`` fixture in-process -- can run:
+
+* ``whoami``                                   GET  /api/whoami-v2
+* ``create_repo`` / ``delete_repo``            POST /api/repos/create, DELETE /api/repos/delete
+* ``create_branch`` / ``delete_branch``        POST|DELETE /api/{type}s/{id}/branch/{branch}
+* ``create_tag`` / ``delete_tag``              POST /api/{type}s/{id}/tag/{rev}, DELETE .../tag/{tag}
+* ``list_repo_refs``                           GET  /api/{type}s/{id}/refs
+* ``model_info`` / ``repo_info``               GET  /api/{type}s/{id}[/revision/{rev}]
+* ``list_repo_files`` / ``list_repo_tree``     GET  /api/{type}s/{id}/tree/{rev}[/{path}]
+* ``get_paths_info``                           POST /api/{type}s/{id}/paths-info/{rev}
+* ``list_repo_commits``                        GET  /api/{type}s/{id}/commits/{rev}  (Link-header pagination)
+* ``create_commit`` / ``upload_file`` / ``upload_folder``
+                                               POST /api/{type}s/{id}/preupload/{rev}, POST .../commit/{rev}
+                                               (+ POST /api/validate-yaml for README.md front matter)
+* ``hf_hub_download`` / ``snapshot_download``  HEAD|GET /[{type}s/]{id}/resolve/{rev}/{path}  (Range supported)
+* optional git-LFS (``lfs_threshold=``)        POST /{id}.git/info/lfs/objects/batch, PUT/POST /__lfs__/...
+
+Xet is never advertised: preupload answers ``"regular"`` (content inline, base64 in the NDJSON
+commit) unless ``lfs_threshold`` is set, and no response carries ``X-Xet-*`` headers or ``xetHash``.
+With ``hf_xet`` installed the client only goes to xet for files the server marks ``"lfs"``, so the
+default mode never touches xet. ``lfs_threshold`` needs a client with ``HF_HUB_DISABLE_XET=1``
+(otherwise the client goes to ``/xet-write-token``, which this server refuses with 501).
+
+State lives in memory and is inspectable (``repos``, ``files()``, ``commits()``); every request is
+logged raw (``request_log``) and counted per endpoint (``count()``); faults can be injected per
+endpoint (``fail_next()``, ``fail_next_commits()``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import datetime as _dt
+import hashlib
+import http.server
+import json
+import os
+import re
+import socket
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import pytest
+
+__all__ = [
+    "DEFAULT_TOKENS",
+    "HubServer",
+    "RequestRecord",
+    "configure_hf_client",
+    "hub_server",
+]
+
+# Tokens handy for tests: alice (write, member of org "acme"), alice's read token, bob (write).
+DEFAULT_TOKENS: dict[str, dict] = {
+    "hf_alice_write": {"user": "alice", "role": "write", "orgs": ["acme"]},
+    "hf_alice_read": {"user": "alice", "role": "read", "orgs": ["acme"]},
+    "hf_bob_write": {"user": "bob", "role": "write", "orgs": []},
+}
+
+# Same rules as the Hub (and huggingface_hub's validate_repo_id): [A-Za-z0-9_.-], 1..96 chars,
+# must not start/end with '-' or '.', no '--' or '..', must not end with '.git'.
+_NAME_RE = re.compile(r"^(?=.{1,96}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_BAD_BRANCH_CHARS = re.compile(r"[\x00-\x20~^:?*\[\\\x7f]")
+_REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
+_URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+
+# Close to what the Hub puts in a fresh repo's initial commit.
+DEFAULT_GITATTRIBUTES = "".join(
+    f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
+    for pattern in (
+        "*.7z *.arrow *.bin *.bz2 *.ckpt *.ftz *.gz *.h5 *.joblib *.lfs.* *.mlmodel *.model *.msgpack "
+        "*.npy *.npz *.onnx *.ot *.parquet *.pb *.pickle *.pkl *.pt *.pth *.rar *.safetensors "
+        "saved_model/**/* *.tar.* *.tar *.tflite *.tgz *.wasm *.xz *.zip *.zst *tfevents*"
+    ).split()
+).encode()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def git_blob_oid(data: bytes) -> str:
+    """git's blob id: sha1(b"blob <len>\\0" + data) -- what the client computes for regular files."""
+    return hashlib.sha1(b"blob %d\x00" % len(data) + data).hexdigest()
+
+
+def _lfs_pointer(sha256: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+# --------------------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str  # content key in HubServer.blobs
+    content_oid: str  # git blob id of the content itself
+    lfs: bool = False
+
+    @property
+    def git_oid(self) -> str:  # what git (and the tree API) reports: the pointer's blob id for LFS files
+        return git_blob_oid(_lfs_pointer(self.sha256, self.size)) if self.lfs else self.content_oid
+
+    def tree_json(self, path: str) -> dict:
+        d: dict[str, Any] = {"type": "file", "oid": self.git_oid, "size": self.size, "path": path}
+        if self.lfs:
+            d["lfs"] = {"oid": self.sha256, "size": self.size, "pointerSize": len(_lfs_pointer(self.sha256, self.size))}
+        return d
+
+
+@dataclass
+class Commit:
+    oid: str
+    parent: str | None
+    title: str
+    description: str
+    author: str
+    date: str
+    tree: dict[str, FileEntry]
+
+    def as_dict(self) -> dict:
+        return {
+            "oid": self.oid,
+            "message": self.title,
+            "description": self.description,
+            "author": self.author,
+            "date": self.date,
+            "parent": self.parent,
+        }
+
+
+@dataclass
+class Repo:
+    repo_id: str
+    repo_type: str
+    private: bool
+    created_at: str
+    owner: str
+    branches: dict[str, str] = field(default_factory=dict)  # branch -> commit oid
+    tags: dict[str, str] = field(default_factory=dict)  # tag -> commit oid
+    commits: dict[str, Commit] = field(default_factory=dict)  # oid -> commit
+
+    @property
+    def namespace(self) -> str:
+        return self.repo_id.split("/")[0]
+
+    def resolve(self, revision: str) -> tuple[str, str | None] | None:
+        """revision -> (commit oid, branch name or None); None if unknown."""
+        if revision.startswith("refs/heads/"):
+            revision = revision[len("refs/heads/") :]
+        elif revision.startswith("refs/tags/"):
+            revision = revision[len("refs/tags/") :]
+            return (self.tags[revision], None) if revision in self.tags else None
+        if revision in self.branches:
+            return self.branches[revision], revision
+        if revision in self.tags:
+            return self.tags[revision], None
+        if _COMMIT_RE.match(revision) and revision in self.commits:
+            return revision, None
+        return None
+
+    def history(self, oid: str) -> list[Commit]:
+        out = []
+        cur: str | None = oid
+        while cur is not None:
+            c = self.commits[cur]
+            out.append(c)
+            cur = c.parent
+        return out
+
+
+@dataclass
+class RequestRecord:
+    """One raw request as received. ``headers`` keeps the original case and order."""
+
+    method: str
+    path: str  # raw path + query string, as sent (still URL-quoted)
+    headers: list[tuple[str, str]]
+    body: bytes
+    endpoint: str = "unknown"
+    status: int | None = None  # status actually sent back (None if the connection was dropped)
+    injected: bool = False  # a fault from fail_next() was applied to this request
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return default
+
+    def decoded_payloads(self) -> list[bytes]:
+        """Base64 payloads carried inside the body, decoded (commit file contents, preupload samples)."""
+        out: list[bytes] = []
+        if not self.body or self.body[:1] not in (b"{", b"["):
+            return out
+        for line in self.body.splitlines():
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            stack = [item]
+            while stack:
+                cur = stack.pop()
+                if isinstance(cur, dict):
+                    for k, v in cur.items():
+                        if k in ("content", "sample") and isinstance(v, str):
+                            try:
+                                out.append(base64.b64decode(v, validate=True))
+                            except (binascii.Error, ValueError):
+                                pass
+                        else:
+                            stack.append(v)
+                elif isinstance(cur, list):
+                    stack.extend(cur)
+        return out
+
+
+@dataclass
+class _Fault:
+    status: int | None  # None: no error, just the delay; 0: drop the connection without answering
+    delay: float
+    after_apply: bool  # process the request for real, then answer with the fault anyway
+
+
+class _Resp:
+    def __init__(self, status: int, body: Any = None, headers: dict[str, str] | None = None):
+        self.status = status
+        self.headers = dict(headers or {})
+        if body is None:
+            self.body = b""
+        elif isinstance(body, (bytes, bytearray)):
+            self.body = bytes(body)
+        else:
+            self.body = json.dumps(body).encode()
+            self.headers.setdefault("Content-Type", "application/json; charset=utf-8")
+        self.head_only_length: int | None = None
+
+
+def _err(status: int, message: str, code: str | None = None, extra_headers: dict | None = None) -> _Resp:
+    headers = {"X-Error-Message": message}
+    if code:
+        headers["X-Error-Code"] = code
+    headers.update(extra_headers or {})
+    return _Resp(status, {"error": message}, headers)
+
+
+class _HubError(Exception):
+    def __init__(self, resp: _Resp):
+        self.resp = resp
+
+
+# --------------------------------------------------------------------------------------- server
+
+
+class HubServer:
+    """In-memory Hugging Face Hub fake. See the module docstring for the covered API.
+
+    ``tokens``: token -> {"user": name, "role": "write" | "read" | "fineGrained",
+    "orgs": [org name | {"name": org, "roleInOrg": "read"|"write"|"admin"}], optional "displayName",
+    "email", "fullname", "fineGrained": {...}}. A fine-grained token may write iff its fineGrained
+    dict mentions "repo.write".
+
+    ``lfs_threshold``: None (default) -> every file is "regular" (inline base64 in the commit). An int ->
+    files of at least that many bytes are "lfs" (needs a client with xet disabled).
+    """
+
+    def __init__(self, tokens: dict[str, dict], *, lfs_threshold: int | None = None, host: str = "127.0.0.1"):
+        self.tokens = tokens
+        self.lfs_threshold = lfs_threshold
+        self.host = host
+        self.commits_page_size = 50
+        self.repos: dict[str, Repo] = {}  # "user/name" for models, "datasets/user/name" for datasets
+        self.blobs: dict[str, bytes] = {}  # sha256 hex -> content
+        self.request_log: list[RequestRecord] = []
+        self.errors: list[str] = []  # internal server errors (tracebacks): a bug in this fake
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._faults: dict[str, collections.deque[_Fault]] = collections.defaultdict(collections.deque)
+        self._lfs_pending: dict[str, int] = {}  # sha256 -> expected size (issued upload URLs)
+        self._lock = threading.RLock()
+        self._seq = 0
+        self._httpd: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._conns: set[socket.socket] = set()
+        self.endpoint: str | None = None
+        self.hf_home: str | os.PathLike | None = None  # set by the hub_server fixture
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> str:
+        server = self
+
+        class Handler(_Handler):
+            hub = server
+
+        httpd = http.server.ThreadingHTTPServer((self.host, 0), Handler)
+        httpd.daemon_threads = True
+        self._httpd = httpd
+        self.endpoint = f"http://{self.host}:{httpd.server_address[1]}"
+        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self.endpoint
+
+    def stop(self) -> None:
+        if self._httpd is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:  # unblock keep-alive handler threads
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._httpd = None
+
+    def __enter__(self) -> "HubServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ test-facing API
+
+    def fail_next(
+        self, endpoint: str, n: int = 1, status: int | None = 500, *, delay: float = 0.0, after_apply: bool = False
+    ) -> None:
+        """Make the next ``n`` requests to ``endpoint`` (a name as in ``count()``) misbehave.
+
+        status: HTTP status to answer (e.g. 500, 503, 429); ``None`` = answer normally after ``delay``
+        (a slow server, to trigger client timeouts); ``0`` = close the connection without an answer.
+        after_apply: perform the request for real first (e.g. the commit lands), then answer the fault
+        -- a lost response.
+        """
+        with self._lock:
+            for _ in range(n):
+                self._faults[endpoint].append(_Fault(status, delay, after_apply))
+
+    def fail_next_commits(self, n: int, status: int = 500) -> None:
+        self.fail_next("commit", n, status)
+
+    def count(self, endpoint: str | None = None) -> int:
+        """Requests received for ``endpoint`` (all requests if None), injected failures included.
+
+        Endpoint names: whoami, create_repo, delete_repo, create_branch, delete_branch, create_tag,
+        delete_tag, refs, repo_info, tree, paths_info, commits_list, preupload, commit, validate_yaml,
+        resolve (HEAD+GET; also resolve_head/resolve_get), lfs_batch, lfs_upload, lfs_verify,
+        xet_token, agent_harnesses, unknown.
+        """
+        with self._lock:
+            if endpoint is None:
+                return sum(v for k, v in self._counts.items() if k not in ("resolve_head", "resolve_get"))
+            return self._counts[endpoint]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self.request_log.clear()
+
+    def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
+        with self._lock:
+            repo = self._repo_or_raise(repo_id, repo_type)
+            resolved = repo.resolve(revision)
+            if resolved is None:
+                raise KeyError(f"unknown revision {revision!r} of {repo_id}")
+            tree = repo.commits[resolved[0]].tree
+            return {path: self.blobs[e.sha256] for path, e in sorted(tree.items())}
+
+    def commits(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> list[dict]:
+        """Newest first; each {"oid", "message" (the summary/title), "description", "author", "date", "parent"}.
+        Includes the Hub's automatic "initial commit" (which adds .gitattributes) at the end."""
+        with self._lock:
+            repo = self._repo_or_raise(repo_id, repo_type)
+            resolved = repo.resolve(revision)
+            if resolved is None:
+                raise KeyError(f"unknown revision {revision!r} of {repo_id}")
+            return [c.as_dict() for c in repo.history(resolved[0])]
+
+    def branches(self, repo_id: str, repo_type: str = "model") -> dict[str, str]:
+        with self._lock:
+            return dict(self._repo_or_raise(repo_id, repo_type).branches)
+
+    def leaks(self, secret: str | bytes, *, include_authorization: bool = False) -> list[RequestRecord]:
+        """Requests whose path, headers, body, or base64 payloads inside the body (commit file contents,
+        preupload samples) contain ``secret``. The Authorization header legitimately carries the token:
+        it is skipped unless ``include_authorization``."""
+        needle = secret.encode() if isinstance(secret, str) else secret
+        hits = []
+        with self._lock:
+            log = list(self.request_log)
+        for rec in log:
+            haystacks = [rec.path.encode(), unquote(rec.path).encode(), rec.body, *rec.decoded_payloads()]
+            for k, v in rec.headers:
+                if k.lower() == "authorization" and not include_authorization:
+                    continue
+                haystacks.append(f"{k}: {v}".encode("latin-1", "replace"))
+            if any(needle in h for h in haystacks):
+                hits.append(rec)
+        return hits
+
+    def subprocess_env(self, *, hf_home: str | os.PathLike, token: str | None = None, base: dict | None = None) -> dict:
+        """Environment for a child process using this server: HF_ENDPOINT, isolated HF_HOME, telemetry off,
+        offline mode unset, HF_TOKEN set (or removed)."""
+        env = dict(os.environ if base is None else base)
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
+                    "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN", "HF_XET_CACHE", "HF_ASSETS_CACHE"):
+            env.pop(var, None)
+        env.update(
+            HF_ENDPOINT=self.endpoint or "",
+            HF_HOME=str(hf_home),
+            HF_HUB_DISABLE_TELEMETRY="1",
+            HF_HUB_DISABLE_UPDATE_CHECK="1",
+            HF_HUB_DISABLE_PROGRESS_BARS="1",
+        )
+        if token is not None:
+            env["HF_TOKEN"] = token
+        return env
+
+    # ------------------------------------------------------------------ internals: helpers
+
+    @staticmethod
+    def _key(repo_id: str, repo_type: str) -> str:
+        return _URL_PREFIX[repo_type] + repo_id
+
+    def _repo_or_raise(self, repo_id: str, repo_type: str) -> Repo:
+        key = self._key(repo_id, repo_type)
+        if key not in self.repos:
+            raise KeyError(f"no such repo: {key}")
+        return self.repos[key]
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _take_fault(self, endpoint: str) -> _Fault | None:
+        with self._lock:
+            q = self._faults.get(endpoint)
+            return q.popleft() if q else None
+
+    def _store(self, data: bytes, lfs: bool) -> FileEntry:
+        sha = hashlib.sha256(data).hexdigest()
+        self.blobs.setdefault(sha, data)
+        return FileEntry(size=len(data), sha256=sha, content_oid=git_blob_oid(data), lfs=lfs)
+
+    def _make_commit(self, repo: Repo, parent: str | None, title: str, desc: str, author: str, tree: dict) -> Commit:
+        date = _now()
+        material = json.dumps(
+            [parent, title, desc, author, date, self._next_seq(), sorted((p, e.git_oid) for p, e in tree.items())]
+        ).encode()
+        commit = Commit(hashlib.sha1(material).hexdigest(), parent, title, desc, author, date, dict(tree))
+        repo.commits[commit.oid] = commit
+        return commit
+
+    # -- identity & permissions
+
+    def _identity(self, token: str | None) -> dict | None:
+        if token is None:
+            return None
+        cfg = self.tokens.get(token)
+        if cfg is None:
+            raise _HubError(_err(401, "Invalid credentials in Authorization header"))
+        return cfg
+
+    @staticmethod
+    def _orgs(cfg: dict) -> list[dict]:
+        out = []
+        for org in cfg.get("orgs", []):
+            out.append({"name": org, "roleInOrg": "write"} if isinstance(org, str) else dict(org))
+        return out
+
+    def _token_can_write(self, cfg: dict) -> bool:
+        role = cfg.get("role", "read")
+        if role in ("write", "admin"):
+            return True
+        if role == "fineGrained":
+            return "repo.write" in json.dumps(cfg.get("fineGrained", {}))
+        return False
+
+    def _member_namespaces(self, cfg: dict | None) -> set[str]:
+        if cfg is None:
+            return set()
+        return {cfg["user"], *(o["name"] for o in self._orgs(cfg))}
+
+    def _writable_namespaces(self, cfg: dict | None) -> set[str]:
+        if cfg is None or not self._token_can_write(cfg):
+            return set()
+        return {cfg["user"], *(o["name"] for o in self._orgs(cfg) if o.get("roleInOrg", "write") != "read")}
+
+    def _repo_for_read(self, cfg: dict | None, repo_type: str, repo_id: str) -> Repo:
+        repo = self.repos.get(self._key(repo_id, repo_type))
+        if repo is None or (repo.private and repo.namespace not in self._member_namespaces(cfg)):
+            status = 401 if cfg is None else 404
+            raise _HubError(_err(status, "Repository not found", "RepoNotFound"))
+        return repo
+
+    def _repo_for_write(self, cfg: dict | None, repo_type: str, repo_id: str, action: str) -> Repo:
+        repo = self._repo_for_read(cfg, repo_type, repo_id)
+        if cfg is None:
+            raise _HubError(_err(401, "You must be authenticated to " + action))
+        if repo.namespace not in self._writable_namespaces(cfg):
+            if not self._token_can_write(cfg):
+                msg = f"You don't have the rights to {action} in {repo_id}: this is a read-only token"
+            else:
+                msg = f"You don't have the rights to {action} in {repo_id}"
+            raise _HubError(_err(403, msg))
+        return repo
+
+    @staticmethod
+    def _resolve(repo: Repo, revision: str) -> tuple[str, str | None]:
+        resolved = repo.resolve(revision)
+        if resolved is None:
+            raise _HubError(_err(404, f"Invalid rev id: {revision}", "RevisionNotFound"))
+        return resolved
+
+    # ------------------------------------------------------------------ routing
+
+    def _route(self, method: str, path: str) -> tuple[str, Callable[..., _Resp] | None, dict]:
+        segs = [unquote(s) for s in path.split("/")[1:]]
+        if segs and segs[-1] == "" and len(segs) > 1:
+            segs = segs[:-1]
+        if segs[:1] == ["api"]:
+            rest = segs[1:]
+            if rest == ["whoami-v2"] and method == "GET":
+                return "whoami", self._h_whoami, {}
+            if rest == ["repos", "create"] and method == "POST":
+                return "create_repo", self._h_create_repo, {}
+            if rest == ["repos", "delete"] and method == "DELETE":
+                return "delete_repo", self._h_delete_repo, {}
+            if rest == ["validate-yaml"] and method == "POST":
+                return "validate_yaml", self._h_validate_yaml, {}
+            if rest == ["agent-harnesses"] and method == "GET":
+                return "agent_harnesses", lambda **_: _Resp(200, {"standardEnvVars": [], "harnesses": {}}), {}
+            if len(rest) >= 3 and rest[0] in _REPO_TYPES:
+                p = {"repo_type": _REPO_TYPES[rest[0]], "repo_id": f"{rest[1]}/{rest[2]}"}
+                tail = rest[3:]
+                op = tail[0] if tail else None
+                if op is None and method == "GET":
+                    return "repo_info", self._h_repo_info, {**p, "revision": None}
+                if op == "revision" and len(tail) >= 2 and method == "GET":
+                    return "repo_info", self._h_repo_info, {**p, "revision": "/".join(tail[1:])}
+                if op == "tree" and len(tail) >= 2 and method == "GET":
+                    return "tree", self._h_tree, {**p, "revision": tail[1], "subpath": "/".join(tail[2:])}
+                if op == "paths-info" and len(tail) >= 2 and method == "POST":
+                    return "paths_info", self._h_paths_info, {**p, "revision": tail[1]}
+                if op == "commits" and len(tail) >= 2 and method == "GET":
+                    return "commits_list", self._h_commits, {**p, "revision": "/".join(tail[1:])}
+                if op == "preupload" and len(tail) >= 2 and method == "POST":
+                    return "preupload", self._h_preupload, {**p, "revision": "/".join(tail[1:])}
+                if op == "commit" and len(tail) >= 2 and method == "POST":
+                    return "commit", self._h_commit, {**p, "revision": "/".join(tail[1:])}
+                if op == "branch" and len(tail) >= 2 and method in ("POST", "DELETE"):
+                    name = "create_branch" if method == "POST" else "delete_branch"
+                    return name, self._h_branch, {**p, "branch": "/".join(tail[1:])}
+                if op == "tag" and len(tail) >= 2 and method in ("POST", "DELETE"):
+                    name = "create_tag" if method == "POST" else "delete_tag"
+                    return name, self._h_tag, {**p, "ref": "/".join(tail[1:])}
+                if op == "refs" and method == "GET":
+                    return "refs", self._h_refs, p
+                if op in ("xet-write-token", "xet-read-token"):
+                    return "xet_token", self._h_xet, p
+            return "unknown", None, {}
+        if segs[:2] == ["__lfs__", "upload"] and len(segs) == 3 and method == "PUT":
+            return "lfs_upload", self._h_lfs_upload, {"oid": segs[2]}
+        if segs[:2] == ["__lfs__", "verify"] and method == "POST":
+            return "lfs_verify", self._h_lfs_verify, {}
+        # /[datasets/]ns/name.git/info/lfs/objects/batch
+        if segs[-4:] == ["info", "lfs", "objects", "batch"] and method == "POST":
+            head = segs[:-4]
+            repo_type = "model"
+            if head and head[0] in ("datasets", "spaces"):
+                repo_type, head = _REPO_TYPES[head[0]], head[1:]
+            if len(head) == 2 and head[1].endswith(".git"):
+                return "lfs_batch", self._h_lfs_batch, {"repo_type": repo_type, "repo_id": f"{head[0]}/{head[1][:-4]}"}
+        # /[datasets/]ns/name/resolve/rev/path...
+        repo_type, rest = "model", segs
+        if rest and rest[0] in ("datasets", "spaces"):
+            repo_type, rest = _REPO_TYPES[rest[0]], rest[1:]
+        if len(rest) >= 5 and rest[2] == "resolve" and method in ("GET", "HEAD"):
+            name = "resolve_head" if method == "HEAD" else "resolve_get"
+            return name, self._h_resolve, {
+                "repo_type": repo_type,
+                "repo_id": f"{rest[0]}/{rest[1]}",
+                "revision": rest[3],
+                "filename": "/".join(rest[4:]),
+            }
+        return "unknown", None, {}
+
+    # ------------------------------------------------------------------ handlers
+    # Each handler gets: method, query (dict of lists), body (bytes), headers (Message), base (str), cfg (token
+    # identity or None), plus route params. Handlers run under self._lock.
+
+    def _h_whoami(self, cfg, **_) -> _Resp:
+        if cfg is None:
+            return _err(401, "Invalid credentials in Authorization header")
+        user = cfg["user"]
+        orgs = [
+            {
+                "type": "org",
+                "id": hashlib.md5(o["name"].encode()).hexdigest()[:24],
+                "name": o["name"],
+                "fullname": o.get("fullname", o["name"]),
+                "email": None,
+                "canPay": False,
+                "avatarUrl": f"https://cdn-avatars.huggingface.co/{o['name']}.png",
+                "periodEnd": None,
+                "roleInOrg": o.get("roleInOrg", "write"),
+            }
+            for o in self._orgs(cfg)
+        ]
+        access_token: dict[str, Any] = {
+            "displayName": cfg.get("displayName", f"{user}-{cfg.get('role', 'read')}"),
+            "role": cfg.get("role", "read"),
+            "createdAt": "2024-01-01T00:00:00.000Z",
+        }
+        if cfg.get("role") == "fineGrained":
+            access_token["fineGrained"] = cfg.get("fineGrained", {"canReadGatedRepos": False, "global": [], "scoped": []})
+        return _Resp(
+            200,
+            {
+                "type": "user",
+                "id": hashlib.md5(user.encode()).hexdigest()[:24],
+                "name": user,
+                "fullname": cfg.get("fullname", user.title()),
+                "email": cfg.get("email", f"{user}@example.com"),
+                "emailVerified": True,
+                "canPay": False,
+                "periodEnd": None,
+                "isPro": False,
+                "avatarUrl": f"https://cdn-avatars.huggingface.co/{user}.png",
+                "orgs": orgs,
+                "auth": {"type": "access_token", "accessToken": access_token},
+            },
+        )
+
+    def _h_create_repo(self, cfg, body, base, **_) -> _Resp:
+        if cfg is None:
+            return _err(401, "You must be authenticated to create a repo")
+        try:
+            payload = json.loads(body or b"{}")
+        except ValueError:
+            return _err(400, "Invalid JSON body")
+        name = payload.get("name")
+        namespace = payload.get("organization") or cfg["user"]
+        repo_type = payload.get("type") or "model"
+        if repo_type not in ("model", "dataset"):
+            return _err(400, f"Unsupported repo type for this fake hub: {repo_type}")
+        if not self._token_can_write(cfg):
+            return _err(403, f"You don't have the rights to create a {repo_type} under the namespace \"{namespace}\": "
+                             "this is a read-only token")
+        if namespace not in self._writable_namespaces(cfg):
+            return _err(403, f"You don't have the rights to create a {repo_type} under the namespace \"{namespace}\"")
+        for part in (namespace, name):
+            if (
+                not isinstance(part, str)
+                or not _NAME_RE.match(part)
+                or "--" in part
+                or ".." in part
+                or part.endswith(".git")
+            ):
+                return _err(400, f"Invalid repo name: {namespace}/{name}. Repo names can only contain alphanumeric "
+                                 "chars, '-', '_' and '.', cannot start or end with '-' or '.', cannot contain '--' "
+                                 "or '..' and cannot be longer than 96 chars.")
+        repo_id = f"{namespace}/{name}"
+        url = f"{base}/{_URL_PREFIX[repo_type]}{repo_id}"
+        key = self._key(repo_id, repo_type)
+        if key in self.repos:
+            msg = f"You already created this {repo_type} repo"
+            return _Resp(409, {"error": msg, "url": url}, {"X-Error-Message": msg})
+        visibility = payload.get("visibility")
+        private = visibility in ("private", "protected") if visibility is not None else bool(payload.get("private"))
+        repo = Repo(repo_id=repo_id, repo_type=repo_type, private=private, created_at=_now(), owner=cfg["user"])
+        init = self._make_commit(
+            repo, None, "initial commit", "", cfg["user"], {".gitattributes": self._store(DEFAULT_GITATTRIBUTES, False)}
+        )
+        repo.branches["main"] = init.oid
+        self.repos[key] = repo
+        return _Resp(200, {"url": url, "name": repo_id, "id": uuid.uuid4().hex[:24]})
+
+    def _h_delete_repo(self, cfg, body, **_) -> _Resp:
+        payload = json.loads(body or b"{}")
+        namespace = payload.get("organization") or (cfg or {}).get("user")
+        repo_id = f"{namespace}/{payload.get('name')}"
+        self._repo_for_write(cfg, payload.get("type") or "model", repo_id, "delete this repo")
+        del self.repos[self._key(repo_id, payload.get("type") or "model")]
+        return _Resp(200, {})
+
+    def _h_validate_yaml(self, body, **_) -> _Resp:
+        content = json.loads(body or b"{}").get("content", "")
+        m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", content, flags=re.S)
+        if m:
+            try:
+                import yaml
+
+                meta = yaml.safe_load(m.group(1))
+            except ImportError:  # pragma: no cover - PyYAML is in the venv
+                meta = {}
+            except Exception as e:  # yaml.YAMLError
+                return _Resp(400, {"errors": [{"message": f"Invalid YAML in README.md: {e}"}], "warnings": []})
+            if meta is not None and not isinstance(meta, dict):
+                return _Resp(400, {"errors": [{"message": "YAML metadata must be a mapping"}], "warnings": []})
+        return _Resp(200, {"errors": [], "warnings": []})
+
+    def _h_repo_info(self, cfg, repo_type, repo_id, revision, query, **_) -> _Resp:
+        repo = self._repo_for_read(cfg, repo_type, repo_id)
+        oid, _branch = self._resolve(repo, revision or "main")
+        commit = repo.commits[oid]
+        with_blobs = query.get("blobs", ["false"])[0].lower() in ("1", "true")
+        siblings = []
+        for path, e in sorted(commit.tree.items()):
+            s: dict[str, Any] = {"rfilename": path}
+            if with_blobs:
+                s.update(size=e.size, blobId=e.git_oid)
+                if e.lfs:
+                    s["lfs"] = {"size": e.size, "sha256": e.sha256, "pointerSize": len(_lfs_pointer(e.sha256, e.size))}
+            siblings.append(s)
+        info = {
+            "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24],
+            "id": repo_id,
+            "author": repo.namespace,
+            "sha": oid,
+            "lastModified": commit.date,
+            "createdAt": repo.created_at,
+            "private": repo.private,
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "siblings": siblings,
+            "usedStorage": sum(e.size for e in commit.tree.values()),
+        }
+        if repo_type == "model":
+            info.update(modelId=repo_id, spaces=[])
+        return _Resp(200, info)
+
+    def _last_commit(self, repo: Repo, head: str, path: str, is_dir: bool) -> dict:
+        def sig(c: Commit):
+            if is_dir:
+                return sorted((p, e.git_oid) for p, e in c.tree.items() if p.startswith(path + "/"))
+            e = c.tree.get(path)
+            return e.git_oid if e else None
+
+        hist = repo.history(head)
+        target, last = sig(hist[0]), hist[0]
+        for c in hist[1:]:
+            if sig(c) != target:
+                break
+            last = c
+        return {"id": last.oid, "title": last.title, "date": last.date}
+
+    def _tree_entries(self, repo: Repo, oid: str, paths: list[str] | None, subpath: str, recursive: bool,
+                      expand: bool) -> list[dict]:
+        tree = repo.commits[oid].tree
+        dirs: set[str] = set()
+        for p in tree:
+            parts = p.split("/")
+            for i in range(1, len(parts)):
+                dirs.add("/".join(parts[:i]))
+        out = []
+
+        def dir_entry(d: str) -> dict:
+            listing = sorted((p, e.git_oid) for p, e in tree.items() if p.startswith(d + "/"))
+            return {"type": "directory", "oid": hashlib.sha1(json.dumps(listing).encode()).hexdigest(), "size": 0,
+                    "path": d}
+
+        if paths is not None:  # paths-info
+            for p in paths:
+                p = p.strip("/")
+                if p in tree:
+                    out.append(tree[p].tree_json(p))
+                elif p in dirs:
+                    out.append(dir_entry(p))
+        else:
+            prefix = subpath.strip("/")
+            if prefix and prefix not in dirs:
+                if prefix in tree:
+                    raise _HubError(_err(400, f"{prefix} is a file, not a directory"))
+                raise _HubError(_err(404, f"Entry not found: {prefix}", "EntryNotFound",
+                                     {"X-Repo-Commit": oid}))
+
+            def wanted(p: str) -> bool:
+                if prefix and not p.startswith(prefix + "/"):
+                    return False
+                rel = p[len(prefix) + 1:] if prefix else p
+                return recursive or "/" not in rel
+
+            out.extend(dir_entry(d) for d in sorted(dirs) if wanted(d))
+            out.extend(tree[p].tree_json(p) for p in sorted(tree) if wanted(p))
+        if expand:
+            for item in out:
+                item["lastCommit"] = self._last_commit(repo, oid, item["path"], item["type"] == "directory")
+        return out
+
+    def _h_tree(self, cfg, repo_type, repo_id, revision, subpath, query, **_) -> _Resp:
+        repo = self._repo_for_read(cfg, repo_type, repo_id)
+        oid, _ = self._resolve(repo, revision)
+        recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
+        expand = query.get("expand", ["false"])[0].lower() in ("1", "true")
+        return _Resp(200, self._tree_entries(repo, oid, None, subpath, recursive, expand))
+
+    def _h_paths_info(self, cfg, repo_type, repo_id, revision, body, headers, **_) -> _Resp:
+        repo = self._repo_for_read(cfg, repo_type, repo_id)
+        oid, _ = self._resolve(repo, revision)
+        if "json" in (headers.get("Content-Type") or ""):
+            form = json.loads(body or b"{}")
+            paths = form.get("paths", [])
+            expand = bool(form.get("expand"))
+        else:
+            form = parse_qs(body.decode(), keep_blank_values=True)
+            paths = form.get("paths", [])
+            expand = form.get("expand", ["False"])[0].lower() in ("1", "true")
+        return _Resp(200, self._tree_entries(repo, oid, list(paths), "", False, expand))
+
+    def _h_commits(self, cfg, repo_type, repo_id, revision, query, base, path, **_) -> _Resp:
+        repo = self._repo_for_read(cfg, repo_type, repo_id)
+        oid, _ = self._resolve(repo, revision)
+        hist = repo.history(oid)
+        page = int(query.get("p", ["0"])[0])
+        size = self.commits_page_size
+        chunk = hist[page * size:(page + 1) * size]
+        items = [
+            {
+                "id": c.oid,
+                "title": c.title,
+                "message": c.description,
+                "authors": [{"user": c.author, "avatar": f"https://cdn-avatars.huggingface.co/{c.author}.png"}],
+                "date": c.date,
+            }
+            for c in chunk
+        ]
+        headers = {"X-Total-Count": str(len(hist))}
+        if (page + 1) * size < len(hist):
+            headers["Link"] = f'<{base}{urlsplit(path).path}?p={page + 1}>; rel="next"'
+        return _Resp(200, items, headers)
+
+    def _h_preupload(self, cfg, repo_type, repo_id, revision, body, query, **_) -> _Resp:
+        repo = self._repo_for_write(cfg, repo_type, repo_id, "upload files")
+        if query.get("create_pr"):
+            return _err(400, "create_pr is not supported by this fake hub")
+        oid, branch = self._resolve(repo, revision)
+        tree = repo.commits[oid].tree
+        payload = json.loads(body or b"{}")
+        files = []
+        for f in payload.get("files", []):
+            path, size = f["path"], int(f.get("size", 0))
+            lfs = self.lfs_threshold is not None and size >= self.lfs_threshold and size > 0
+            item: dict[str, Any] = {"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
+            existing = tree.get(path)
+            if existing is not None:
+                item["oid"] = existing.sha256 if lfs else existing.content_oid
+            files.append(item)
+        return _Resp(200, {"files": files, "commitOid": oid})
+
+    def _h_commit(self, cfg, repo_type, repo_id, revision, body, query, base, **_) -> _Resp:
+        repo = self._repo_for_write(cfg, repo_type, repo_id, "create a commit")
+        if query.get("create_pr"):
+            return _err(400, "create_pr is not supported by this fake hub")
+        oid, branch = self._resolve(repo, revision)
+        if branch is None:
+            return _err(400, f"Revision {revision} is not a branch: commits can only be made on branches")
+        header: dict | None = None
+        ops = []
+        for n, line in enumerate(body.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError:
+                return _err(400, f"Invalid NDJSON at line {n + 1}")
+            if item.get("key") == "header":
+                header = item.get("value") or {}
+            else:
+                ops.append(item)
+        if header is None or not (header.get("summary") or "").strip():
+            return _err(400, "Commit summary (header line) is required")
+        parent = header.get("parentCommit")
+        if parent and not oid.startswith(parent):
+            return _err(412, "A commit has happened since. Please refresh and try again.")
+        tree = dict(repo.commits[oid].tree)
+        for op in ops:
+            key, value = op.get("key"), op.get("value") or {}
+            path = (value.get("path") or "").strip("/")
+            if not path:
+                return _err(400, f"Missing path in operation {key}")
+            if key == "file":
+                content = value.get("content", "")
+                if value.get("encoding", "utf-8") == "base64":
+                    try:
+                        data = base64.b64decode(content, validate=True)
+                    except (binascii.Error, ValueError):
+                        return _err(400, f"Invalid base64 content for {path}")
+                else:
+                    data = content.encode()
+                tree[path] = self._store(data, lfs=False)
+            elif key == "lfsFile":
+                sha = value.get("oid")
+                if sha not in self.blobs:
+                    return _err(422, f"LFS object {sha} for {path} was not uploaded")
+                if value.get("size") is not None and int(value["size"]) != len(self.blobs[sha]):
+                    return _err(422, f"LFS object {sha} has a different size")
+                data = self.blobs[sha]
+                tree[path] = FileEntry(len(data), sha, git_blob_oid(data), lfs=True)
+            elif key == "deletedFile":
+                if path not in tree:
+                    return _err(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
+                del tree[path]
+            elif key == "deletedFolder":
+                doomed = [p for p in tree if p.startswith(path + "/")]
+                if not doomed:
+                    return _err(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
+                for p in doomed:
+                    del tree[p]
+            else:
+                return _err(400, f"Unsupported commit operation: {key}")
+        commit = self._make_commit(repo, oid, header["summary"], header.get("description") or "", cfg["user"], tree)
+        repo.branches[branch] = commit.oid
+        return _Resp(
+            200,
+            {
+                "success": True,
+                "commitOid": commit.oid,
+                "commitUrl": f"{base}/{_URL_PREFIX[repo_type]}{repo_id}/commit/{commit.oid}",
+                "hookOutput": "",
+            },
+        )
+
+    def _h_branch(self, cfg, method, repo_type, repo_id, branch, body, **_) -> _Resp:
+        action = "create a branch" if method == "POST" else "delete a branch"
+        repo = self._repo_for_write(cfg, repo_type, repo_id, action)
+        if method == "DELETE":
+            if branch not in repo.branches:
+                return _err(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+            if branch == "main":
+                return _err(403, "Cannot delete the default branch")
+            del repo.branches[branch]
+            return _Resp(200, {})
+        if (
+            not branch
+            or _BAD_BRANCH_CHARS.search(branch)
+            or ".." in branch
+            or branch.startswith(("/", "-", "refs/"))
+            or branch.endswith(("/", ".lock", "."))
+            or "//" in branch
+            or branch == "HEAD"
+            or _COMMIT_RE.match(branch)
+        ):
+            return _err(400, f"Invalid branch name: {branch}")
+        if branch in repo.branches:
+            return _err(409, f"Reference already exists: refs/heads/{branch}")
+        start = json.loads(body or b"{}").get("startingPoint") or "main"
+        oid, _ = self._resolve(repo, start)
+        repo.branches[branch] = oid
+        return _Resp(200, {})
+
+    def _h_tag(self, cfg, method, repo_type, repo_id, ref, body, **_) -> _Resp:
+        repo = self._repo_for_write(cfg, repo_type, repo_id, "manage tags")
+        if method == "DELETE":
+            if ref not in repo.tags:
+                return _err(404, f"Invalid rev id: {ref}", "RevisionNotFound")
+            del repo.tags[ref]
+            return _Resp(200, {})
+        tag = json.loads(body or b"{}").get("tag")
+        if not tag or _BAD_BRANCH_CHARS.search(tag):
+            return _err(400, f"Invalid tag name: {tag}")
+        if tag in repo.tags:
+            return _err(409, f"Tag {tag} already exists")
+        oid, _ = self._resolve(repo, ref)
+        repo.tags[tag] = oid
+        return _Resp(200, {})
+
+    def _h_refs(self, cfg, repo_type, repo_id, query, **_) -> _Resp:
+        repo = self._repo_for_read(cfg, repo_type, repo_id)
+        data = {
+            "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": o} for b, o in repo.branches.items()],
+            "converts": [],
+            "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": o} for t, o in repo.tags.items()],
+        }
+        if query.get("include_prs"):
+            data["pullRequests"] = []
+        return _Resp(200, data)
+
+    def _h_xet(self, **_) -> _Resp:
+        return _err(501, "Xet storage is not supported by this fake hub (set HF_HUB_DISABLE_XET=1 to use LFS)")
+
+    def _h_lfs_batch(self, cfg, repo_type, repo_id, body, base, **_) -> _Resp:
+        self._repo_for_write(cfg, repo_type, repo_id, "upload LFS files")
+        payload = json.loads(body or b"{}")
+        if payload.get("operation") != "upload":
+            return _err(400, "Only the 'upload' LFS operation is supported by this fake hub")
+        objects = []
+        for obj in payload.get("objects", []):
+            sha, size = obj["oid"], int(obj["size"])
+            item: dict[str, Any] = {"oid": sha, "size": size, "authenticated": True}
+            if sha not in self.blobs:
+                self._lfs_pending[sha] = size
+                item["actions"] = {
+                    "upload": {"href": f"{base}/__lfs__/upload/{sha}", "expires_in": 3600},
+                    "verify": {"href": f"{base}/__lfs__/verify", "expires_in": 3600},
+                }
+            objects.append(item)
+        return _Resp(200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"})
+
+    def _h_lfs_upload(self, oid, body, **_) -> _Resp:
+        # Plays the presigned storage URL: no Authorization expected, only oids handed out by a batch call.
+        if oid not in self._lfs_pending:
+            return _Resp(403, b"<Error><Code>AccessDenied</Code></Error>", {"Content-Type": "application/xml"})
+        if hashlib.sha256(body).hexdigest() != oid or len(body) != self._lfs_pending[oid]:
+            return _Resp(400, b"<Error><Code>BadDigest</Code></Error>", {"Content-Type": "application/xml"})
+        self.blobs[oid] = body
+        del self._lfs_pending[oid]
+        return _Resp(200, b"", {"ETag": f'"{hashlib.md5(body).hexdigest()}"'})
+
+    def _h_lfs_verify(self, cfg, body, **_) -> _Resp:
+        payload = json.loads(body or b"{}")
+        sha = payload.get("oid")
+        if sha not in self.blobs or len(self.blobs[sha]) != int(payload.get("size", -1)):
+            return _err(404, f"LFS object {sha} not found")
+        return _Resp(200, {})
+
+    def _h_resolve(self, cfg, method, repo_type, repo_id, revision, filename, headers, **_) -> _Resp:
+        repo = self._repo_for_read(cfg, repo_type, repo_id)
+        oid, _ = self._resolve(repo, revision)
+        entry = repo.commits[oid].tree.get(filename)
+        if entry is None:
+            raise _HubError(_err(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": oid}))
+        data = self.blobs[entry.sha256]
+        etag = entry.sha256 if entry.lfs else entry.git_oid
+        name = filename.rsplit("/", 1)[-1]
+        h = {
+            "Content-Type": "application/octet-stream",
+            "ETag": f'"{etag}"',
+            "X-Repo-Commit": oid,
+            "Accept-Ranges": "bytes",
+            "Content-Disposition": f"inline; filename*=UTF-8''{quote(name)}; filename=\"{name}\";",
+        }
+        if entry.lfs:
+            h.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(entry.size)})
+        status, start, end = 200, 0, len(data)
+        rng = headers.get("Range")
+        if rng:
+            m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip())
+            if not m or (m.group(1) == "" and m.group(2) == ""):
+                return _Resp(416, b"", {**h, "Content-Range": f"bytes */{len(data)}"})
+            if m.group(1) == "":  # suffix range
+                start = max(0, len(data) - int(m.group(2)))
+            else:
+                start = int(m.group(1))
+                if m.group(2) != "":
+                    end = min(len(data), int(m.group(2)) + 1)
+            if start >= len(data) and len(data) > 0:
+                return _Resp(416, b"", {**h, "Content-Range": f"bytes */{len(data)}"})
+            status = 206
+            h["Content-Range"] = f"bytes {start}-{max(start, end - 1)}/{len(data)}"
+        return _Resp(status, data[start:end], h)
+
+    # ------------------------------------------------------------------ request processing
+
+    def _process(self, method: str, raw_path: str, headers, body: bytes, base: str, rec: RequestRecord):
+        """Returns a _Resp, or None to drop the connection."""
+        path, _, qs = raw_path.partition("?")
+        endpoint, handler, params = self._route(method, path)
+        rec.endpoint = endpoint
+        with self._lock:
+            self._counts[endpoint] += 1
+            if endpoint in ("resolve_head", "resolve_get"):
+                self._counts["resolve"] += 1
+        fault = self._take_fault(endpoint)
+        if fault is not None:
+            rec.injected = True
+            if fault.delay:
+                time.sleep(fault.delay)
+            if fault.status is not None and not fault.after_apply:
+                return None if fault.status == 0 else _err(fault.status, f"Injected failure ({fault.status})")
+        if handler is None:
+            resp = _err(404, f"Not found: {method} {path} is not implemented by the fake hub")
+        else:
+            auth = headers.get("Authorization") or ""
+            token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+            try:
+                with self._lock:
+                    cfg = self._identity(token)
+                    resp = handler(
+                        method=method, path=raw_path, query=parse_qs(qs, keep_blank_values=True), body=body,
+                        headers=headers, base=base, cfg=cfg, **params,
+                    )
+            except _HubError as e:
+                resp = e.resp
+        if fault is not None and fault.after_apply and fault.status is not None:
+            return None if fault.status == 0 else _err(fault.status, f"Injected failure ({fault.status})")
+        return resp
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    hub: HubServer
+    protocol_version = "HTTP/1.1"
+    timeout = 60
+    server_version = "fake-hf-hub/1.0"
+
+    def setup(self) -> None:
+        super().setup()
+        with self.hub._lock:
+            self.hub._conns.add(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            with self.hub._lock:
+                self.hub._conns.discard(self.connection)
+
+    def log_message(self, format: str, *args: Any) -> None:  # silence stderr logging
+        pass
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks = []
+            while True:
+                size_line = self.rfile.readline()
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _handle(self) -> None:
+        method = self.command
+        body = self._read_body()
+        rec = RequestRecord(method=method, path=self.path, headers=list(self.headers.items()), body=body)
+        with self.hub._lock:
+            self.hub.request_log.append(rec)
+        host = self.headers.get("Host") or f"{self.hub.host}:{self.server.server_address[1]}"
+        base = f"http://{host}"
+        try:
+            resp = self.hub._process(method, self.path, self.headers, body, base, rec)
+        except Exception:
+            tb = traceback.format_exc()
+            with self.hub._lock:
+                self.hub.errors.append(f"{method} {self.path}\n{tb}")
+            resp = _err(500, "Internal error in fake hub (see HubServer.errors)")
+        if resp is None:  # injected connection drop
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        rec.status = resp.status
+        headers = {"X-Request-Id": rec.header("X-Amzn-Trace-Id") or uuid.uuid4().hex, **resp.headers}
+        headers["Content-Length"] = str(len(resp.body))
+        try:
+            self.send_response(resp.status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if method != "HEAD" and resp.body:
+                self.wfile.write(resp.body)
+        except (BrokenPipeError, ConnectionResetError):  # client gave up (e.g. timed out during a delay)
+            self.close_connection = True
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+
+
+# --------------------------------------------------------------------------------------- pytest glue
+
+
+def configure_hf_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, hf_home: str | os.PathLike) -> None:
+    """Point huggingface_hub at ``endpoint`` with an isolated HF_HOME, telemetry off, offline mode unset.
+
+    Sets the environment (what a subprocess sees: HF_ENDPOINT, HF_HOME, ...) and, because
+    huggingface_hub reads those variables once at import, also the matching already-imported
+    ``huggingface_hub.constants`` values, so in-process code using defaults (``HfApi()``,
+    ``hf_hub_download`` without ``endpoint=``) reaches this server too. Everything is undone by
+    ``monkeypatch`` at teardown. HF_TOKEN is removed: pass tokens explicitly (or set HF_TOKEN).
+    """
+    hf_home = str(hf_home)
+    os.makedirs(hf_home, exist_ok=True)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH",
+                "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_XET_CACHE", "HF_ASSETS_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_HOME", hf_home)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_UPDATE_CHECK", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return
+    values = {
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HOME": hf_home,
+        "HF_HUB_CACHE": os.path.join(hf_home, "hub"),
+        "HUGGINGFACE_HUB_CACHE": os.path.join(hf_home, "hub"),
+        "HF_ASSETS_CACHE": os.path.join(hf_home, "assets"),
+        "HF_XET_CACHE": os.path.join(hf_home, "xet"),
+        "HF_TOKEN_PATH": os.path.join(hf_home, "token"),
+        "HF_STORED_TOKENS_PATH": os.path.join(hf_home, "stored_tokens"),
+        "AGENT_HARNESSES_PATH": os.path.join(hf_home, ".agent_harnesses.json"),
+        "CHECK_FOR_UPDATE_DONE_PATH": os.path.join(hf_home, ".check_for_update_done"),
+        "HF_HUB_DISABLE_TELEMETRY": True,
+        "HF_HUB_OFFLINE": False,
+    }
+    for name, value in values.items():
+        if hasattr(constants, name):
+            monkeypatch.setattr(constants, name, value)
+
+
+@pytest.fixture
+def hub_server(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Factory fixture: ``server = hub_server(tokens=None, *, lfs_threshold=None, configure_client=True)``.
+
+    Starts a HubServer (``DEFAULT_TOKENS`` if ``tokens`` is None), points huggingface_hub at it (see
+    ``configure_hf_client``; ``server.hf_home`` is the isolated HF_HOME), stops it at teardown, and
+    fails the test if the fake hit an internal error. Import it in a conftest with
+    ``from tests.hubserver import hub_server`` (or ``pytest_plugins = ["tests.hubserver"]``).
+    """
+    servers: list[HubServer] = []
+
+    def factory(tokens: dict[str, dict] | None = None, *, lfs_threshold: int | None = None,
+                configure_client: bool = True) -> HubServer:
+        server = HubServer(DEFAULT_TOKENS if tokens is None else tokens, lfs_threshold=lfs_threshold)
+        endpoint = server.start()
+        servers.append(server)
+        server.hf_home = tmp_path_factory.mktemp("hf_home")
+        if configure_client:
+            configure_hf_client(monkeypatch, endpoint, server.hf_home)
+        return server
+
+    yield factory
+    errors = []
+    for server in servers:
+        server.stop()
+        errors.extend(server.errors)
+    if errors:
+        pytest.fail("fake hub internal errors:\n" + "\n".join(errors), pytrace=False)

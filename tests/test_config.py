@@ -1,0 +1,101 @@
+"""The configuration contract: names, defaults from the seed, and one clear line for every bad value."""
+import dataclasses
+
+import pytest
+
+from conftest import ROOT, job_env, run_job
+from job.config import FIELDS, Config, ConfigError, env_example, from_env
+
+
+def test_defaults_are_the_seed_recipe():
+    c = Config()
+    assert (c.base_model, c.dataset, c.num_samples) == ("NousResearch/Llama-2-7b-chat-hf", "Cynaptics/persona-chat", 1000)
+    assert (c.lora_r, c.lora_alpha, c.lora_dropout, c.target_modules) == (64, 16, 0.1, ["q_proj", "v_proj"])
+    assert (c.per_device_train_batch_size, c.learning_rate, c.lr_scheduler_type, c.optim) == \
+        (4, 2e-4, "cosine", "paged_adamw_32bit")
+    assert (c.gradient_accumulation_steps, c.num_train_epochs, c.max_steps, c.seed) == (1, 1, -1, 42)
+    assert (c.save_steps, c.save_total_limit, c.logging_steps) == (50, 3, 10)
+    assert (c.checkpoint_uri, c.output_dir, c.hub_model_id, c.hub_private_repo, c.hub_revision) == \
+        ("./checkpoints", "./output", "", True, "main")
+    assert c.require_gpu is True
+
+
+def test_contract_variable_names_exist():
+    contract = """BASE_MODEL DATASET NUM_SAMPLES SEED MAX_SEQ_LENGTH LORA_R LORA_ALPHA LORA_DROPOUT
+    LORA_TARGET_MODULES PER_DEVICE_TRAIN_BATCH_SIZE GRADIENT_ACCUMULATION_STEPS LEARNING_RATE LR_SCHEDULER_TYPE
+    OPTIM NUM_TRAIN_EPOCHS MAX_STEPS SAVE_STEPS SAVE_TOTAL_LIMIT LOGGING_STEPS RUN_ID CHECKPOINT_URI OUTPUT_DIR
+    HUB_MODEL_ID HUB_PRIVATE_REPO HUB_REVISION REQUIRE_GPU HF_TOKEN""".split()
+    assert set(contract) <= set(FIELDS)
+
+
+def test_env_example_is_generated_from_the_config():
+    on_disk = (ROOT / ".env.example").read_text()
+    assert on_disk == env_example(), "regenerate with: python -m job env-example > .env.example"
+    for name in FIELDS:
+        assert f"\n{name}=" in on_disk
+
+
+def test_config_is_frozen_and_typed():
+    c = from_env({"LORA_R": "16", "LEARNING_RATE": "1e-3", "HUB_PRIVATE_REPO": "false", "NUM_TRAIN_EPOCHS": "2"})
+    assert (c.lora_r, c.learning_rate, c.hub_private_repo, c.num_train_epochs) == (16, 1e-3, False, 2.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.lora_r = 8
+
+
+@pytest.mark.parametrize("name,value,expect", [
+    ("LORA_R", "abc", "LORA_R='abc': must be a whole number"),
+    ("LORA_R", "0", "LORA_R='0': must be >= 1"),
+    ("LEARNING_RATE", "-1", "LEARNING_RATE='-1': must be a positive number"),
+    ("LEARNING_RATE", "nan", "LEARNING_RATE='nan': must be a finite number"),
+    ("LR_SCHEDULER_TYPE", "cosin", "LR_SCHEDULER_TYPE='cosin': must be one of: linear, cosine"),
+    ("OPTIM", "adam", "OPTIM='adam': must be one of:"),
+    ("LORA_DROPOUT", "1.5", "LORA_DROPOUT='1.5': must be >= 0 and < 1"),
+    ("REQUIRE_GPU", "maybe", "REQUIRE_GPU='maybe': must be true or false"),
+    ("MAX_STEPS", "0", "MAX_STEPS='0': must be -1"),
+    ("LORA_TARGET_MODULES", "q_proj;v_proj", "must be a comma list of module names"),
+    ("RUN_ID", "My Run", "RUN_ID='My Run': must be empty (derived) or"),
+    ("HUB_MODEL_ID", "no-slash", "HUB_MODEL_ID='no-slash': must be empty (no push) or 'user/name'"),
+    ("LEARNING_RTE", "1e-4", "LEARNING_RTE is not a setting of this job (did you mean LEARNING_RATE?)"),
+    ("LORA_RANK", "8", "LORA_RANK is not a setting of this job (did you mean LORA_R?)"),
+])
+def test_bad_value_stops_train_with_one_line_and_exit_2_before_loading(tmp_path, name, value, expect):
+    # BASE_MODEL points nowhere: had the job got as far as loading, it would fail differently.
+    env = job_env(**{"BASE_MODEL": str(tmp_path / "no-model"), "REQUIRE_GPU": "false",
+                     "CHECKPOINT_URI": str(tmp_path / "store"), "OUTPUT_DIR": str(tmp_path / "out"), name: value})
+    result = run_job("train", env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], lines
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "store").exists(), "nothing may be written before the config is valid"
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        from_env({"LORA_R": "x", "SEED": "y", "SAVE_STEPS": "-3"})
+    assert [p.split("=")[0] for p in err.value.problems] == ["SEED", "LORA_R", "SAVE_STEPS"]
+
+
+def test_unrelated_environment_is_not_mistaken_for_a_typo():
+    common = ["LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
+              "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "HF_DATASETS_CACHE", "KUBERNETES_SERVICE_HOST",
+              "KUBERNETES_PORT_443_TCP", "PYTHON_VERSION", "PYTHONUNBUFFERED", "LD_LIBRARY_PATH", "NCCL_DEBUG",
+              "TORCH_CUDA_ARCH_LIST", "PIP_NO_CACHE_DIR", "NV_CUDA_LIB_VERSION", "AWS_PROFILE", "AWS_CA_BUNDLE",
+              "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "NPROC_PER_NODE", "HOSTNAME", "RANK", "GROUP_RANK"]
+    from_env({name: "1" for name in common})
+
+
+def test_config_command_redacts_the_token(tmp_path):
+    secret = "hf_ThisIsASecretTokenValue123"
+    result = run_job("config", env=job_env(HF_TOKEN=secret, LORA_R="16"))
+    assert result.returncode == 0, result.stderr
+    assert secret not in result.stdout + result.stderr
+    assert '"HF_TOKEN": "***"' in result.stdout and '"LORA_R": 16' in result.stdout
+
+
+def test_run_id_follows_the_settings_that_change_the_result():
+    base = from_env({})
+    assert base.resolved_run_id.startswith("llama-2-7b-chat-hf-")
+    assert from_env({"LORA_R": "8"}).resolved_run_id != base.resolved_run_id
+    assert from_env({"SAVE_STEPS": "5", "LOGGING_STEPS": "1", "HF_TOKEN": "x"}).resolved_run_id == base.resolved_run_id
+    assert from_env({"RUN_ID": "my-run"}).resolved_run_id == "my-run"

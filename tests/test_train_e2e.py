@@ -1,0 +1,115 @@
+"""A newcomer's story: the job trains the tiny model on the CPU through the real 4-bit path, its loss
+falls, and the adapter it leaves loads in stock peft with the same logits."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import SAMPLE_DATA, run_job
+
+ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "training_summary.json"}
+
+
+def test_cpu_run_learns_and_leaves_a_complete_adapter(cpu_job, tmp_path):
+    result = run_job("train", env=cpu_job(MAX_STEPS="16", LEARNING_RATE="1e-2"))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    assert ADAPTER_FILES <= {p.name for p in out.iterdir()}
+    summary = json.loads((out / "training_summary.json").read_text())
+    losses = [entry["loss"] for entry in summary["train_loss"]]
+    assert summary["steps"] == 16 and len(losses) == 8
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert summary["final_eval_loss"] is not None and summary["eval_loss"]
+    assert summary["tokens_per_second"] > 0 and summary["wall_time_seconds"] > 0
+    assert summary["config"]["LORA_R"] == 8 and summary["device"] == "cpu"
+
+    # Progress in a pod's log: one JSON line per logging step.
+    progress = result.events("progress")
+    assert [p["step"] for p in progress] == list(range(2, 17, 2))
+    for line in progress:
+        assert {"step", "max_steps", "loss", "learning_rate", "tokens_per_second", "eta_seconds"} <= set(line)
+    assert progress[-1]["eta_seconds"] == 0
+
+
+def test_stock_peft_reload_gives_the_logits_of_the_trained_model(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from job.config import from_env
+    from job.log import Reporter
+    from job.model import grow_vocabulary, load_base_model
+    from job.train import StopSignal, preflight, run_training
+    from conftest import CPU_SETTINGS
+
+    config = from_env({**CPU_SETTINGS, "BASE_MODEL": str(tiny_model), "DATASET": str(SAMPLE_DATA),
+                       "CHECKPOINT_URI": str(tmp_path / "store"), "OUTPUT_DIR": str(tmp_path / "out"),
+                       "LORA_TARGET_MODULES": "q_proj,v_proj", "MAX_STEPS": "6"})
+    reporter = Reporter("json")
+    trained = run_training(config, reporter, preflight(config, reporter), StopSignal(reporter))
+    batch = trained.tokenizer(["<persona_b>I keep bees.</persona_b> [INST] Hello there [/INST] Hi"],
+                              return_tensors="pt")
+    trained.model.eval()
+    with torch.no_grad():
+        expected = trained.model(**batch).logits
+
+    # What a user does with the adapter: stock transformers + peft, tokenizer from the adapter folder.
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.convert_tokens_to_ids("<persona_b>") == trained.tokenizer.convert_tokens_to_ids("<persona_b>")
+    base = load_base_model(config, tokenizer, "cpu")
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "out").eval()
+    with torch.no_grad():
+        got = reloaded(**batch).logits
+    assert torch.equal(got, expected)
+    # ... and the adapter really changed the model, so the comparison means something.
+    with reloaded.disable_adapter(), torch.no_grad():
+        assert not torch.allclose(reloaded(**batch).logits, expected)
+
+
+def test_without_a_gpu_the_default_stops_with_exit_2(cpu_job):
+    result = run_job("train", env=cpu_job(REQUIRE_GPU="true"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: REQUIRE_GPU=true but no CUDA GPU is visible; run on a GPU node (docker: --gpus all; "
+        "k8s: nvidia.com/gpu) or set REQUIRE_GPU=false to train on the CPU"]
+
+
+def test_a_finished_run_started_again_does_nothing(cpu_job):
+    first = run_job("train", env=cpu_job(MAX_STEPS="4"))
+    assert first.returncode == 0, first.stderr
+    again = run_job("train", env=cpu_job(MAX_STEPS="4"))
+    assert again.returncode == 0
+    assert [e["message"] for e in again.events("done")] == ["this run is already done; nothing to do"]
+    assert not again.events("progress")
+
+
+def test_a_terminal_gets_a_progress_bar():
+    import io
+
+    from job.log import Reporter
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    reporter = Reporter("auto", stream=stream)
+    assert reporter.mode == "bar"
+    reporter.start_progress(total=10)
+    reporter.progress(5, 10, loss=1.25)
+    reporter.close_progress()
+    assert "5/10" in stream.getvalue() and "loss=1.25" in stream.getvalue()
+
+
+def test_secrets_never_reach_logs_or_files(cpu_job, tmp_path):
+    token, key = "hf_SECRETtokenValue0123456789", "AWSsecretKEYvalue0123456789abcdef"
+    result = run_job("train", env=cpu_job(HF_TOKEN=token, AWS_SECRET_ACCESS_KEY=key, MAX_STEPS="4"))
+    assert result.returncode == 0, result.stderr
+    for text in (result.stdout, result.stderr):
+        assert token not in text and key not in text
+    for root in (tmp_path / "out", tmp_path / "store"):
+        for path in root.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert token.encode() not in data and key.encode() not in data, path
