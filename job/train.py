@@ -6,9 +6,7 @@ so a restart with the same RUN_ID continues from whatever phase it finds.
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -71,9 +69,6 @@ def preflight(config: Config, reporter: Reporter) -> Prepared:
     if config.require_gpu and device != "cuda":
         raise BadInput("REQUIRE_GPU=true but no CUDA GPU is visible; run on a GPU node "
                        "(docker: --gpus all; k8s: nvidia.com/gpu) or set REQUIRE_GPU=false to train on the CPU")
-    if device == "cpu" and config.optim.startswith("paged_"):
-        raise BadInput(f"OPTIM={config.optim!r} needs a CUDA GPU (paged optimizers page GPU memory); "
-                       f"on the CPU use adamw_torch")
     try:
         store = open_store(config.checkpoint_uri)
         store.probe()
@@ -123,8 +118,15 @@ def _check_same_run(config: Config, run_store: RunStore, data_fp: str) -> None:
 
 # ---------------------------------------------------------------- training
 
-def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: StopSignal) -> dict[str, Any]:
-    """Train (or resume) to the end; returns the training summary. Raises Stopped on a signal."""
+@dataclass
+class Trained:
+    summary: dict[str, Any]
+    model: Any          # the PeftModel as it ended training
+    tokenizer: Any
+
+
+def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: StopSignal) -> Trained:
+    """Train (or resume) to the end and write the adapter to OUTPUT_DIR. Raises Stopped on a signal."""
     from transformers import DataCollatorForSeq2Seq
 
     from .model import add_lora, load_base_model, load_tokenizer, wants_gradient_checkpointing
@@ -194,7 +196,7 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
     tokenizer.save_pretrained(out)
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     committer.close()
-    return summary
+    return Trained(summary=summary, model=trainer.model, tokenizer=tokenizer)
 
 
 def _summary(config, trainer, result, final_eval, started, n_train, n_eval, prepared) -> dict[str, Any]:
@@ -255,7 +257,7 @@ def main(config: Config, reporter: Reporter) -> int:
             reporter.event("final", "final adapter already committed; skipping training")
             run_store.download_final(Path(config.output_dir))
         else:
-            summary = run_training(config, reporter, prepared, stop)
+            summary = run_training(config, reporter, prepared, stop).summary
             run_store.commit_final(Path(config.output_dir), config.fingerprint(), files=final_files(config))
             reporter.event("final", "final adapter committed", steps=summary["steps"],
                            final_eval_loss=summary["final_eval_loss"])
