@@ -75,6 +75,15 @@ def preflight() -> None:
         sys.exit(2)
 
 
+@cli.command()
+def publish() -> None:
+    """Push this run's committed final adapter to HUB_MODEL_ID (no training); a no-op if already pushed."""
+    config = _config()
+    _quiet_libraries()
+    from .train import publish_only
+    sys.exit(publish_only(config, _reporter(config)))
+
+
 @cli.command("config")
 def show_config() -> None:
     """Print the resolved configuration as JSON, secrets redacted."""

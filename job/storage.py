@@ -255,12 +255,12 @@ _PERMANENT_CODES = {
     "AWS_REGION to the bucket's region.",
 }
 _TRANSIENT_CODES = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
     "InternalError", "ServiceUnavailable", "OperationAborted",
 }
 _TRANSIENT_EXCEPTIONS = (
-    botocore.exceptions.ConnectionError,  # includes EndpointConnectionError, ConnectTimeoutError
-    botocore.exceptions.HTTPClientError,  # includes ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
+    botocore.exceptions.ConnectionError,  # refused, unresolved, connect timeout (outside the probe)
+    botocore.exceptions.HTTPClientError,  # reset, read timeout, body stream cut
     botocore.exceptions.IncompleteReadError,
     boto3.exceptions.RetriesExceededError,  # download_file gave up re-reading a body
 )
@@ -306,7 +306,7 @@ class S3Store(CheckpointStore):
         # and full jitter. A custom endpoint already gets path-style addressing, which MinIO needs,
         # unless s3.addressing_style says 'virtual', so nothing is set for it here.
         config = botocore.config.Config(
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
             connect_timeout=10,
             read_timeout=120,
             max_pool_connections=16,
@@ -314,7 +314,7 @@ class S3Store(CheckpointStore):
         # The probe is the first contact: a refused connection or unknown host there is a wrong
         # endpoint, not a blip, so it gets few attempts and a short connect timeout.
         probe_config = config.merge(
-            botocore.config.Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5)
+            botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 3}, connect_timeout=5)
         )
         try:
             session = boto3.session.Session()  # sessions are not thread-safe; clients are
@@ -395,13 +395,12 @@ class S3Store(CheckpointStore):
 
     @staticmethod
     def _why_unreachable(e: Exception) -> str:
-        detail = str(e.kwargs.get("error", "")) if hasattr(e, "kwargs") else ""
         if isinstance(e, botocore.exceptions.ConnectTimeoutError):
             return "connect timed out"
-        if "refused" in detail.lower():
+        detail = str(getattr(e, "kwargs", {}).get("error", "")).lower()
+        if "refused" in detail:
             return "connection refused"
-        if "name or service not known" in detail.lower() or "nodename nor servname" in detail.lower() \
-                or "temporary failure in name resolution" in detail.lower():
+        if any(s in detail for s in ("name or service not known", "nodename nor servname", "name resolution")):
             return "host name not found"
         return "connection failed"
 
@@ -519,7 +518,7 @@ def _valid_manifest(raw: bytes | None, step: int | None) -> dict | None:
         return None
     if not isinstance(m, dict) or not isinstance(m.get("fingerprint"), str):
         return None
-    if "step" not in m or m["step"] != step or isinstance(m["step"], bool):
+    if "step" not in m or m["step"] != step or (step is not None and type(m["step"]) is not int):
         return None
     files = m.get("files")
     if not isinstance(files, dict) or not files:

@@ -69,20 +69,18 @@ def preflight(config: Config, reporter: Reporter) -> Prepared:
     if config.require_gpu and device != "cuda":
         raise BadInput("REQUIRE_GPU=true but no CUDA GPU is visible; run on a GPU node "
                        "(docker: --gpus all; k8s: nvidia.com/gpu) or set REQUIRE_GPU=false to train on the CPU")
-    try:
-        store = open_store(config.checkpoint_uri)
-        store.probe()
-    except StoreError as exc:
-        raise BadInput(str(exc)) from None
-    run_store = RunStore(store, config.resolved_run_id)
+    run_store = _open_run_store(config)
     try:
         splits, data_fp = _prepare_rows(config)
     except DataError as exc:
         raise BadInput(str(exc)) from None
     _check_same_run(config, run_store, data_fp)
     if config.hub_model_id:
-        from .publish import check_hub_access
-        check_hub_access(config)
+        from .publish import HubAccessError, check_hub_access
+        try:
+            check_hub_access(config)
+        except HubAccessError as exc:
+            raise BadInput(str(exc)) from None
     reporter.event("preflight", "checks passed", device=device, run_id=config.resolved_run_id,
                    train_rows=len(splits.train), eval_rows=len(splits.eval))
     return Prepared(device=device, run_store=run_store, splits=splits, data_fingerprint=data_fp)
@@ -195,6 +193,8 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
     trainer.model.save_pretrained(out, save_embedding_layers=False)
     tokenizer.save_pretrained(out)
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    from .card import model_card
+    (out / "README.md").write_text(model_card(config, out))  # ours, in place of peft's template
     committer.close()
     return Trained(summary=summary, model=trainer.model, tokenizer=tokenizer)
 
@@ -281,9 +281,41 @@ def finish(config: Config, reporter: Reporter, run_store: RunStore) -> int:
     status = run_store.read_status() or {}
     if config.hub_model_id:
         from .publish import publish
-        run_store.write_status({**status, "phase": "publishing"})
+        status = {**status, "phase": "publishing"}
+        run_store.write_status(status)
         url = publish(config, reporter, Path(config.output_dir))
-        status = {**status, "hub_commit_url": url}
+        status = {**status, "hub_commit_url": url, "hub_model_id": config.hub_model_id,
+                  "hub_revision": config.hub_revision}
     run_store.write_status({**status, "phase": "done"})
-    reporter.event("done", "run complete", run_id=config.resolved_run_id, output_dir=config.output_dir)
+    reporter.event("done", "run complete", run_id=config.resolved_run_id, output_dir=config.output_dir,
+                   hub_commit_url=status.get("hub_commit_url"))
     return EXIT_OK
+
+
+def publish_only(config: Config, reporter: Reporter) -> int:
+    """`python -m job publish`: push the committed final/ of this run, without training."""
+    try:
+        prepared_store = _open_run_store(config)
+        if config.hub_model_id:
+            from .publish import HubAccessError, check_hub_access
+            try:
+                check_hub_access(config)
+            except HubAccessError as exc:
+                raise BadInput(str(exc)) from None
+        if not prepared_store.final_committed():
+            raise BadInput(f"RUN_ID={config.resolved_run_id!r} has no committed final adapter in "
+                           f"{config.checkpoint_uri}; run `train` first")
+        prepared_store.download_final(Path(config.output_dir))
+        return finish(config, reporter, prepared_store)
+    except BadInput as exc:
+        reporter.error(str(exc))
+        return EXIT_BAD_INPUT
+
+
+def _open_run_store(config: Config) -> RunStore:
+    try:
+        store = open_store(config.checkpoint_uri)
+        store.probe()
+    except StoreError as exc:
+        raise BadInput(str(exc)) from None
+    return RunStore(store, config.resolved_run_id)

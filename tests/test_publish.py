@@ -1,0 +1,192 @@
+"""The user's last step: the adapter is on the Hub. The real huggingface_hub client talks HTTP to a Hub
+the tests serve; the job runs as a subprocess."""
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, SAMPLE_DATA, run_job
+from hubserver import hub_server  # noqa: F401  (fixture)
+
+REPO = "alice/persona-adapter"
+WRITE, READ, BOB = "hf_alice_write", "hf_alice_read", "hf_bob_write"
+
+
+@pytest.fixture
+def hub(hub_server):  # noqa: F811
+    return hub_server()
+
+
+@pytest.fixture
+def publish_job(cpu_job, hub):
+    def settings(**overrides):
+        env = cpu_job(**{"MAX_STEPS": "6", "HUB_MODEL_ID": REPO, "HF_TOKEN": WRITE, **overrides})
+        env.pop("HF_HUB_OFFLINE")
+        env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+        return env
+    return settings
+
+
+def run_commits(hub, revision="main"):
+    return [c for c in hub.commits(REPO, revision) if c["message"].startswith("persona-qlora run ")]
+
+
+def test_trained_adapter_lands_on_the_hub_in_one_commit_and_loads_in_stock_peft(publish_job, hub, tmp_path):
+    result = run_job("train", env=publish_job())
+    assert result.returncode == 0, result.stderr
+    files = hub.files(REPO)
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+            "README.md"} <= set(files)
+    assert files["adapter_model.safetensors"] == (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
+    commits = run_commits(hub)
+    run_id = json.loads(run_job("config", env=publish_job()).stdout)["RUN_ID"]
+    assert len(commits) == 1 and run_id in commits[0]["message"]
+    status = json.loads(run_job("status", env=publish_job()).stdout)
+    assert status["phase"] == "done" and status["hub_commit_url"].endswith(commits[0]["oid"])
+
+    card = files["README.md"].decode()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] and meta["library_name"] == "peft" and meta["license"] and "qlora" in meta["tags"]
+    assert "| step | train loss | eval loss |" in card and "<persona_b>" in card and "[INST]" in card
+    assert "hardware: cpu" in card and "wall time" in card
+
+    # A user pulls the adapter back from the Hub with stock peft (in a fresh process that sees only
+    # HF_ENDPOINT and HF_TOKEN): the same logits as the adapter the job left locally.
+    assert_same_logits(publish_job(), f"""
+from peft import PeftModel
+from transformers import AutoTokenizer
+from job.config import from_env
+from job.model import load_base_model
+config = from_env({{"BASE_MODEL": "{publish_job()['BASE_MODEL']}", "COMPUTE_DTYPE": "float32"}})
+tokenizer = AutoTokenizer.from_pretrained("{REPO}")
+def logits(source):
+    model = PeftModel.from_pretrained(load_base_model(config, tokenizer, "cpu"), source).eval()
+    return model(**batch(tokenizer)).logits
+hub, local = logits("{REPO}"), logits("{tmp_path / 'out'}")
+""", exact=True)
+
+
+USER_PRELUDE = """
+import torch
+torch.set_grad_enabled(False)
+def batch(tokenizer):
+    return tokenizer(["<persona_b>I keep bees.</persona_b> [INST] Hello [/INST]"], return_tensors="pt")
+"""
+
+
+def assert_same_logits(env, script, exact):
+    check = ("print(torch.equal(hub, local))" if exact else
+             "torch.testing.assert_close(hub, local, rtol=1e-4, atol=1e-4); print(True)")
+    proc = subprocess.run([sys.executable, "-c", USER_PRELUDE + script + check], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "True", proc.stderr[-3000:]
+
+
+def test_a_restart_after_success_pushes_nothing(publish_job, hub):
+    assert run_job("train", env=publish_job()).returncode == 0
+    before = hub.count("commit")
+    again = run_job("train", env=publish_job())
+    assert again.returncode == 0 and hub.count("commit") == before and len(run_commits(hub)) == 1
+    assert again.events("done")[0]["message"] == "this run is already done; nothing to do"
+    on_demand = run_job("publish", env=publish_job())
+    assert on_demand.returncode == 0, on_demand.stderr
+    assert hub.count("commit") == before and len(run_commits(hub)) == 1
+
+
+@pytest.mark.parametrize("token,expect", [
+    (READ, "HF_TOKEN is a read-only token"),
+    (BOB, "HF_TOKEN (user 'bob') cannot write to HUB_MODEL_ID='alice/persona-adapter'"),
+    ("hf_not_a_token", "HF_TOKEN is not a valid Hugging Face token"),
+    ("", "HUB_MODEL_ID='alice/persona-adapter' is set but HF_TOKEN is empty"),
+])
+def test_a_token_that_cannot_push_stops_before_training(publish_job, hub, tmp_path, token, expect):
+    result = run_job("train", env=publish_job(HF_TOKEN=token))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], lines
+    assert not result.events("progress") and not result.events("model")
+    if token:
+        assert token not in result.stdout + result.stderr
+
+
+def test_a_repo_name_the_hub_forbids_stops_before_training(publish_job):
+    result = run_job("train", env=publish_job(HUB_MODEL_ID="alice/bad--name"))
+    assert result.returncode == 2 and "is not an allowed Hub repo name" in result.stderr
+
+
+def test_a_hub_500_is_retried(publish_job, hub):
+    hub.fail_next_commits(1, status=500)
+    result = run_job("train", env=publish_job())
+    assert result.returncode == 0, result.stderr
+    assert hub.count("commit") >= 2 and len(run_commits(hub)) == 1
+
+
+def test_a_crash_during_the_push_publishes_on_restart_without_training(publish_job, hub):
+    hub.fail_next("preupload", 1, status=None, delay=30)  # the push hangs; the pod dies meanwhile
+    proc = subprocess.Popen([sys.executable, "-m", "job", "train"], env=publish_job(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if '"event": "final"' in line:
+            break
+    while hub.count("preupload") == 0 and proc.poll() is None:
+        pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not run_commits(hub)
+    restart = run_job("train", env=publish_job())
+    assert restart.returncode == 0, restart.stderr
+    assert [e["message"] for e in restart.events("final")] == ["final adapter already committed; skipping training"]
+    assert not restart.events("progress") and not restart.events("model")
+    assert len(run_commits(hub)) == 1
+
+
+def test_the_token_reaches_only_the_authorization_header(publish_job, hub, tmp_path):
+    result = run_job("train", env=publish_job())
+    assert result.returncode == 0, result.stderr
+    assert hub.leaks(WRITE) == []
+    assert WRITE not in result.stdout + result.stderr
+    for path in list((tmp_path / "out").rglob("*")) + list((tmp_path / "store").rglob("*")):
+        if path.is_file():
+            assert WRITE.encode() not in path.read_bytes(), path
+    for content in hub.files(REPO).values():
+        assert WRITE.encode() not in content
+
+
+def test_merged_16bit_weights_go_to_their_own_branch(publish_job, hub, tmp_path):
+    result = run_job("train", env=publish_job(PUSH_MERGED="true"))
+    assert result.returncode == 0, result.stderr
+    merged = hub.files(REPO, "merged")
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(merged)
+    assert "library_name: transformers" in merged["README.md"].decode()
+    assert "adapter_model.safetensors" not in merged
+
+    assert_same_logits(publish_job(), f"""
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from job.model import grow_vocabulary
+tokenizer = AutoTokenizer.from_pretrained("{tmp_path / 'out'}")
+base = AutoModelForCausalLM.from_pretrained("{publish_job()['BASE_MODEL']}", dtype=torch.float32)
+grow_vocabulary(base, len(tokenizer))
+local = PeftModel.from_pretrained(base, "{tmp_path / 'out'}").eval()(**batch(tokenizer)).logits
+pulled = AutoModelForCausalLM.from_pretrained("{REPO}", revision="merged", dtype=torch.float32).eval()
+hub = pulled(**batch(tokenizer)).logits
+""", exact=False)
+
+
+def test_model_card_names_the_hub_dataset(tmp_path):
+    from job.card import model_card
+    from job.config import from_env
+
+    (tmp_path / "training_summary.json").write_text(json.dumps({
+        "run_id": "r1", "config": {"LORA_R": 64}, "device": "NVIDIA H100", "steps": 20, "train_rows": 950,
+        "eval_rows": 50, "train_loss": [{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.5}],
+        "eval_loss": [{"step": 20, "loss": 1.7}], "final_eval_loss": 1.7, "wall_time_seconds": 300.0,
+        "train_tokens": 1000, "tokens_per_second": 3.3}))
+    card = model_card(from_env({"HUB_MODEL_ID": "alice/x"}), tmp_path)
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["datasets"] == ["Cynaptics/persona-chat"]
+    assert meta["base_model"] == "NousResearch/Llama-2-7b-chat-hf"
+    assert "| 20 | 1.5000 | 1.7000 |" in card

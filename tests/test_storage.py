@@ -1,0 +1,482 @@
+"""The checkpoint store and its commit protocol, on a local directory and on S3 (moto over HTTP)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import boto3
+import pytest
+
+from job.storage import (
+    BackgroundUploader,
+    CheckpointStore,
+    CorruptCheckpoint,
+    RunStore,
+    S3Store,
+    StoreError,
+    open_store,
+)
+from tests.s3server import FlakyProxy, s3_server, start_moto  # noqa: F401  (s3_server is a fixture)
+
+SECRET = "s3cr3t-MARKER-never-print-me"
+RUN = "persona-1a2b3c"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def use_aws_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """Exactly these AWS_* variables, as the container would have them; boto3 reads them itself."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def fresh_bucket() -> str:
+    return f"ckpt-{uuid.uuid4().hex[:16]}"
+
+
+def write_checkpoint(root: Path, step: int) -> Path:
+    """What the Trainer leaves in checkpoint-N: binary tensors, JSON, a subfolder, an empty file."""
+    d = root / f"checkpoint-{step}"
+    rng = random.Random(step)
+    files = {
+        "adapter_model.safetensors": rng.randbytes(200_000),
+        "empty.txt": b"",
+        "optimizer.pt": rng.randbytes(400_000),
+        "rng/rng_state.pth": rng.randbytes(1_000),
+        "trainer_state.json": json.dumps({"global_step": step}).encode(),
+    }
+    for rel, data in files.items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(data)
+    return d
+
+
+def tree(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def one_clean_line(e: BaseException) -> str:
+    text = str(e)
+    assert "\n" not in text and SECRET not in text, text
+    return text
+
+
+class SpyStore(CheckpointStore):
+    """A real store underneath; records deletes, and can hold uploads at a gate or make one fail."""
+
+    def __init__(self, inner: CheckpointStore, gate: threading.Event | None = None, fail_on: str | None = None):
+        self.inner, self.uri, self.gate, self.fail_on = inner, inner.uri, gate, fail_on
+        self.deletes: list[list[str]] = []
+
+    def put_file(self, key, path):
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        if self.fail_on and self.fail_on in key:
+            raise OSError(f"simulated crash while uploading {key}")
+        self.inner.put_file(key, path)
+
+    def put_bytes(self, key, data):
+        self.inner.put_bytes(key, data)
+
+    def get_file(self, key, path):
+        self.inner.get_file(key, path)
+
+    def get_bytes(self, key):
+        return self.inner.get_bytes(key)
+
+    def list(self, prefix):
+        return self.inner.list(prefix)
+
+    def delete(self, keys):
+        keys = list(keys)
+        self.deletes.append(keys)
+        self.inner.delete(keys)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path, monkeypatch) -> CheckpointStore:
+    """The same story on both kinds of store."""
+    if request.param == "local":
+        return open_store(str(tmp_path / "store"))
+    server = request.getfixturevalue("s3_server")
+    use_aws_env(monkeypatch, {**server.env(), "AWS_SECRET_ACCESS_KEY": SECRET})
+    return open_store(f"s3://{server.make_bucket(fresh_bucket())}/jobs")
+
+
+# ---------------------------------------------------------------- the commit protocol
+
+
+def test_a_committed_checkpoint_round_trips_byte_for_byte(store, tmp_path):
+    run = RunStore(store, RUN)
+    src = write_checkpoint(tmp_path / "out", 50)
+
+    prefix = run.commit_checkpoint(50, src, "fp-1")
+
+    assert prefix == f"{RUN}/checkpoints/step-00000050/"
+    assert run.committed_steps() == [50]
+    manifest = json.loads(store.get_bytes(prefix + "MANIFEST.json"))
+    assert (manifest["step"], manifest["fingerprint"]) == (50, "fp-1")
+    assert set(manifest["files"]) == set(tree(src))
+    rng = (src / "rng/rng_state.pth").read_bytes()
+    assert manifest["files"]["rng/rng_state.pth"] == {"size": 1000, "sha256": hashlib.sha256(rng).hexdigest()}
+    got = run.download_checkpoint(50, tmp_path / "resume" / "step-50")
+    assert tree(got) == tree(src)
+
+
+def test_both_stores_answer_the_basic_moves_alike(store, tmp_path):
+    store.put_bytes("r/checkpoints/step-00000010/a", b"1")
+    store.put_bytes("r/checkpoints/step-00000010/sub/b", b"2")
+    store.put_bytes("r/checkpoints/step-00000100/a", b"3")
+    store.put_bytes("r/status.json", b"{}")
+
+    assert store.list("r/checkpoints/") == [
+        "r/checkpoints/step-00000010/a", "r/checkpoints/step-00000010/sub/b", "r/checkpoints/step-00000100/a"]
+    assert store.list("r/checkpoints/step-0000001") == [
+        "r/checkpoints/step-00000010/a", "r/checkpoints/step-00000010/sub/b"]
+    assert store.list("nothing/here/") == []
+    assert store.get_bytes("r/missing") is None
+    with pytest.raises(FileNotFoundError):
+        store.get_file("r/missing", tmp_path / "x")
+    store.delete(["r/checkpoints/step-00000010/a", "r/never-existed"])
+    assert store.list("r/checkpoints/step-00000010/") == ["r/checkpoints/step-00000010/sub/b"]
+    with pytest.raises(ValueError):
+        store.put_bytes("../escape", b"no")
+
+
+def test_run_and_status_records_round_trip(store):
+    run = RunStore(store, RUN)
+    assert run.read_run() is None and run.read_status() is None
+
+    run.write_run({"fingerprint": "fp-1", "settings": {"LORA_R": 64}})
+    run.write_status({"phase": "training", "step": 7})
+
+    assert run.read_run() == {"fingerprint": "fp-1", "settings": {"LORA_R": 64}}
+    status = run.read_status()
+    assert status["phase"] == "training" and status["step"] == 7
+    assert datetime.fromisoformat(status["updated_at"].replace("Z", "+00:00")).utcoffset().total_seconds() == 0
+
+
+def test_the_final_adapter_round_trips_and_leaves_the_rest_of_output_dir_alone(store, tmp_path):
+    run = RunStore(store, RUN)
+    out = tmp_path / "output"
+    (out / "work" / "checkpoint-5").mkdir(parents=True)
+    (out / "work" / "checkpoint-5" / "scratch.bin").write_bytes(b"scratch")
+    (out / "adapter_model.safetensors").write_bytes(os.urandom(50_000))
+    (out / "adapter_config.json").write_text('{"r": 64}')
+    assert not run.final_committed()
+
+    run.commit_final(out, "fp-1", files=["adapter_model.safetensors", "adapter_config.json"])
+
+    assert run.final_committed()
+    assert store.list(f"{RUN}/final/") == [
+        f"{RUN}/final/MANIFEST.json", f"{RUN}/final/adapter_config.json", f"{RUN}/final/adapter_model.safetensors"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    run.download_final(elsewhere)
+    assert tree(elsewhere) == {"keep.txt": b"mine", "adapter_config.json": b'{"r": 64}',
+                               "adapter_model.safetensors": (out / "adapter_model.safetensors").read_bytes()}
+
+
+def test_an_upload_that_died_before_its_manifest_does_not_exist_and_its_leftovers_are_cleaned(store, tmp_path):
+    run = RunStore(store, RUN)
+    run.commit_checkpoint(10, write_checkpoint(tmp_path, 10), "fp")
+    crashing = RunStore(SpyStore(store, fail_on="step-00000020/optimizer.pt"), RUN)
+    with pytest.raises(OSError, match="simulated crash"):
+        crashing.commit_checkpoint(20, write_checkpoint(tmp_path, 20), "fp")
+    # step 30 is uploading right now: some files are there, its manifest is not yet
+    in_flight = run.checkpoint_prefix(30) + "adapter_model.safetensors"
+    store.put_file(in_flight, write_checkpoint(tmp_path, 30) / "adapter_model.safetensors")
+    assert store.list(run.checkpoint_prefix(20)), "the crash left files behind"
+
+    assert run.committed_steps() == [10]
+    assert run.latest_verified_checkpoint(tmp_path / "resume", log=pytest.fail)[0] == 10
+
+    assert run.clean_uncommitted(older_than_step=30) == [run.checkpoint_prefix(20)]
+    assert store.list(run.checkpoint_prefix(20)) == []
+    assert store.list(run.checkpoint_prefix(30)) == [in_flight]
+    assert run.committed_steps() == [10]
+
+
+@pytest.mark.parametrize("damage", ["flip one byte", "truncate", "delete"])
+def test_a_damaged_checkpoint_is_rejected_and_resume_falls_back_to_the_older_one(store, tmp_path, damage):
+    run = RunStore(store, RUN)
+    older = write_checkpoint(tmp_path / "out", 10)
+    run.commit_checkpoint(10, older, "fp")
+    run.commit_checkpoint(20, write_checkpoint(tmp_path / "out", 20), "fp")
+    key = run.checkpoint_prefix(20) + "optimizer.pt"
+    data = bytearray(store.get_bytes(key))
+    if damage == "flip one byte":
+        data[123_456] ^= 0x01
+        store.put_bytes(key, bytes(data))
+    elif damage == "truncate":
+        store.put_bytes(key, bytes(data[:1000]))
+    else:
+        store.delete([key])
+
+    with pytest.raises(CorruptCheckpoint, match="step-00000020/optimizer.pt") as caught:
+        run.download_checkpoint(20, tmp_path / "resume" / "step-20")
+    one_clean_line(caught.value)
+    assert not (tmp_path / "resume" / "step-20").exists(), "nothing unverified is left to resume from"
+
+    said = []
+    step, path = run.latest_verified_checkpoint(tmp_path / "resume", log=said.append)
+    assert step == 10 and tree(path) == tree(older)
+    assert len(said) == 1 and "step 20" in said[0] and "optimizer.pt" in said[0] and "\n" not in said[0]
+
+
+def _valid(m: bytes) -> dict:
+    return json.loads(m)
+
+
+@pytest.mark.parametrize("spoil", [
+    pytest.param(lambda m: m[: len(m) // 2], id="truncated"),
+    pytest.param(lambda m: b"\x00\xff garbage", id="garbage"),
+    pytest.param(lambda m: b"", id="empty"),
+    pytest.param(lambda m: b"[]", id="not-an-object"),
+    pytest.param(lambda m: json.dumps({**_valid(m), "step": 10}).encode(), id="another-step"),
+    pytest.param(lambda m: json.dumps({**_valid(m), "files": {}}).encode(), id="no-files"),
+    pytest.param(lambda m: json.dumps({**_valid(m), "files": {
+        k: {"size": v["size"]} for k, v in _valid(m)["files"].items()}}).encode(), id="no-hashes"),
+])
+def test_a_checkpoint_with_a_spoiled_manifest_is_not_committed(store, tmp_path, spoil):
+    run = RunStore(store, RUN)
+    run.commit_checkpoint(10, write_checkpoint(tmp_path, 10), "fp")
+    run.commit_checkpoint(20, write_checkpoint(tmp_path, 20), "fp")
+    manifest = run.checkpoint_prefix(20) + "MANIFEST.json"
+    store.put_bytes(manifest, spoil(store.get_bytes(manifest)))
+
+    assert run.committed_steps() == [10]
+    assert run.latest_verified_checkpoint(tmp_path / "resume", log=pytest.fail)[0] == 10
+    assert run.clean_uncommitted() == [run.checkpoint_prefix(20)]
+
+
+def test_a_step_committed_again_replaces_the_old_copy(store, tmp_path):
+    run = RunStore(store, RUN)
+    first = write_checkpoint(tmp_path / "a", 10)
+    (first / "stale.bin").write_bytes(b"only in the first copy")
+    run.commit_checkpoint(10, first, "fp")
+    second = write_checkpoint(tmp_path / "b", 11)  # other content, same step
+
+    run.commit_checkpoint(10, second, "fp")
+
+    assert tree(run.download_checkpoint(10, tmp_path / "resume")) == tree(second)
+    assert run.checkpoint_prefix(10) + "stale.bin" not in store.list(run.checkpoint_prefix(10))
+
+
+def test_retention_keeps_the_newest_and_the_resumed_one_and_deletes_manifests_first(store, tmp_path):
+    spy = SpyStore(store)
+    run = RunStore(spy, RUN)
+    src = write_checkpoint(tmp_path, 1)
+    for step in (10, 20, 30, 40, 50):
+        run.commit_checkpoint(step, src, "fp")
+    spy.deletes.clear()
+
+    assert run.prune(keep=2, protect=[20]) == [10, 30]
+
+    assert run.committed_steps() == [20, 40, 50]
+    for step in (10, 30):
+        prefix = run.checkpoint_prefix(step)
+        assert store.list(prefix) == []
+        touching = [d for d in spy.deletes if any(k.startswith(prefix) for k in d)]
+        assert touching[0] == [prefix + "MANIFEST.json"], "the manifest must go before any file"
+    assert run.prune(keep=3, protect=[20]) == []
+
+
+# ---------------------------------------------------------------- background uploads
+
+
+def test_the_uploader_commits_in_order_while_training_goes_on(store, tmp_path):
+    gate = threading.Event()
+    committed = []
+    uploader = BackgroundUploader(RunStore(SpyStore(store, gate=gate), RUN), on_committed=committed.append)
+    dirs = {step: write_checkpoint(tmp_path, step) for step in (10, 20, 30)}
+
+    started = time.monotonic()
+    for step, d in dirs.items():
+        uploader.submit(step, d, "fp")
+    assert time.monotonic() - started < 1.0 and committed == [], "submit must not wait for the upload"
+    gate.set()  # the store answers again
+
+    assert uploader.wait(timeout=30)
+    assert committed == [10, 20, 30] and uploader.last_committed() == 30 and uploader.errors() == []
+    assert RunStore(store, RUN).committed_steps() == [10, 20, 30]
+    uploader.close()
+
+
+def test_waiting_for_an_upload_that_cannot_finish_gives_up_at_the_deadline(tmp_path):
+    gate = threading.Event()
+    uploader = BackgroundUploader(RunStore(SpyStore(open_store(str(tmp_path / "s")), gate=gate), RUN))
+    uploader.submit(10, write_checkpoint(tmp_path, 10), "fp")
+
+    started = time.monotonic()
+    assert uploader.wait(timeout=0.3) is False
+    assert 0.25 < time.monotonic() - started < 2
+    assert uploader.last_committed() is None
+
+    gate.set()
+    assert uploader.wait(timeout=30) is True
+    uploader.close()
+    with pytest.raises(RuntimeError):
+        uploader.submit(20, tmp_path, "fp")
+
+
+def test_a_failed_upload_is_reported_and_later_ones_still_commit(tmp_path):
+    store = open_store(str(tmp_path / "s"))
+    committed = []
+    uploader = BackgroundUploader(RunStore(SpyStore(store, fail_on="step-00000020/"), RUN), committed.append)
+    for step in (10, 20, 30):
+        uploader.submit(step, write_checkpoint(tmp_path, step), "fp")
+
+    assert uploader.wait(timeout=30) is False, "not every submitted checkpoint was committed"
+    assert committed == [10, 30] and uploader.last_committed() == 30
+    assert [str(e) for e in uploader.errors()] == [
+        f"simulated crash while uploading {RUN}/checkpoints/step-00000020/adapter_model.safetensors"]
+    uploader.close()
+
+
+# ---------------------------------------------------------------- probing: clear lines for permanent problems
+
+
+def test_probe_passes_on_a_working_store_and_leaves_nothing_behind(store):
+    store.probe()
+    assert store.list("_probe/") == []
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/ckpt", "http://minio:9000/bucket", "hf://user/repo"])
+def test_an_unsupported_uri_is_refused_naming_the_accepted_forms(uri):
+    with pytest.raises(StoreError) as caught:
+        open_store(uri)
+    text = one_clean_line(caught.value)
+    assert uri in text and "s3://bucket/prefix" in text and "local directory" in text
+
+
+def test_a_local_path_that_cannot_be_a_directory_is_refused(tmp_path):
+    (tmp_path / "a-file").write_text("in the way")
+    with pytest.raises(StoreError) as caught:
+        open_store(str(tmp_path / "a-file" / "ckpt"))
+    assert str(tmp_path / "a-file" / "ckpt") in one_clean_line(caught.value)
+
+
+def test_probe_names_a_bucket_that_does_not_exist(s3_server, monkeypatch):
+    use_aws_env(monkeypatch, {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": SECRET})
+    with pytest.raises(StoreError) as caught:
+        open_store("s3://nope-no-such-bucket/x").probe()
+    assert one_clean_line(caught.value) == (
+        "CHECKPOINT_URI s3://nope-no-such-bucket/x: bucket 'nope-no-such-bucket' does not exist "
+        "(NoSuchBucket). Create it or fix CHECKPOINT_URI.")
+
+
+def test_probe_names_an_endpoint_that_refuses_connections(s3_server, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    use_aws_env(monkeypatch, {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": SECRET,
+                              "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{closed}"})
+    started = time.monotonic()
+    with pytest.raises(StoreError) as caught:
+        open_store("s3://bucket/x").probe()
+    assert time.monotonic() - started < 5, "a wrong endpoint must not be retried for minutes"
+    text = one_clean_line(caught.value)
+    assert f"127.0.0.1:{closed}" in text and "connection refused" in text and "AWS_ENDPOINT_URL_S3" in text
+
+
+@pytest.fixture(scope="module")
+def strict_s3():
+    """A moto server that checks credentials, with one known user who has no permissions."""
+    server = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "2"})  # the two IAM calls below
+    iam = boto3.session.Session(aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1").client(
+        "iam", endpoint_url=server.endpoint)
+    iam.create_user(UserName="trainer")
+    key = iam.create_access_key(UserName="trainer")["AccessKey"]
+    yield server, key["AccessKeyId"], key["SecretAccessKey"]
+    server.stop()
+
+
+@pytest.mark.parametrize("case, says", [
+    ("unknown key", "(InvalidAccessKeyId). Check AWS_ACCESS_KEY_ID"),
+    ("wrong secret", "(SignatureDoesNotMatch). Check AWS_SECRET_ACCESS_KEY"),
+    ("no permission", "access denied (AccessDenied)"),
+])
+def test_probe_names_rejected_credentials_without_printing_them(strict_s3, monkeypatch, case, says):
+    server, key_id, secret = strict_s3
+    key_id, secret = {"unknown key": ("AKIAUNKNOWNUNKNOWN00", SECRET),
+                      "wrong secret": (key_id, SECRET),
+                      "no permission": (key_id, secret)}[case]
+    use_aws_env(monkeypatch, {**server.env(), "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret})
+    with pytest.raises(StoreError) as caught:
+        open_store("s3://ckpt/runs").probe()
+    text = one_clean_line(caught.value)
+    assert text.startswith("CHECKPOINT_URI s3://ckpt/runs: ") and says in text
+    assert secret not in text and key_id not in text
+
+
+# ---------------------------------------------------------------- transient failures over real HTTP
+
+
+@pytest.fixture
+def flaky(s3_server, monkeypatch):
+    """(proxy, uri): S3 reached through a proxy that fails when told to."""
+    bucket = s3_server.make_bucket(fresh_bucket())
+    with FlakyProxy(s3_server.endpoint) as proxy:
+        use_aws_env(monkeypatch, {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": SECRET,
+                                  "AWS_ENDPOINT_URL_S3": proxy.endpoint})
+        yield proxy, f"s3://{bucket}/jobs"
+
+
+@pytest.mark.parametrize("how, times", [("503", 2), ("500", 2), ("reset", 1)])
+def test_transient_failures_are_retried_until_the_write_and_read_succeed(flaky, how, times):
+    proxy, uri = flaky
+    store = open_store(uri)
+
+    proxy.fail_next(times, how)
+    store.put_bytes("run/status.json", b'{"phase": "training"}')
+    proxy.fail_next(times, how)
+    assert store.get_bytes("run/status.json") == b'{"phase": "training"}'
+
+    assert proxy.outcomes("PUT") == [how] * times + ["forwarded"]
+    assert proxy.outcomes("GET") == [how] * times + ["forwarded"]
+
+
+def test_a_checkpoint_commit_survives_a_connection_reset(flaky, tmp_path):
+    proxy, uri = flaky
+    run = RunStore(open_store(uri), RUN)
+    src = write_checkpoint(tmp_path, 10)
+
+    proxy.fail_next(1, "reset")
+    run.commit_checkpoint(10, src, "fp")
+    proxy.fail_next(1, "reset")
+    assert tree(run.download_checkpoint(10, tmp_path / "resume")) == tree(src)
+    assert proxy.outcomes().count("reset") == 2
+
+
+def test_resets_that_outlast_botocore_are_retried_as_whole_operations(flaky):
+    proxy, uri = flaky
+    store = S3Store(uri, max_attempts=1, backoff_s=0.01)  # botocore itself gives up at once
+
+    proxy.fail_next(2, "reset")
+    store.put_bytes("run/status.json", b"{}")
+
+    assert proxy.outcomes("PUT") == ["reset", "reset", "forwarded"]
+    assert store.get_bytes("run/status.json") == b"{}"
+
+
+def test_a_permanent_error_is_not_retried(flaky):
+    proxy, _ = flaky
+    store = open_store("s3://nope-not-here/x")
+    with pytest.raises(StoreError, match="NoSuchBucket"):
+        store.put_bytes("a", b"1")
+    assert proxy.outcomes("PUT") == ["forwarded"]
