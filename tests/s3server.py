@@ -153,6 +153,8 @@ class FlakyProxy:
         up = urllib.parse.urlsplit(self.upstream)
         self._upstream = (up.hostname, up.port)
         self._faults: list[str] = []
+        self._holds: list[tuple[str, threading.Event]] = []
+        self._released = threading.Event()
         self._lock = threading.Lock()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
@@ -160,6 +162,28 @@ class FlakyProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="flaky-proxy",
                                         daemon=True)
         self._thread.start()
+
+    def hold(self, path_part: str) -> threading.Event:
+        """Stall every request whose path contains path_part, as a slow upload would, until release();
+        then drop it unanswered. Returns an event that is set once such a request has arrived."""
+        seen = threading.Event()
+        with self._lock:
+            self._holds.append((path_part, seen))
+        return seen
+
+    def release(self) -> None:
+        with self._lock:
+            self._holds.clear()
+        self._released.set()
+
+    def _held(self, path: str) -> bool:
+        with self._lock:
+            matches = [seen for part, seen in self._holds if part in path]
+        for seen in matches:
+            seen.set()
+        if matches:
+            self._released.wait(120)
+        return bool(matches)
 
     def fail_next(self, n: int, how: str = "503") -> None:
         if how not in (*_ERRORS, "reset"):
@@ -205,6 +229,9 @@ def _handler_for(proxy: FlakyProxy):
 
         def _handle(self) -> None:
             body = self._body()
+            if proxy._held(self.path):
+                self.close_connection = True
+                return
             how = proxy._take(self.command, self.path)
             if how == "reset":
                 # SO_LINGER 0 makes close() send RST: the client sees "connection reset by peer".

@@ -1,0 +1,300 @@
+"""A preempted run continues where it stopped and ends with the adapter it would have produced anyway.
+
+Every story runs against both stores: moto's S3 server over HTTP (through boto3, as MinIO would be
+reached) and a local path. The job always runs as a subprocess, killed and restarted like a pod.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import CPU_SETTINGS, ROOT, SAMPLE_DATA, job_env, run_job
+from tests.s3server import FlakyProxy, s3_server  # noqa: F401  (fixture)
+
+RUN_ID = "resume-story"
+SECRET = "SECRETawsKEYmarker0123456789abcdef"
+
+
+class Store:
+    """The test's own view of a checkpoint store: list, read and damage objects."""
+
+    def __init__(self, kind: str, uri: str, env: dict[str, str], root: Path | None = None, client=None,
+                 bucket: str | None = None, prefix: str = ""):
+        self.kind, self.uri, self.env = kind, uri, env
+        self.root, self.client, self.bucket, self.prefix = root, client, bucket, prefix
+
+    def keys(self) -> list[str]:
+        if self.kind == "local":
+            return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()) \
+                if self.root.exists() else []
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
+        return sorted(o["Key"][len(self.prefix):] for page in pages for o in page.get("Contents", []))
+
+    def read(self, key: str) -> bytes:
+        if self.kind == "local":
+            return (self.root / key).read_bytes()
+        return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+
+    def write(self, key: str, data: bytes) -> None:
+        if self.kind == "local":
+            (self.root / key).write_bytes(data)
+        else:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
+
+    def committed_steps(self) -> list[int]:
+        return sorted(int(k.split("/")[2][5:]) for k in self.keys()
+                      if k.startswith(f"{RUN_ID}/checkpoints/") and k.endswith("/MANIFEST.json"))
+
+    def checkpoint_keys(self, step: int) -> list[str]:
+        return [k for k in self.keys() if k.startswith(f"{RUN_ID}/checkpoints/step-{step:08d}/")]
+
+
+def s3_bucket_store(server) -> Store:
+    bucket = server.make_bucket(f"ckpt-{uuid.uuid4().hex[:12]}")
+    env = {**server.env(), "AWS_SECRET_ACCESS_KEY": SECRET}
+    return Store("s3", f"s3://{bucket}/runs", env, client=server.client(), bucket=bucket, prefix="runs/")
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return Store("local", str(tmp_path / "store"), {}, root=tmp_path / "store")
+    return s3_bucket_store(request.getfixturevalue("s3_server"))
+
+
+@pytest.fixture
+def s3_store(s3_server):  # noqa: F811
+    return s3_bucket_store(s3_server)
+
+
+def _job(cpu_job, store):
+    def settings(**overrides: str) -> dict[str, str]:
+        return cpu_job(**{"RUN_ID": RUN_ID, "CHECKPOINT_URI": store.uri, **store.env, **overrides})
+    return settings
+
+
+@pytest.fixture
+def job(cpu_job, store):
+    return _job(cpu_job, store)
+
+
+@pytest.fixture
+def s3_job(cpu_job, s3_store):
+    return _job(cpu_job, s3_store)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The adapter of a run that was never interrupted: what every resumed run must end with."""
+    where = tmp_path_factory.mktemp("uninterrupted")
+    env = job_env(**{**CPU_SETTINGS, "BASE_MODEL": str(tiny_model), "DATASET": str(SAMPLE_DATA),
+                     "RUN_ID": RUN_ID, "CHECKPOINT_URI": str(where / "store"), "OUTPUT_DIR": str(where / "out")})
+    result = run_job("train", env=env)
+    assert result.returncode == 0, result.stderr
+    return load_file(where / "out" / "adapter_model.safetensors")
+
+
+class Running:
+    """A job started in the background whose JSON lines we read as they come."""
+
+    def __init__(self, env: dict[str, str], log: Path):
+        self.stderr = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "job", "train"], env=env, cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.events: list[dict] = []
+
+    def until(self, predicate) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                event = json.loads(line)
+                self.events.append(event)
+                if predicate(event):
+                    return event
+        raise AssertionError(f"the job ended (rc={self.proc.wait()}) before the awaited event: {self.events[-3:]}")
+
+    def finish(self) -> int:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self.events.append(json.loads(line))
+        self.stderr.close()
+        return self.proc.wait(120)
+
+
+def committed(step: int):
+    return lambda e: e["event"] == "checkpoint" and e.get("step") == step
+
+
+def progress_past(step: int):
+    return lambda e: e["event"] == "progress" and e["step"] >= step
+
+
+def final_adapter(tmp_path: Path) -> dict[str, torch.Tensor]:
+    return load_file(tmp_path / "out" / "adapter_model.safetensors")
+
+
+def assert_bit_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    different = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_a_run_killed_mid_training_resumes_and_ends_bit_identical(job, store, tmp_path, uninterrupted):
+    run = Running(job(), tmp_path / "first.log")
+    run.until(committed(4))
+    run.until(progress_past(6))                      # between checkpoints
+    run.proc.send_signal(signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL
+    assert 4 in store.committed_steps()
+
+    restart = run_job("train", env=job())
+    assert restart.returncode == 0, restart.stderr
+    resumed = restart.events("resume")
+    assert resumed and resumed[-1]["message"].startswith("resuming from committed checkpoint step")
+    assert restart.events("progress")[0]["step"] > 4, "the restart must not train from the start"
+    assert_bit_identical(final_adapter(tmp_path), uninterrupted)
+    status = json.loads(run_job("status", env=job()).stdout)
+    assert status["phase"] == "done" and status["attempt"] == 2 and status["step"] == 12
+
+
+def test_a_kill_during_an_upload_leaves_a_checkpoint_that_is_never_trusted(s3_job, s3_store, tmp_path,
+                                                                            uninterrupted, s3_server):  # noqa: F811
+    # An upload in flight is an S3 story: the local store writes the same manifest-last way.
+    job, store = s3_job, s3_store
+    with FlakyProxy(s3_server.endpoint) as proxy:
+        stalled = proxy.hold("step-00000008/optimizer.pt")
+        run = Running(job(AWS_ENDPOINT_URL_S3=proxy.endpoint), tmp_path / "first.log")
+        run.until(committed(4))
+        assert stalled.wait(120), "the step-8 upload never started"
+        run.proc.send_signal(signal.SIGKILL)         # the pod dies while optimizer.pt is in flight
+        run.finish()
+        proxy.release()
+    partial = store.checkpoint_keys(8)
+    assert partial and not any(k.endswith("MANIFEST.json") for k in partial), partial
+    assert store.committed_steps() == [4]
+
+    restart = run_job("train", env=job())
+    assert restart.returncode == 0, restart.stderr
+    assert any("uncommitted checkpoint leftover" in e["message"] for e in restart.events("checkpoint"))
+    assert restart.events("resume")[-1]["message"] == "resuming from committed checkpoint step 4"
+    assert_bit_identical(final_adapter(tmp_path), uninterrupted)
+
+
+def test_sigterm_commits_the_step_in_flight_and_exits_75(job, store, tmp_path, uninterrupted):
+    run = Running(job(), tmp_path / "first.log")
+    run.until(committed(4))
+    run.until(progress_past(6))
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 75
+    stopped_at = [e for e in run.events if e["event"] == "stopped"][0]
+    steps = store.committed_steps()
+    assert steps[-1] > 6, f"the step in flight must be committed, got {steps}"
+    assert f"newest committed step {steps[-1]}" in stopped_at["message"]
+    status = json.loads(store.read(f"{RUN_ID}/status.json"))
+    assert status["stopped_by"] == "SIGTERM" and status["newest_checkpoint"] == steps[-1]
+
+    restart = run_job("train", env=job())
+    assert restart.returncode == 0, restart.stderr
+    assert restart.events("resume")[-1]["message"] == f"resuming from committed checkpoint step {steps[-1]}"
+    assert_bit_identical(final_adapter(tmp_path), uninterrupted)
+
+
+def test_a_second_signal_exits_at_once_and_the_last_commit_stays_intact(job, store, tmp_path):
+    run = Running(job(MAX_STEPS="200", SAVE_STEPS="4"), tmp_path / "first.log")
+    run.until(committed(4))
+    run.proc.send_signal(signal.SIGTERM)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 75
+    from job.storage import RunStore, open_store
+    import os
+    saved = {k: os.environ.get(k) for k in store.env}
+    os.environ.update(store.env)
+    try:
+        run_store = RunStore(open_store(store.uri), RUN_ID)
+        newest = run_store.committed_steps()[-1]
+        run_store.download_checkpoint(newest, tmp_path / "verify")   # raises if anything is off
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_a_flipped_byte_sends_the_resume_to_the_older_checkpoint(job, store, tmp_path, uninterrupted):
+    run = Running(job(), tmp_path / "first.log")
+    run.until(committed(8))
+    run.proc.send_signal(signal.SIGKILL)
+    run.finish()
+    key = f"{RUN_ID}/checkpoints/step-00000008/adapter_model.safetensors"
+    data = bytearray(store.read(key))
+    data[len(data) // 2] ^= 0x01
+    store.write(key, bytes(data))
+
+    restart = run_job("train", env=job())
+    assert restart.returncode == 0, restart.stderr
+    messages = [e["message"] for e in restart.events("resume")]
+    assert any(m.startswith("checkpoint step 8 is unusable") and "sha256" in m for m in messages), messages
+    assert messages[-1] == "resuming from committed checkpoint step 4"
+    assert_bit_identical(final_adapter(tmp_path), uninterrupted)
+
+
+def test_a_restart_with_a_different_lora_r_is_refused(job, store, tmp_path):
+    run = Running(job(), tmp_path / "first.log")
+    run.until(committed(4))
+    run.proc.send_signal(signal.SIGKILL)
+    run.finish()
+    before = {k: store.read(k) for k in store.keys()}
+
+    restart = run_job("train", env=job(LORA_R="16"))
+    assert restart.returncode == 2
+    line = restart.stderr.strip().splitlines()
+    assert len(line) == 1 and "RUN_ID='resume-story' was started with other settings: LORA_R (stored 8, now 16)" \
+        in line[0], line
+    assert {k: store.read(k) for k in store.keys()} == before, "a refused restart must not touch the store"
+
+
+def test_retention_keeps_the_newest_and_the_one_resumed_from(job, store, tmp_path):
+    run = Running(job(SAVE_STEPS="2"), tmp_path / "first.log")
+    run.until(committed(4))
+    run.proc.send_signal(signal.SIGKILL)
+    run.finish()
+    resume_from = store.committed_steps()[-1]
+
+    restart = run_job("train", env=job(SAVE_STEPS="2", SAVE_TOTAL_LIMIT="2"))
+    assert restart.returncode == 0, restart.stderr
+    assert store.committed_steps() == sorted({resume_from, 10, 12})
+    leftovers = {k.split("/")[2] for k in store.keys() if "/checkpoints/" in k}
+    assert leftovers == {f"step-{s:08d}" for s in store.committed_steps()}, "pruned checkpoints leave nothing"
+
+
+def test_the_store_never_holds_credentials(s3_job, s3_store, tmp_path):
+    job, store = s3_job, s3_store
+    result = run_job("train", env=job(MAX_STEPS="4"))
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    for key in store.keys():
+        assert SECRET.encode() not in store.read(key), key
+
+
+def test_transient_s3_errors_during_training_are_retried(s3_job, tmp_path, s3_server):  # noqa: F811
+    job = s3_job
+    with FlakyProxy(s3_server.endpoint) as proxy:
+        proxy.fail_next(2, "503")
+        proxy.fail_next(1, "reset")
+        result = run_job("train", env=job(MAX_STEPS="8", AWS_ENDPOINT_URL_S3=proxy.endpoint))
+        assert result.returncode == 0, result.stderr
+        assert proxy.outcomes().count("503") == 2 and proxy.outcomes().count("reset") == 1
+
+
+def test_a_missing_bucket_stops_before_loading(cpu_job, s3_server, tmp_path):  # noqa: F811
+    env = cpu_job(**{**s3_server.env(), "CHECKPOINT_URI": "s3://no-such-bucket/runs",
+                     "BASE_MODEL": str(tmp_path / "no-model")})
+    result = run_job("train", env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no-such-bucket" in lines[0] and "NoSuchBucket" in lines[0], lines
