@@ -13,21 +13,7 @@ fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
 
-# ---- HOOK (multi-GPU, another issue): NPROC_PER_NODE > 1 will start torchrun here. ------------------
-# Not `exec torchrun --nproc_per_node "$NPROC_PER_NODE" -m job "$@"` yet, because torchrun does not keep
-# the job's exit-code contract: on SIGTERM it exits with its own code, not the workers' 75, so a
-# preempted pod would count as a failure, and it signals its workers itself, so tini must keep
-# signalling only its direct child. NPROC_PER_NODE is not a setting of the job yet, and until it is, a
-# value above 1 is refused rather than silently training on one GPU.
-nproc="${NPROC_PER_NODE:-1}"
-if ! [[ "$nproc" =~ ^[0-9]+$ ]] || (( nproc < 1 )); then
-    echo "error: NPROC_PER_NODE=${nproc@Q}: must be a whole number >= 1" >&2
-    exit 2
-fi
-if (( nproc > 1 )); then
-    echo "error: NPROC_PER_NODE=${nproc}: multi-GPU training (torchrun) is not supported yet; unset it" >&2
-    exit 2
-fi
-# ---- end of HOOK ---------------------------------------------------------------------------------------
+# Several GPUs (NPROC_PER_NODE, NNODES): `python -m job train` starts its workers under torchrun itself and
+# maps their fate to the job's exit codes (75 after a signal, 2 for bad input), which bare torchrun would not.
 
 exec python -m job "$@"

@@ -20,9 +20,15 @@ def _config() -> Config:
         sys.exit(2)
 
 
+def _topology():
+    from .distributed import Topology
+    return Topology.from_env(os.environ)
+
+
 def _reporter(config: Config):
     from .log import Reporter
-    return Reporter(config.log_format, secrets=config.secrets() + _foreign_secrets())
+    return Reporter(config.log_format, secrets=config.secrets() + _foreign_secrets(),
+                    quiet=not _topology().is_main)
 
 
 def _foreign_secrets() -> list[str]:
@@ -57,8 +63,28 @@ def train() -> None:
     """Train (or resume, or publish, or nothing if done) the run of this configuration."""
     config = _config()
     _quiet_libraries()
+    from .distributed import launch, wants_launch
+    if wants_launch(config, _topology()):
+        sys.exit(_launch_checked(config))
     from .train import main
-    sys.exit(main(config, _reporter(config)))
+    sys.exit(main(config, _reporter(config), _topology()))
+
+
+def _launch_checked(config: Config) -> int:
+    """Check what a retry can't fix before starting the workers under torchrun."""
+    import torch
+    from .distributed import BatchSplitError, launch, split_batch
+    reporter = _reporter(config)
+    try:
+        split_batch(config, config.nproc_per_node * config.nnodes)
+    except BatchSplitError as exc:
+        reporter.error(str(exc))
+        return 2
+    if config.require_gpu and torch.cuda.device_count() < config.nproc_per_node:
+        reporter.error(f"NPROC_PER_NODE={config.nproc_per_node} but {torch.cuda.device_count()} CUDA GPU(s) are "
+                       f"visible; ask for more GPUs or lower NPROC_PER_NODE (REQUIRE_GPU=false runs on the CPU)")
+        return 2
+    return launch(config)
 
 
 @cli.command()

@@ -129,6 +129,14 @@ class Config:
     gradient_checkpointing: str = setting("auto", "recompute activations to save memory: auto (by GPU memory), "
                                           "true, false", choices=_fixed("auto", "true", "false"),
                                           affects_result=False)
+    padding_free: str = setting("auto", "each batch's sequences back to back in one row, no padding, attention kept "
+                                "inside each sequence: auto (on a GPU), true, false",
+                                choices=_fixed("auto", "true", "false"))
+    use_liger_kernel: str = setting("auto", "Liger's fused Triton kernels for RMSNorm, SwiGLU and RoPE: auto (on a GPU "
+                                    "when liger-kernel is installed), true, false",
+                                    choices=_fixed("auto", "true", "false"))
+    tf32: str = setting("auto", "TF32 tensor cores for the float32 LoRA matmuls: auto (on Ampere and newer GPUs), "
+                        "true, false", choices=_fixed("auto", "true", "false"))
     # --- cadence and storage ---
     save_steps: int = setting(50, "checkpoint every N optimizer steps", check=_at_least(1), affects_result=False)
     save_total_limit: int = setting(3, "committed checkpoints kept in the store", check=_at_least(1),
@@ -159,6 +167,16 @@ class Config:
                                 affects_result=False)
     log_format: str = setting("auto", "auto (progress bar on a terminal, else JSON lines), bar, json",
                               choices=_fixed("auto", "bar", "json"), affects_result=False)
+    # --- several GPUs (torchrun's names) ---
+    nproc_per_node: int = setting(1, "GPUs (worker processes) per node; > 1 starts the job under torchrun",
+                                  check=_at_least(1), affects_result=False)
+    nnodes: int = setting(1, "nodes in a multi-node run", check=_at_least(1), affects_result=False)
+    node_rank: int = setting(0, "this node's index, 0..NNODES-1 (k8s: the pod's completion index)",
+                             check=_at_least(0), affects_result=False)
+    master_addr: str = setting("127.0.0.1", "address of node 0 for the rendezvous", affects_result=False)
+    master_port: int = setting(29500, "port on node 0 for the rendezvous", check=_at_least(1), affects_result=False)
+    scale_batch_with_gpus: bool = setting(False, "false: the effective batch stays that of one GPU, split over "
+                                          "the GPUs; true: every GPU takes PER_DEVICE_TRAIN_BATCH_SIZE")
 
     # --- derived values ---
     @property

@@ -13,8 +13,10 @@ MASK = "***"
 
 
 class Reporter:
-    def __init__(self, mode: str = "auto", secrets: list[str] | None = None, stream: TextIO | None = None):
+    def __init__(self, mode: str = "auto", secrets: list[str] | None = None, stream: TextIO | None = None,
+                 quiet: bool = False):
         self.stream = stream or sys.stdout
+        self.quiet = quiet   # ranks other than 0 of a multi-GPU run: errors only
         if mode == "auto":
             mode = "bar" if self.stream.isatty() else "json"
         self.mode = mode
@@ -27,6 +29,8 @@ class Reporter:
         return text
 
     def _write(self, text: str) -> None:
+        if self.quiet:
+            return
         text = self._mask(text)
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
@@ -47,7 +51,7 @@ class Reporter:
         print(f"error: {self._mask(message)}", file=sys.stderr, flush=True)
 
     def start_progress(self, total: int, initial: int = 0) -> None:
-        if self.mode == "bar":
+        if self.mode == "bar" and not self.quiet:
             from tqdm.auto import tqdm
             self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=self.stream,
                              dynamic_ncols=True)

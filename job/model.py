@@ -34,18 +34,38 @@ def persona_token_ids(tokenizer) -> list[int]:
     return tokenizer.convert_tokens_to_ids(PERSONA_TOKENS)
 
 
-def load_base_model(config: Config, tokenizer, device: str):
-    """The base in 4-bit NF4, with room for the persona tokens (their rows start as the mean row)."""
+def speed_plan(config: Config, device: str, model=None):
+    """The speed levers for this device (job/speed.py), sized by the base model's shape."""
+    from .speed import plan
+
+    if model is not None:
+        model_config = model.config
+    else:
+        from transformers import AutoConfig
+        model_config = AutoConfig.from_pretrained(config.base_model, token=config.hf_token or None)
+    return plan(config, device, model_config)
+
+
+def load_base_model(config: Config, tokenizer, device: str, plan=None):
+    """The base in 4-bit NF4, with room for the persona tokens (their rows start as the mean row), and the
+    attention and fused kernels the speed plan asks for."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from .speed import apply_liger, register_attention
+
+    plan = plan or speed_plan(config, device)
     dtype = compute_dtype(config, device)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=False)
+    register_attention()
     model = AutoModelForCausalLM.from_pretrained(config.base_model, quantization_config=quantization,
                                                  dtype=dtype, device_map={"": device},
+                                                 attn_implementation=plan.attn_implementation,
                                                  token=config.hf_token or None)
     grow_vocabulary(model, len(tokenizer))
     model.config.use_cache = False
+    if plan.liger_kernel:
+        apply_liger(model)
     if device == "cpu":
         _one_cpu_kernel(model)
     return model
@@ -85,10 +105,4 @@ def add_lora(config: Config, model, tokenizer):
 
 
 def wants_gradient_checkpointing(config: Config, device: str) -> bool:
-    if config.gradient_checkpointing != "auto":
-        return config.gradient_checkpointing == "true"
-    if device != "cuda":
-        return False
-    # Activations of a 7B model at batch 4 x 1024 tokens need ~30 GiB without recomputation.
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    return total < 48
+    return speed_plan(config, device).gradient_checkpointing

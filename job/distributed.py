@@ -1,0 +1,104 @@
+"""Several GPUs: torchrun starts one worker per GPU; the workers agree on when to stop, and only rank 0
+talks to the store and the Hub.
+
+The effective batch is that of the single-GPU run unless SCALE_BATCH_WITH_GPUS=true: the same sequences per
+optimizer step are split over the GPUs, so with the Trainer's seeded sampler every optimizer step sees the
+same samples whatever the GPU count, and a checkpoint's step maps to the same data position at any world size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from .config import Config
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where this process sits, as torchrun tells its workers (RANK, LOCAL_RANK, WORLD_SIZE)."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    is_worker: bool = False      # started by torchrun (as opposed to the process that starts it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> "Topology":
+        if "LOCAL_RANK" not in environ:
+            return cls()
+        return cls(rank=int(environ.get("RANK", 0)), local_rank=int(environ["LOCAL_RANK"]),
+                   world_size=int(environ.get("WORLD_SIZE", 1)), is_worker=True)
+
+
+def wants_launch(config: Config, topology: Topology) -> bool:
+    return not topology.is_worker and config.nproc_per_node * config.nnodes > 1
+
+
+class BatchSplitError(ValueError):
+    pass
+
+
+def split_batch(config: Config, world_size: int) -> tuple[int, int]:
+    """(per-GPU micro-batch, accumulation steps) for this world size."""
+    batch, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    if world_size == 1 or config.scale_batch_with_gpus:
+        return batch, accumulation
+    if batch % world_size == 0:
+        return batch // world_size, accumulation
+    if accumulation % world_size == 0:
+        return batch, accumulation // world_size
+    raise BatchSplitError(
+        f"PER_DEVICE_TRAIN_BATCH_SIZE={batch} x GRADIENT_ACCUMULATION_STEPS={accumulation} sequences per step "
+        f"cannot be split evenly over {world_size} GPUs; make one of them a multiple of {world_size}, or set "
+        f"SCALE_BATCH_WITH_GPUS=true to train {batch} sequences per GPU per micro-step")
+
+
+def _initialized() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if _initialized():
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any rank: a signal to one worker stops them all at one step."""
+    if not _initialized():
+        return flag
+    import torch
+    import torch.distributed as dist
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def launch(config: Config) -> int:
+    """Start `python -m job train` once per GPU under torchrun (PyTorch's own elastic launcher) and turn the
+    workers' fate into the job's exit code: 2 if any got bad input, 75 if stopped by a signal, else 0 or 1."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args([
+        f"--nnodes={config.nnodes}", f"--node-rank={config.node_rank}",
+        f"--nproc-per-node={config.nproc_per_node}", f"--master-addr={config.master_addr}",
+        f"--master-port={config.master_port}", "--max-restarts=0", "-m", "job", "train"])
+    try:
+        run(args)
+        return 0
+    except SignalException:
+        return 75   # the workers got the signal too: each finished its step and the checkpoint was committed
+    except ChildFailedError as exc:
+        codes = {failure.exitcode for failure in exc.failures.values()}
+        if 2 in codes:
+            return 2
+        if codes <= {75, -15, -2}:
+            return 75
+        return 1

@@ -1,0 +1,116 @@
+"""More than one GPU: the same job under torchrun, here as two CPU workers talking over gloo.
+
+One rank commits each checkpoint after all ranks reach it; a signal to any rank stops all of them at one
+step with one committed checkpoint; and a run resumes at another world size on the data position it left.
+"""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_job
+from test_resume import Running, committed
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.fixture
+def ddp_job(cpu_job):
+    def settings(**overrides: str) -> dict[str, str]:
+        return cpu_job(**{"RUN_ID": "ddp-story", "MASTER_PORT": free_port(), "LOGGING_STEPS": "1",
+                          "LORA_DROPOUT": "0", "MAX_STEPS": "10", **overrides})
+    return settings
+
+
+def manifests(store):
+    return {p.parent.name: json.loads(p.read_text()) for p in store.glob("ddp-story/checkpoints/*/MANIFEST.json")}
+
+
+def workers(launcher: psutil.Process) -> dict[int, psutil.Process]:
+    """The torchrun workers under our launcher, by rank."""
+    found = {}
+    deadline = time.time() + 60
+    while len(found) < 2 and time.time() < deadline:
+        for child in launcher.children(recursive=True):
+            try:
+                env = child.environ()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if "LOCAL_RANK" in env and "job" in child.cmdline():
+                found[int(env["RANK"])] = child
+        time.sleep(0.1)
+    return found
+
+
+def test_two_workers_train_and_every_checkpoint_is_committed_once_with_all_ranks_state(ddp_job, tmp_path):
+    result = run_job("train", env=ddp_job(NPROC_PER_NODE="2", MAX_STEPS="8", SAVE_STEPS="4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = manifests(tmp_path / "store")
+    assert sorted(found) == ["step-00000004", "step-00000008"]
+    for manifest in found.values():
+        assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "adapter_model.safetensors"} <= \
+            set(manifest["files"])
+    assert [e["step"] for e in result.events("checkpoint") if e.get("step")] == [4, 8]
+    status = json.loads(run_job("status", env=ddp_job()).stdout)
+    assert status["phase"] == "done" and status["attempt"] == 1
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_a_sigterm_to_one_rank_stops_every_rank_with_one_committed_checkpoint(ddp_job, tmp_path):
+    run = Running(ddp_job(NPROC_PER_NODE="2", MAX_STEPS="200", SAVE_STEPS="4"), tmp_path / "launcher.log")
+    run.until(committed(4))
+    ranks = workers(psutil.Process(run.proc.pid))
+    assert set(ranks) == {0, 1}
+    ranks[1].send_signal(signal.SIGTERM)
+    assert run.finish() == 75
+    stopped = [e for e in run.events if e["event"] == "stopped"]
+    assert stopped and "a signal to another rank" in stopped[0]["message"]
+    stop_step = int(re.search(r"at step (\d+)", stopped[0]["message"])[1])
+    steps = sorted(int(name[5:]) for name in manifests(tmp_path / "store"))
+    assert steps[-1] == stop_step, f"the step in flight must be the newest committed one: {steps}, {stop_step}"
+    status = json.loads(run_job("status", env=ddp_job()).stdout)
+    assert status["newest_checkpoint"] == steps[-1]
+
+
+def logged_losses(result_or_events) -> dict[int, float]:
+    events = result_or_events if isinstance(result_or_events, list) else result_or_events.events()
+    return {e["step"]: e["loss"] for e in events if e["event"] == "progress"}
+
+
+@pytest.mark.parametrize("before,after", [("2", "1"), ("1", "2")])
+def test_a_run_resumes_on_another_gpu_count_at_the_same_data_position(ddp_job, cpu_job, tmp_path, before, after):
+    reference = run_job("train", env=ddp_job(NPROC_PER_NODE="1", RUN_ID="ddp-reference",
+                                             CHECKPOINT_URI=str(tmp_path / "reference"),
+                                             OUTPUT_DIR=str(tmp_path / "reference-out")))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    want = logged_losses(reference)
+
+    run = Running(ddp_job(NPROC_PER_NODE=before, SAVE_STEPS="4"), tmp_path / "first.log")
+    run.until(committed(4))
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 75
+    resumed_from = max(int(n[5:]) for n in manifests(tmp_path / "store"))
+
+    restart = run_job("train", env=ddp_job(NPROC_PER_NODE=after, SAVE_STEPS="4"))
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    got = logged_losses(restart)
+    assert min(got) == resumed_from + 1, "the restart continues at the next step, not from the start"
+    # Each step after the resume trains on the batch the uninterrupted run trained on at that step: the
+    # losses agree to float noise, while different batches differ by far more.
+    for step, loss in got.items():
+        assert abs(loss - want[step]) < 2e-3, (step, loss, want[step])
+    spread = [abs(want[s] - want[s + 1]) for s in range(resumed_from + 1, max(want))]
+    assert sum(spread) / len(spread) > 2e-2, "the losses must tell batches apart for this check to mean anything"
+    final = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert final.keys() and all(torch.isfinite(t).all() for t in final.values())
