@@ -84,6 +84,19 @@ def _launch_checked(config: Config) -> int:
         reporter.error(f"NPROC_PER_NODE={config.nproc_per_node} but {torch.cuda.device_count()} CUDA GPU(s) are "
                        f"visible; ask for more GPUs or lower NPROC_PER_NODE (REQUIRE_GPU=false runs on the CPU)")
         return 2
+    from .storage import RunStore, StoreError, open_store
+    try:
+        run_store = RunStore(open_store(config.checkpoint_uri), config.resolved_run_id)
+        finished_training = run_store.final_committed()
+    except StoreError as exc:
+        reporter.error(str(exc))
+        return 2
+    if finished_training:
+        # Publishing (or nothing, if done) is node 0's alone: it must not wait for peers that already left.
+        if config.node_rank != 0:
+            return 0
+        from .train import main
+        return main(config, reporter)
     return launch(config)
 
 

@@ -187,8 +187,11 @@ class Config:
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that change the trained weights, by environment variable name."""
-        return {f.name.upper(): getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.metadata["affects_result"]}
+        settings = {f.name.upper(): getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.metadata["affects_result"]}
+        if self.scale_batch_with_gpus:   # then the GPU count sets the effective batch
+            settings["GPUS"] = self.nproc_per_node * self.nnodes
+        return settings
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.result_settings(), sort_keys=True).encode()

@@ -7,6 +7,7 @@ same samples whatever the GPU count, and a checkpoint's step maps to the same da
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -86,6 +87,9 @@ def launch(config: Config) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    # torchrun gives workers 30 s after passing on a SIGTERM before it kills them; ours need the step in flight,
+    # the local save and SHUTDOWN_BUDGET_SECONDS for the upload.
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(config.shutdown_budget_seconds) + 60))
     args = parse_args([
         f"--nnodes={config.nnodes}", f"--node-rank={config.node_rank}",
         f"--nproc-per-node={config.nproc_per_node}", f"--master-addr={config.master_addr}",

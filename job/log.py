@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -22,6 +23,7 @@ class Reporter:
         self.mode = mode
         self.secrets = [s for s in (secrets or []) if s]
         self._bar = None
+        self._lock = threading.Lock()
 
     def _mask(self, text: str) -> str:
         for secret in self.secrets:
@@ -32,10 +34,13 @@ class Reporter:
         if self.quiet:
             return
         text = self._mask(text)
-        if self._bar is not None:
-            self._bar.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
+        # The uploader thread reports commits while the training thread reports progress: one line, one write.
+        with self._lock:
+            if self._bar is not None:
+                self._bar.write(text, file=self.stream)
+            else:
+                self.stream.write(text + "\n")
+                self.stream.flush()
 
     def event(self, event: str, message: str = "", **fields: Any) -> None:
         """A milestone (loaded, resumed, committed, ...): one line of text or JSON."""

@@ -65,6 +65,14 @@ class PersonaTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)
         self.remove_callback(ProgressCallback)
+        self._flops_per_token: int | None = None
+
+    def floating_point_ops(self, inputs) -> int:
+        # The Trainer asks every micro-step, and transformers walks every module and parameter to answer; the
+        # count never changes, so count once.
+        if self._flops_per_token is None:
+            self._flops_per_token = 6 * self.model.num_parameters(exclude_embeddings=True)
+        return self._flops_per_token * inputs["input_ids"].numel()
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir

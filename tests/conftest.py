@@ -59,7 +59,9 @@ def job_env(**settings: str) -> dict[str, str]:
     """A clean environment: only what the job needs, so the host's variables can't leak in."""
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR", "SYSTEMROOT")}
     env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-                "PYTHONUNBUFFERED": "1"})
+                "PYTHONUNBUFFERED": "1",
+                # A tiny model gains nothing from threads; one per job lets two tests share the CPU.
+                "OMP_NUM_THREADS": "1"})
     env.update(settings)
     return env
 

@@ -65,6 +65,10 @@ def test_two_workers_train_and_every_checkpoint_is_committed_once_with_all_ranks
     status = json.loads(run_job("status", env=ddp_job()).stdout)
     assert status["phase"] == "done" and status["attempt"] == 1
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    # A node that starts again after the run has finished training does not wait for peers that left.
+    for node in ("0", "1"):
+        again = run_job("train", env=ddp_job(NPROC_PER_NODE="2", NNODES="2", NODE_RANK=node), timeout=90)
+        assert again.returncode == 0, again.stderr[-2000:]
 
 
 def test_a_sigterm_to_one_rank_stops_every_rank_with_one_committed_checkpoint(ddp_job, tmp_path):

@@ -113,3 +113,22 @@ def test_secrets_never_reach_logs_or_files(cpu_job, tmp_path):
             if path.is_file():
                 data = path.read_bytes()
                 assert token.encode() not in data and key.encode() not in data, path
+
+
+def test_log_lines_from_two_threads_never_share_a_line():
+    # The uploader thread reports commits while the training thread reports progress.
+    import io
+    import threading
+
+    from job.log import Reporter
+
+    stream = io.StringIO()
+    reporter = Reporter("json", stream=stream)
+    threads = [threading.Thread(target=lambda: [reporter.event("checkpoint", "x" * 40, step=i) for i in range(500)])
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2000 and all(json.loads(line)["event"] == "checkpoint" for line in lines)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# On a 2-GPU machine: install the carried wheels (bench/fetch_wheels.sh), then bench/ddp_scaling.py.
+#   bash bench/run_ddp.sh OUT_DIR [extra ddp_scaling.py args]
+# NCCL_NVLS_ENABLE=0 and friends, set on the lent machines, are inherited by torchrun and every worker.
+set -uo pipefail
+out=${1:?output folder}; shift
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+nvidia-smi topo -m 2>/dev/null | tee -a "$out/gpu.txt"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl 2>&1 | grep -v "^WARNING: Target directory" | tail -3
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 bench/ddp_scaling.py --out "$out" "$@"
