@@ -23,7 +23,8 @@ class Reporter:
         self.mode = mode
         self.secrets = [s for s in (secrets or []) if s]
         self._bar = None
-        self._lock = threading.Lock()
+        # Reentrant: the signal handler reports from the main thread, perhaps while that thread is writing.
+        self._lock = threading.RLock()
 
     def _mask(self, text: str) -> str:
         for secret in self.secrets:

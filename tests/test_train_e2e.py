@@ -132,3 +132,18 @@ def test_log_lines_from_two_threads_never_share_a_line():
         t.join()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2000 and all(json.loads(line)["event"] == "checkpoint" for line in lines)
+
+
+def test_a_signal_while_a_line_is_being_written_does_not_hang():
+    # The handler reports on the main thread, which may be inside the reporter's write when the signal lands.
+    import io
+    import signal
+
+    from job.log import Reporter
+    from job.train import StopSignal
+
+    reporter = Reporter("json", stream=io.StringIO())
+    stop = StopSignal(reporter)
+    with reporter._lock:
+        stop._handle(signal.SIGTERM, None)
+    assert stop.received == "SIGTERM" and '"event": "stop"' in reporter.stream.getvalue()
