@@ -59,7 +59,7 @@ def load_base_model(config: Config, tokenizer, device: str, plan=None):
                                       bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=False)
     register_attention()
     model = AutoModelForCausalLM.from_pretrained(config.base_model, quantization_config=quantization,
-                                                 dtype=dtype, device_map={"": device},
+                                                 dtype=dtype, device_map={"": torch.cuda.current_device() if device == "cuda" else device},
                                                  attn_implementation=plan.attn_implementation,
                                                  token=config.hf_token or None)
     grow_vocabulary(model, len(tokenizer))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,7 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
     if stop.received:
         committed = committer.wait(config.shutdown_budget_seconds)
         status.write(phase="training", stopped_by=stop.received)
+        status.flush()
         barrier()
         raise Stopped(f"stopped by {stop.received} at step {trainer.state.global_step}; "
                       f"checkpoint {'committed' if committed else 'not committed in time'}; "
@@ -207,6 +209,7 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
     summary = _summary(config, trainer, result, final_eval, started, len(train_examples), len(eval_examples),
                        prepared)
     status.write(phase="finalizing", step=trainer.state.global_step)
+    status.flush()
     trainer.model.save_pretrained(out, save_embedding_layers=False)
     tokenizer.save_pretrained(out)
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -259,23 +262,46 @@ def _summary(config, trainer, result, final_eval, started, n_train, n_eval, prep
 
 
 class _StatusWriter:
-    """status.json, kept current; a failed write is reported, never fatal to training."""
+    """status.json, kept current from a background thread (a PUT per logging step must not stall training; the
+    newest fields win). A failed write is reported, never fatal: status is advisory, the manifests are the truth."""
 
     def __init__(self, config: Config, run_store: RunStore, committer, enabled: bool = True):
         self.config, self.run_store, self.committer, self.enabled = config, run_store, committer, enabled
         self.fields: dict[str, Any] = {"run_id": config.resolved_run_id}
         previous = run_store.read_status() or {}
         self.fields["attempt"] = int(previous.get("attempt", 0)) + 1
+        self._pending: dict[str, Any] | None = None
+        self._changed = threading.Condition()
+        self._writing = False
+        if enabled:
+            threading.Thread(target=self._work, name="status-writer", daemon=True).start()
 
     def write(self, **fields: Any) -> None:
         if not self.enabled:
             return
-        self.fields.update(fields)
-        self.fields["newest_checkpoint"] = self.committer.last_committed
-        try:
-            self.run_store.write_status(dict(self.fields))
-        except Exception as exc:  # status is advisory; the manifests are the truth
-            self.committer.reporter.event("status", f"could not write status.json: {type(exc).__name__}")
+        with self._changed:
+            self.fields.update(fields)
+            self.fields["newest_checkpoint"] = self.committer.last_committed
+            self._pending = dict(self.fields)
+            self._changed.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until the newest fields are written (bounded: a hung store must not hold up an exit)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._pending is None and not self._writing, timeout)
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending is not None)
+                snapshot, self._pending, self._writing = self._pending, None, True
+            try:
+                self.run_store.write_status(snapshot)
+            except Exception as exc:
+                self.committer.reporter.event("status", f"could not write status.json: {type(exc).__name__}")
+            with self._changed:
+                self._writing = False
+                self._changed.notify_all()
 
 
 # ---------------------------------------------------------------- the whole run

@@ -67,7 +67,8 @@ def test_two_workers_train_and_every_checkpoint_is_committed_once_with_all_ranks
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     # A node that starts again after the run has finished training does not wait for peers that left.
     for node in ("0", "1"):
-        again = run_job("train", env=ddp_job(NPROC_PER_NODE="2", NNODES="2", NODE_RANK=node), timeout=90)
+        again = run_job("train", env=ddp_job(NPROC_PER_NODE="2", NNODES="2", NODE_RANK=node, MAX_STEPS="8",
+                                             SAVE_STEPS="4"), timeout=90)
         assert again.returncode == 0, again.stderr[-2000:]
 
 
