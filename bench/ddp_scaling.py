@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 BASE_SETTINGS = {
     "REQUIRE_GPU": "true", "DATASET": str(ROOT / "data" / "persona_sample.jsonl"), "NUM_SAMPLES": "0",
-    "EVAL_FRACTION": "0", "LOG_FORMAT": "json", "LOGGING_STEPS": "1", "SAVE_STEPS": "1000",
+    "EVAL_FRACTION": "0", "LOG_FORMAT": "json", "LOGGING_STEPS": "2", "SAVE_STEPS": "1000",
     "SCALE_BATCH_WITH_GPUS": "true", "PER_DEVICE_TRAIN_BATCH_SIZE": "8", "MAX_SEQ_LENGTH": "1024",
 }
 
@@ -60,7 +60,7 @@ def job(env_overrides: dict[str, str], out: Path, name: str, timeout: float, sto
     return rc, events, time.time() - started
 
 
-def speed_of(events: list[dict], warmup: int = 8) -> dict:
+def speed_of(events: list[dict], warmup: int = 10) -> dict:
     progress = [e for e in events if e["event"] == "progress" and e["step"] > warmup]
     rates = [e["tokens_per_second"] for e in progress]
     return {"steps_measured": len(rates), "tokens_per_second": round(statistics.median(rates), 1) if rates else None,
@@ -70,7 +70,7 @@ def speed_of(events: list[dict], warmup: int = 8) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -84,6 +84,7 @@ def main() -> int:
     if not args.skip_speed:
         big = models / "llama2-7b-shape"
         bench_speed.build_model(big, layers=32)
+        os.sync()   # 13 GB of freshly written shards would otherwise be flushed during the timed steps
         for n in (1, 2):
             rc, events, seconds = job({"BASE_MODEL": str(big), "NPROC_PER_NODE": str(n),
                                        "MAX_STEPS": str(args.steps), "RUN_ID": f"speed-{n}gpu",
@@ -113,6 +114,11 @@ def main() -> int:
         print(f"{name}: {results[name]}", flush=True)
 
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    for f in list(out.glob("*.jsonl")) + list(out.glob("*.stderr")):
+        f.rename(logs / f.name)
+    subprocess.run(["tar", "czf", str(out / "logs.tgz"), "-C", str(logs), "."], check=False)
     print("\n| what | result |\n|---|---|")
     for n in (1, 2):
         r = results.get(f"speed_{n}gpu")

@@ -14,4 +14,6 @@ if [ -d .whl ]; then
         .whl/*.whl 2>&1 | grep -v "^WARNING: Target directory" | tail -3
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 bench/ddp_scaling.py --out "$out" "$@"
+python3 bench/ddp_scaling.py --out /tmp/ddp-out "$@"; status=$?
+cp /tmp/ddp-out/results.json /tmp/ddp-out/logs.tgz "$out/" 2>/dev/null
+exit $status

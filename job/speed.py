@@ -17,10 +17,10 @@ from .config import Config
 # The attention implementation registered with transformers for padding-free batches (see below).
 PADDING_FREE_ATTENTION = "sdpa_padding_free"
 
-# Activation memory kept for the backward pass, in bytes per token per decoder layer per unit of hidden size,
-# measured on Llama-2-7B's shape (docs/PERFORMANCE.md): about 68 without fused kernels, 44 with Liger's
-# RMSNorm and SwiGLU, which do not keep their fp32 and intermediate copies.
-_ACTIVATION_BYTES = {False: 68, True: 44}
+# Activation memory kept for the backward pass, in bytes per token per decoder layer per unit of hidden size:
+# measured on Llama-2-7B's shape in bf16 without recomputation (docs/PERFORMANCE.md), about 42 unfused and 35
+# with Liger's RMSNorm and SwiGLU, which keep no fp32 or intermediate copies; with a margin.
+_ACTIVATION_BYTES = {False: 48, True: 40}
 # Share of the GPU's memory the estimate may fill before recomputation is switched on.
 _MEMORY_HEADROOM = 0.8
 
@@ -107,7 +107,7 @@ def _gradient_checkpointing(config: Config, device: str, model_config, plan_: Sp
     tokens = config.per_device_train_batch_size * config.max_seq_length
     need = weight_bytes(model_config) + activation_bytes(model_config, tokens, plan_.liger_kernel)
     on = need > _MEMORY_HEADROOM * total
-    return on, (f"gradient checkpointing {'on' if on else 'off'}: ~{need / 2**30:.0f} GiB needed without it "
+    return on, (f"gradient checkpointing {'on' if on else 'off'}: ~{need / 2**30:.1f} GiB needed without it "
                 f"for {tokens} tokens per micro-batch, {'over' if on else 'within'} "
                 f"{_MEMORY_HEADROOM:.0%} of {total / 2**30:.0f} GiB")
 

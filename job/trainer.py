@@ -2,12 +2,17 @@
 committing checkpoints to the store in the background, and reporting progress."""
 from __future__ import annotations
 
+import concurrent.futures
+import gc
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .config import Config
@@ -66,6 +71,20 @@ class PersonaTrainer(Trainer):
         self.remove_callback(PrinterCallback)
         self.remove_callback(ProgressCallback)
         self._flops_per_token: int | None = None
+        self.checkpoint_writer = CheckpointWriter()
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, CheckpointCommitter):
+                callback.writer = self.checkpoint_writer
+
+    def train(self, *args, **kwargs):
+        # The loaded model is millions of long-lived Python objects; every full pass of the cyclic garbage
+        # collector over them stalled a 7B run for 0.3-0.4 s (docs/PERFORMANCE.md). Frozen, they are skipped.
+        gc.collect()
+        gc.freeze()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            gc.unfreeze()
 
     def floating_point_ops(self, inputs) -> int:
         # The Trainer asks every micro-step, and transformers walks every module and parameter to answer; the
@@ -74,12 +93,55 @@ class PersonaTrainer(Trainer):
             self._flops_per_token = 6 * self.model.num_parameters(exclude_embeddings=True)
         return self._flops_per_token * inputs["input_ids"].numel()
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # torch.save of the optimizer state (about 270 MB for LoRA r64 on a 7B model) was most of what a
+        # checkpoint cost the training thread. Snapshot it now, since the next step changes it, and write it from
+        # the checkpoint writer, which hands the folder to the uploader only once the file is complete.
+        if not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        state = _cpu_copy(self.optimizer.state_dict())
+        self.checkpoint_writer.submit(torch.save, state, os.path.join(output_dir, OPTIMIZER_NAME))
+        torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(output_dir, save_embedding_layers=False)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+
+
+def _cpu_copy(value):
+    """A copy of a (nested) state dict with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(v) for v in value)
+    return value
+
+
+class CheckpointWriter:
+    """One thread that finishes checkpoint files off the training thread, in the order they were asked for."""
+
+    def __init__(self):
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self._futures: list[concurrent.futures.Future] = []
+
+    def submit(self, fn, *args) -> None:
+        self._futures.append(self._pool.submit(fn, *args))
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once everything submitted has run without error; False on timeout or error."""
+        _, pending = concurrent.futures.wait(self._futures, timeout)
+        return not pending and not self.errors()
+
+    def errors(self) -> list[BaseException]:
+        return [f.exception() for f in self._futures if f.done() and f.exception() is not None]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 class StopCallback(TrainerCallback):
@@ -105,6 +167,7 @@ class CheckpointCommitter(TrainerCallback):
         # Only rank 0 commits; the other ranks' part of a checkpoint (their RNG state) is in the same folder.
         self.uploader = BackgroundUploader(run_store, on_committed=self._committed) if is_main else None
         self.local_dirs: dict[int, Path] = {}
+        self.writer: CheckpointWriter | None = None   # set by PersonaTrainer: files it finishes in the background
 
     @property
     def last_committed(self) -> int | None:
@@ -129,7 +192,10 @@ class CheckpointCommitter(TrainerCallback):
             "global_step": step, "epoch": state.epoch, "num_input_tokens_seen": state.num_input_tokens_seen,
             "batches_consumed": step * args.gradient_accumulation_steps}))
         self.local_dirs[step] = local
-        self.uploader.submit(step, local, self.config.fingerprint())
+        if self.writer is not None:   # after the writer has finished this checkpoint's files
+            self.writer.submit(self.uploader.submit, step, local, self.config.fingerprint())
+        else:
+            self.uploader.submit(step, local, self.config.fingerprint())
         return control
 
     def _committed(self, step: int) -> None:
@@ -142,12 +208,18 @@ class CheckpointCommitter(TrainerCallback):
             shutil.rmtree(self.local_dirs.pop(old), ignore_errors=True)
 
     def wait(self, timeout: float | None) -> bool:
-        return self.uploader.wait(timeout) if self.uploader else True
+        started = time.monotonic()
+        if self.writer is not None and not self.writer.wait(timeout):
+            return False
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return self.uploader.wait(left) if self.uploader else True
 
     def errors(self):
-        return self.uploader.errors() if self.uploader else []
+        return (self.writer.errors() if self.writer else []) + (self.uploader.errors() if self.uploader else [])
 
     def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
         if self.uploader:
             self.uploader.close()
 

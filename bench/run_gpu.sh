@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# On the GPU machine: install the carried wheels, record the machine, then run the benchmark and the GPU e2e.
+#   bash bench/run_gpu.sh OUT_DIR [speed.py configs] [configs to profile] [e2e|numerics|no-e2e]
+# Wheels: bench/fetch_wheels.sh puts them in .whl/ here; the device tool carries .whl (README.md, Notes).
+set -uo pipefail
+out=${1:?output folder}
+configs=${2:-seed,job,job-gc,job-b24}
+profile=${3:-}
+e2e=${4:-e2e}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+# The device tool brings back at most 8 files from OUT: full logs go to a scratch folder, then one tarball.
+scratch=/tmp/bench-run
+rm -rf "$scratch" && mkdir -p "$scratch"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+python3 -m pip list 2>/dev/null > "$out/pip-list-image.txt"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl 2>&1 | grep -v "^WARNING: Target directory" | tail -3
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 - <<'PY' | tee "$out/versions.txt"
+import importlib.metadata as md, sys
+import torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
+for p in ("transformers", "peft", "bitsandbytes", "accelerate", "datasets", "liger_kernel", "triton",
+          "huggingface_hub", "tokenizers", "safetensors", "pyarrow", "numpy", "pandas", "moto", "boto3"):
+    try:
+        print(p, md.version(p))
+    except md.PackageNotFoundError:
+        print(p, "missing")
+import bitsandbytes, liger_kernel, peft, transformers  # noqa: F401  (imports work)
+PY
+status=0
+if [ "$configs" != "none" ]; then
+    timeout "${SPEED_TIMEOUT:-400}" python3 bench/speed.py --out "$scratch/speed" --configs "$configs" \
+        --profile "$profile" --timeout "${CONFIG_TIMEOUT:-200}" || status=1
+fi
+if [ "$e2e" = "e2e" ]; then
+    timeout "${E2E_TIMEOUT:-240}" python3 bench/gpu_e2e.py --out "$scratch" || status=1
+elif [ "$e2e" = "numerics" ]; then
+    timeout "${E2E_TIMEOUT:-170}" python3 bench/gpu_e2e.py --out "$scratch" --numerics-only || status=1
+fi
+cp "$scratch/speed/results.json" "$scratch/GPU_E2E.md" "$out/" 2>/dev/null
+tar czf "$out/logs.tgz" -C "$scratch" --exclude=work . 2>/dev/null
+exit $status

@@ -1,0 +1,479 @@
+"""Speed benchmark on one GPU: the seed's recipe against the job's own training path, on identical token streams.
+
+    python bench/speed.py --out DIR [--model 7b|small] [--configs seed,job,...]
+
+What it does, in order:
+1. Builds a random-weight Llama of Llama-2-7B's exact shape (hidden 4096, 32 layers, 32 heads, intermediate 11008,
+   vocab 32000) in float16 on the GPU and saves it as safetensors with a 32000-token tokenizer, so that every
+   configuration loads it through `from_pretrained` in 4-bit, as the job loads a Hub model. `--model small` keeps
+   the width and has 2 layers (a smoke test of the same code).
+2. Draws one token stream with a fixed seed: sequences of 200-500 tokens (persona-chat-like lengths), labels on
+   the reply spans only, ordered once by transformers' own `get_length_grouped_indices` (what the seed's
+   `group_by_length=True` did; transformers 5 spells it `train_sampling_strategy="group_by_length"`). Every
+   configuration then reads that order sequentially, so all see the same batches in the same order.
+3. Runs each configuration in a fresh process (`--run-one`): load, train, measure. Timing syncs the GPU at each
+   optimizer step's end; tokens/s counts real tokens only (no padding); peak memory is
+   torch.cuda.max_memory_allocated over the whole process, loading included.
+
+Configurations: `seed` is the seed's recipe written plainly (transformers Trainer + peft + bitsandbytes,
+prepare_model_for_kbit_training, fp16 compute without autocast, gradient checkpointing, batch 4,
+paged_adamw_32bit, LoRA r64/alpha16/dropout .1 on q_proj,v_proj). `job*` run the job's own path: job.model's
+loading, LoRA and speed plan, job.trainer's TrainingArguments and PersonaTrainer, job.speed's collator, with
+the job's defaults unless the configuration overrides a setting (by its environment name).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+PARAMS_7B = 6.74e9          # Llama-2-7B's parameter count, for MFU
+PEAK_BF16 = 989e12          # dense bf16 peak of H100 SXM and H200 (datasheet)
+
+# name -> (recipe, sequences per optimizer step, steps, settings). Settings are job environment names, or for the
+# seed recipe the few things the issue varies.
+CONFIGS = {
+    "seed": ("seed", 4, 30, {}),
+    "seed-bf16-autocast": ("seed", 4, 30, {"autocast": "bf16"}),
+    "job": ("job", 4, 30, {}),
+    "job-ckpt": ("job", 4, 110, {"SAVE_STEPS": "50"}),
+    "job-gc": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "true"}),
+    "job-padded": ("job", 4, 30, {"PADDING_FREE": "false"}),
+    "job-no-liger": ("job", 4, 30, {"USE_LIGER_KERNEL": "false"}),
+    "job-no-tf32": ("job", 4, 30, {"TF32": "false"}),
+    "job-autocast": ("job", 4, 30, {"autocast": "bf16"}),
+    "job-expandable": ("job", 4, 30, {"os_env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}),
+    "job-b16": ("job", 16, 20, {"PER_DEVICE_TRAIN_BATCH_SIZE": "16", "GRADIENT_CHECKPOINTING": "false"}),
+    "job-b24": ("job", 24, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false"}),
+    "job-b32": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32", "GRADIENT_CHECKPOINTING": "false"}),
+    "job-b32-gc": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32", "GRADIENT_CHECKPOINTING": "true"}),
+    "job-b64-gc": ("job", 64, 10, {"PER_DEVICE_TRAIN_BATCH_SIZE": "64", "GRADIENT_CHECKPOINTING": "true"}),
+}
+WARMUP_STEPS = 5
+DEVICE = "cuda"      # "cpu" only for --cpu-smoke, a check of this script without a GPU
+
+
+# ---------------------------------------------------------------- model and data
+
+def build_model(directory: Path, layers: int) -> None:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    if (directory / "config.json").exists():
+        return
+    started = time.time()
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, LLAMA2_7B["vocab_size"])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            model_max_length=4096).save_pretrained(str(directory))
+    config = LlamaConfig(**{**LLAMA2_7B, "num_hidden_layers": layers}, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False, initializer_range=0.02)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float16)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.config.dtype = "float16"
+    model.save_pretrained(str(directory), max_shard_size="4GB")
+    del model
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    print(f"built {layers}-layer Llama-2-7B-shaped model in {time.time() - started:.0f} s", flush=True)
+
+
+def token_stream(n: int = 2400, seed: int = 0) -> list[dict]:
+    """Sequences of 200-500 tokens in the seed's length-grouped order; labels on the reply spans only."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    g = torch.Generator().manual_seed(seed)
+    # persona-chat rows rendered in the Llama-2 template: most near 300-350 tokens, a tail to 500
+    lengths = (torch.randn(n, generator=g) * 70 + 330).round().clamp(200, 500).long().tolist()
+    rows = []
+    for length in lengths:
+        ids = [1] + torch.randint(3, LLAMA2_7B["vocab_size"], (length - 2,), generator=g).tolist() + [2]
+        labels = [-100] * length
+        for start, end in ((int(length * 0.55), int(length * 0.65)), (int(length * 0.8), length)):
+            labels[start:end] = ids[start:end]   # two of Persona B's replies, the last with its EOS
+        rows.append({"input_ids": ids, "labels": labels})
+    order = get_length_grouped_indices(lengths, 4, generator=torch.Generator().manual_seed(42))
+    return [rows[i] for i in order]
+
+
+# ---------------------------------------------------------------- one configuration, in its own process
+
+def make_meter(profile: bool):
+    """A Trainer callback: wall time at each optimizer step's end (GPU synced), loss per step, and, if asked, a
+    torch.profiler trace of 3 steps after the warm-up, summarized."""
+    from transformers import TrainerCallback
+
+    class Meter(TrainerCallback):
+        def __init__(self):
+            self.times, self.losses, self.prof, self.profile_summary = [], {}, None, None
+
+        def on_train_begin(self, args, state, control, **kw):
+            sync()
+            self.times.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            if profile and state.global_step == WARMUP_STEPS + 5 and hasattr(self, "syncs"):
+                self.sync_report = self.syncs()
+                del self.syncs
+            sync()
+            self.times.append(time.perf_counter())
+            if profile and state.global_step == WARMUP_STEPS:
+                from torch.profiler import ProfilerActivity
+                from torch.profiler import profile as torch_profile
+                self.prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.prof_start = time.perf_counter()
+            elif self.prof is not None and state.global_step == WARMUP_STEPS + 3:
+                self.prof.__exit__(None, None, None)
+                self.profile_summary = summarize_profile(self.prof, time.perf_counter() - self.prof_start, 3)
+                self.prof = None
+            elif profile and state.global_step == WARMUP_STEPS + 4:
+                self.syncs = watch_host_syncs()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses[state.global_step] = float(logs["loss"])
+
+    return Meter()
+
+
+def watch_host_syncs():
+    """Count the host-device synchronizations of one optimizer step by where they come from (torch's sync debug
+    mode warns at each one); returns a function that stops watching and reports."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+    seen = collections.Counter()
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message).lower():
+            return original(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                  and "warnings" not in f.filename]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in frames[-3:][::-1])
+        seen[where] += 1
+
+    warnings.showwarning = show
+    warnings.simplefilter("always")
+    torch.cuda.set_sync_debug_mode(1)
+
+    def report():
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = original
+        return [{"count": n, "where": w} for w, n in seen.most_common(15)]
+    return report
+
+
+def python_gc_timer():
+    """Seconds spent in Python's cyclic garbage collector, by generation, from now until the returned call."""
+    spent, began = {}, {}
+
+    def callback(phase, info):
+        gen = info["generation"]
+        if phase == "start":
+            began[gen] = time.perf_counter()
+        elif gen in began:
+            spent[gen] = spent.get(gen, [0, 0.0])
+            spent[gen][0] += 1
+            spent[gen][1] += time.perf_counter() - began.pop(gen)
+
+    gc.callbacks.append(callback)
+
+    def report():
+        gc.callbacks.remove(callback)
+        return {f"gen{g}": {"collections": n, "seconds": round(t, 3)} for g, (n, t) in sorted(spent.items())}
+    return report
+
+
+def sync() -> None:
+    import torch
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def summarize_profile(prof, wall: float, steps: int) -> dict:
+    """GPU time by kind of kernel over the profiled steps, and how much of the wall time the GPU was busy."""
+    kinds = {"matmul": ("gemm", "xmma", "cutlass", "nvjet", "matmul", "wgmma"),
+             "4-bit dequantize": ("dequant",), "attention": ("flash", "fmha", "attention", "varlen"),
+             "optimizer": ("adam", "optimizer", "32bit"), "copy/cast": ("copy", "memcpy", "memset", "cast")}
+    totals: dict[str, float] = {}
+    busy = 0.0
+    top = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if not t or evt.device_type.name != "CUDA":
+            continue
+        busy += t
+        name = evt.key.lower()
+        kind = next((k for k, pats in kinds.items() if any(p in name for p in pats)), "other elementwise")
+        totals[kind] = totals.get(kind, 0.0) + t
+        top.append((t, evt.key[:90], evt.count))
+    top.sort(reverse=True)
+    cpu = sorted(((evt.self_cpu_time_total, evt.key[:90], evt.count) for evt in prof.key_averages()
+                  if evt.self_cpu_time_total), reverse=True)[:20]
+    return {"cpu_self_top": [{"ms_per_step": round(t / steps / 1e3, 2), "name": n, "calls": c // steps}
+                             for t, n, c in cpu],"wall_ms_per_step": wall / steps * 1e3, "gpu_busy_ms_per_step": busy / steps / 1e3,
+            "by_kind_ms_per_step": {k: round(v / steps / 1e3, 2) for k, v in sorted(totals.items(),
+                                                                                     key=lambda kv: -kv[1])},
+            "top_kernels": [{"ms_per_step": round(t / steps / 1e3, 2), "name": n, "calls": c // steps}
+                            for t, n, c in top[:15]]}
+
+
+def run_seed(model_dir: Path, rows, batch: int, steps: int, settings: dict, work: Path, meter):
+    """The seed's recipe, as it was written (transformers Trainer + peft + bitsandbytes)."""
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=torch.float16, bnb_4bit_use_double_quant=False)
+    # transformers 4 loaded a bnb model's other weights in float16 by default; transformers 5 would keep the
+    # checkpoint's dtype, which here is float16 too.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config, device_map={"": DEVICE},
+                                                 dtype=torch.float16)
+    model.config.use_cache = False
+    model.config.pretraining_tp = 1
+    model = prepare_model_for_kbit_training(model)          # fp32 norms/embeddings, gradient checkpointing
+    peft_config = LoraConfig(lora_alpha=16, lora_dropout=0.1, r=64, bias="none", task_type="CAUSAL_LM",
+                             target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(model, peft_config)
+    autocast = settings.get("autocast")
+    args = TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        optim="paged_adamw_32bit", save_strategy="no", logging_steps=1, learning_rate=2e-4, weight_decay=0.001,
+        fp16=False, bf16=autocast == "bf16", max_grad_norm=0.3, max_steps=steps, warmup_steps=0.03,
+        lr_scheduler_type="cosine", train_sampling_strategy="sequential", report_to="none", seed=42,
+        disable_tqdm=True, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+                      callbacks=[meter])
+    return trainer, {"recipe": "seed: fp16 compute, no autocast" if not autocast else f"seed + {autocast} autocast"}
+
+
+def run_job(model_dir: Path, rows, batch: int, steps: int, settings: dict, work: Path, meter):
+    """The job's path: its Config (defaults + overrides), loading, LoRA, speed plan, arguments and collator."""
+    import dataclasses
+
+    import datasets
+
+    from job.config import from_env
+    from job.log import Reporter
+    from job.model import add_lora, load_base_model, load_tokenizer, speed_plan
+    from job.speed import data_collator
+    from job.trainer import CheckpointCommitter, PersonaTrainer, training_arguments
+
+    env = {k: v for k, v in settings.items() if k.isupper()}
+    config = from_env({"BASE_MODEL": str(model_dir), "MAX_STEPS": str(steps), "LOGGING_STEPS": "1",
+                       "OUTPUT_DIR": str(work / "out"), "CHECKPOINT_URI": str(work / "store"), **env})
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps == batch
+    tokenizer = load_tokenizer(config)
+    plan = speed_plan(config, DEVICE)
+    model = add_lora(config, load_base_model(config, tokenizer, DEVICE, plan), tokenizer)
+    args = training_arguments(config, work / "trainer", DEVICE, False, plan)
+    saving = "SAVE_STEPS" in env
+    args = dataclasses.replace(args, train_sampling_strategy="sequential",
+                               bf16=settings.get("autocast") == "bf16",
+                               save_strategy="steps" if saving else "no")
+    callbacks = [meter]
+    uri = None
+    if saving:
+        store, uri = _checkpoint_store(config, work)
+        callbacks.append(CheckpointCommitter(config, store, Reporter("json"), protect=None))
+    trainer = PersonaTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             data_collator=data_collator(plan, tokenizer), processing_class=tokenizer,
+                             callbacks=callbacks)
+    return trainer, {"recipe": "job", "plan": plan.describe(), "checkpoint_store": uri}
+
+
+def _checkpoint_store(config, work: Path):
+    """The job's RunStore on moto's S3 server on loopback (as in the tests), or a local folder without moto."""
+    from job.storage import RunStore, open_store
+    try:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from s3server import start_moto
+        moto = start_moto()
+        moto.make_bucket("bench")
+        os.environ.update(moto.env())
+        uri = "s3://bench/checkpoints"
+    except Exception as exc:  # noqa: BLE001 - fall back, and say so in the result
+        print(f"moto unavailable ({exc}); checkpoints go to a local folder", flush=True)
+        uri = str(work / "store")
+    return RunStore(open_store(uri), config.resolved_run_id), uri
+
+
+def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
+    import torch
+
+    recipe, batch, steps, settings = CONFIGS[name]
+    rows = token_stream()[: batch * steps]
+    work = out / "work" / name
+    work.mkdir(parents=True, exist_ok=True)
+    meter = make_meter(profile)
+    started = time.time()
+    runner = run_seed if recipe == "seed" else run_job
+    trainer, info = runner(model_dir, rows, batch, steps, settings, work, meter)
+    collections = python_gc_timer()
+    gpu = DEVICE == "cuda"
+    load_peak = torch.cuda.max_memory_allocated() if gpu else 0
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    loaded = time.time()
+    trainer.train()
+    train_peak = torch.cuda.max_memory_allocated() if gpu else 0
+    times = meter.times
+    step_seconds = [b - a for a, b in zip(times[:-1], times[1:])]
+    tokens = [sum(len(r["input_ids"]) for r in rows[i * batch:(i + 1) * batch]) for i in range(steps)]
+    # Steps after the warm-up; before the first save when saving; without the profiled and sync-watched steps.
+    window = [i for i in range(WARMUP_STEPS, min(steps, 45) if "SAVE_STEPS" in settings else steps)
+              if not (profile and WARMUP_STEPS <= i < WARMUP_STEPS + 6)]
+    seconds = sum(step_seconds[i] for i in window)
+    measured_tokens = sum(tokens[i] for i in window)
+    result = {
+        "config": name, **info, "settings": settings, "sequences_per_step": batch, "steps": steps,
+        "measured_steps": len(window), "tokens_per_second": measured_tokens / seconds,
+        "seconds_per_step": seconds / len(window), "tokens_per_step": measured_tokens / len(window),
+        "peak_gib": max(load_peak, train_peak) / 2**30, "train_peak_gib": train_peak / 2**30,
+        "load_peak_gib": load_peak / 2**30, "first_losses": [meter.losses.get(s) for s in range(1, 6)],
+        "load_seconds": loaded - started, "train_seconds": time.time() - loaded,
+        "step_seconds": [round(x, 4) for x in step_seconds], "python_gc": collections(),
+    }
+    result["mfu"] = result["tokens_per_second"] * 4 * PARAMS_7B / PEAK_BF16
+    if "SAVE_STEPS" in settings:
+        # Checkpoint cost at the default cadence: all step time beyond what the same steps take without saving.
+        all_steps = step_seconds[WARMUP_STEPS:]
+        typical = sorted(all_steps)[len(all_steps) // 2]
+        total = sum(all_steps)
+        result["checkpoint"] = {"steps": len(all_steps), "seconds": total, "median_step": typical,
+                                "overhead_fraction": (total - typical * len(all_steps)) / total,
+                                "slowest_steps": sorted(step_seconds)[-4:]}
+    if getattr(meter, "profile_summary", None):
+        result["profile"] = meter.profile_summary
+    if getattr(meter, "sync_report", None) is not None:
+        result["host_syncs_one_step"] = meter.sync_report
+    return result
+
+
+# ---------------------------------------------------------------- the whole benchmark
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    import torch
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "liger-kernel", "triton",
+                "safetensors", "tokenizers", "huggingface-hub", "moto", "boto3"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        smi = None
+    return {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "nvidia_smi": smi, "cuda": torch.version.cuda,
+            "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "versions": versions}
+
+
+def table(results: list[dict]) -> str:
+    seed = next((r for r in results if r.get("config") == "seed" and "error" not in r), None)
+    lines = ["| config | seq/step | tokens/s | s/step | peak GiB | first 5 losses | vs seed | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['config']} | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        ratio = f"{r['tokens_per_second'] / seed['tokens_per_second']:.2f}x" if seed else "-"
+        losses = " ".join(f"{x:.4f}" if x is not None else "-" for x in r["first_losses"])
+        lines.append(f"| {r['config']} | {r['sequences_per_step']} | {r['tokens_per_second']:,.0f} | "
+                     f"{r['seconds_per_step']:.3f} | {r['peak_gib']:.2f} | {losses} | {ratio} | {r['mfu']:.1%} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", choices=["7b", "small"], default="7b")
+    parser.add_argument("--model-dir", type=Path, default=None)
+    parser.add_argument("--configs", default="seed,job,job-gc,job-b24")
+    parser.add_argument("--profile", default="", help="comma list of configs to profile for 3 steps")
+    parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cpu-smoke", action="store_true", help="check this script on a CPU: tiny width, 2 layers")
+    parser.add_argument("--timeout", type=float, default=420, help="seconds for one configuration's process")
+    args = parser.parse_args()
+    global DEVICE
+    if args.cpu_smoke:
+        DEVICE = "cpu"
+        LLAMA2_7B.update(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4)
+        args.model = "small"
+    model_dir = args.model_dir or Path("/tmp") / f"llama2-7b-shape-{args.model}{'-cpu' if args.cpu_smoke else ''}"
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if args.run_one:
+        result = run_one(args.run_one, model_dir, args.out, args.run_one in args.profile.split(","))
+        (args.out / f"result-{args.run_one}.json").write_text(json.dumps(result, indent=2))
+        return 0
+
+    build_model(model_dir, 32 if args.model == "7b" else 2)
+    results = []
+    env = environment()
+    print(json.dumps(env), flush=True)
+    for name in args.configs.split(","):
+        started = time.time()
+        log = args.out / f"log-{name}.txt"
+        try:
+            child_env = {**os.environ, **CONFIGS[name][3].get("os_env", {})}
+            proc = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--model-dir", str(model_dir),
+                                   "--run-one", name, "--profile", args.profile] + (["--cpu-smoke"] if args.cpu_smoke else []),
+                                  stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=args.timeout, env=child_env)
+            path = args.out / f"result-{name}.json"
+            if proc.returncode == 0 and path.exists():
+                result = json.loads(path.read_text())
+            else:
+                tail = log.read_text().strip().splitlines()[-1:] or ["?"]
+                result = {"config": name, "error": f"exit {proc.returncode}: {tail[0]}"}
+        except subprocess.TimeoutExpired:
+            result = {"config": name, "error": f"timed out after {args.timeout:.0f} s"}
+        result["wall_seconds"] = time.time() - started
+        results.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("profile", "plan")}), flush=True)
+        (args.out / "results.json").write_text(json.dumps({"environment": env, "model": args.model,
+                                                           "results": results}, indent=2))
+    print(table(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
