@@ -39,7 +39,7 @@ RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3.12-venv \
     && rm -rf /var/lib/apt/lists/*
 RUN python3.12 -m venv /opt/venv
-COPY requirements.txt constraints.txt /tmp/deps/
+COPY requirements.txt requirements-gpu.txt constraints.txt /tmp/deps/
 # The image's constraints: constraints.txt without its CPU torch line, plus the CUDA build of torch and the
 # exact versions of torch's own CUDA dependencies as installed on the bench machines (torch pins most of
 # them itself; cuda-bindings, cuda-pathfinder and setuptools it only bounds).
@@ -71,7 +71,7 @@ RUN sed '/^torch==/d' /tmp/deps/constraints.txt > /tmp/deps/constraints-image.tx
 # version is pinned, so a package found on both indexes is the same release either way.
 RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
         --extra-index-url https://download.pytorch.org/whl/cu130 \
-        -r /tmp/deps/requirements.txt -c /tmp/deps/constraints-image.txt \
+        -r /tmp/deps/requirements.txt -r /tmp/deps/requirements-gpu.txt -c /tmp/deps/constraints-image.txt \
     && /opt/venv/bin/pip check
 
 
