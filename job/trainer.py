@@ -26,7 +26,7 @@ def training_arguments(config: Config, output_dir: Path, device: str, has_eval: 
                        plan: SpeedPlan, world_size: int = 1) -> TrainingArguments:
     gradient_checkpointing = plan.gradient_checkpointing
     batch, accumulation = split_batch(config, world_size)
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch,
         per_device_eval_batch_size=config.per_device_eval_batch_size,
@@ -60,6 +60,13 @@ def training_arguments(config: Config, output_dir: Path, device: str, has_eval: 
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
+    if device == "cuda" and world_size == 1:
+        # One process on a node with several GPUs: the Trainer would wrap the model in nn.DataParallel over all
+        # of them (its n_gpu is every visible GPU), which the 4-bit model does not survive intact and which logged
+        # twice the loss on 2 GPUs (docs/PERFORMANCE.md). One process trains on one GPU; more is NPROC_PER_NODE.
+        _ = args.device   # let TrainingArguments count the GPUs first, then keep to one
+        args._n_gpu = 1
+    return args
 
 
 class PersonaTrainer(Trainer):
