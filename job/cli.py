@@ -72,17 +72,13 @@ def train() -> None:
 
 def _launch_checked(config: Config) -> int:
     """Check what a retry can't fix before starting the workers under torchrun."""
-    import torch
-    from .distributed import BatchSplitError, launch, split_batch
+    from .distributed import launch
+    from .train import BadInput, check_machine
     reporter = _reporter(config)
     try:
-        split_batch(config, config.nproc_per_node * config.nnodes)
-    except BatchSplitError as exc:
+        check_machine(config)
+    except BadInput as exc:
         reporter.error(str(exc))
-        return 2
-    if config.require_gpu and torch.cuda.device_count() < config.nproc_per_node:
-        reporter.error(f"NPROC_PER_NODE={config.nproc_per_node} but {torch.cuda.device_count()} CUDA GPU(s) are "
-                       f"visible; ask for more GPUs or lower NPROC_PER_NODE (REQUIRE_GPU=false runs on the CPU)")
         return 2
     from .storage import RunStore, StoreError, open_store
     try:

