@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .config import Config
 from .data import render_prompt
+from .plot import LOSS_CURVE
 
 EXAMPLE_PERSONA = ["I keep bees on my roof.", "I work as a night nurse.", "My favourite food is ramen."]
 
@@ -45,10 +46,12 @@ def model_card(config: Config, final_dir: Path, merged: bool = False) -> str:
         "",
         "### Loss by step",
         "",
+        *([f"![Train and eval loss by step]({LOSS_CURVE})", ""] if (final_dir / LOSS_CURVE).exists() else []),
         "| step | train loss | eval loss |",
         "|---|---|---|",
         *_loss_rows(summary),
         "",
+        *_evaluation(summary.get("evaluation")),
         "## Prompt template",
         "",
         "Training, evaluation and this example use one Llama-2 chat template. The persona sits between the "
@@ -73,6 +76,41 @@ def model_card(config: Config, final_dir: Path, merged: bool = False) -> str:
 
 def _num(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _evaluation(evaluation: dict | None) -> list[str]:
+    """Base against tuned on the held-out conversations, and a few replies side by side."""
+    if not evaluation:
+        return []
+    base, tuned = evaluation["base"], evaluation["tuned"]
+    rows = [("held-out reply loss (lower is better)", "loss"), ("perplexity", "perplexity"),
+            ("unigram F1 of greedy replies vs reference", "reply_f1"),
+            ("persona word overlap (proxy, 0-1)", "persona_overlap"), ("NLI C-score", "c_score"),
+            ("replies entailing a persona fact", "entailed_share"),
+            ("replies contradicting a persona fact", "contradicted_share")]
+    reference = evaluation.get("reference", {})
+    lines = ["## Evaluation", "",
+             f"On {evaluation['heldout_rows']} held-out rows from conversations never trained on "
+             f"({evaluation['generated_rows']} answered greedily). Losses cover Persona B's reply tokens only. "
+             f"Persona consistency: {evaluation['consistency_method']}.", "",
+             "| | base model | tuned adapter | human reference |", "|---|---|---|---|"]
+    lines += [f"| {label} | {_num(base.get(key))} | {_num(tuned.get(key))} | "
+              f"{_num(reference[key]) if key in reference else ''} |"
+              for label, key in rows if key in base or key in tuned]
+    samples = evaluation.get("samples") or []
+    if samples:
+        lines += ["", "### Sample replies", ""]
+        for i, sample in enumerate(samples, 1):
+            last_user = sample["context"][-1][0]
+            lines += [f"**{i}.** Persona: {' '.join(sample['persona'])}", "",
+                      f"- user: {_quote(last_user)}", f"- reference: {_quote(sample['reference'])}",
+                      f"- base: {_quote(sample['base_reply'])}", f"- tuned: {_quote(sample['tuned_reply'])}", ""]
+    return lines + [""]
+
+
+def _quote(text: str) -> str:
+    flat = " ".join(str(text).split()) or "(empty)"
+    return "`" + flat.replace("`", "'") + "`"
 
 
 def _loss_rows(summary: dict) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import urllib.parse
 import warnings
 
 import click
@@ -63,7 +64,7 @@ def train() -> None:
     """Train (or resume, or publish, or nothing if done) the run of this configuration."""
     config = _config()
     _quiet_libraries()
-    from .distributed import launch, wants_launch
+    from .distributed import wants_launch
     if wants_launch(config, _topology()):
         sys.exit(_launch_checked(config))
     from .train import main
@@ -71,19 +72,19 @@ def train() -> None:
 
 
 def _launch_checked(config: Config) -> int:
-    """Check what a retry can't fix before starting the workers under torchrun."""
+    """Run the preflight checks once, before starting the workers under torchrun: what a retry can't fix fails
+    here, not once per worker (which check again, each on its own GPU, and print the table)."""
     from .distributed import launch
-    from .train import BadInput, check_machine
+    from .preflight import run_checks
+    from .storage import StoreError
     reporter = _reporter(config)
-    try:
-        check_machine(config)
-    except BadInput as exc:
-        reporter.error(str(exc))
+    checks = run_checks(config, _topology(), launcher=True)
+    for problem in checks.problems:
+        reporter.error(problem)
+    if checks.problems:
         return 2
-    from .storage import RunStore, StoreError, open_store
     try:
-        run_store = RunStore(open_store(config.checkpoint_uri), config.resolved_run_id)
-        finished_training = run_store.final_committed()
+        finished_training = checks.found.run_store.final_committed()
     except StoreError as exc:
         reporter.error(str(exc))
         return 2
@@ -98,16 +99,26 @@ def _launch_checked(config: Config) -> int:
 
 @cli.command()
 def preflight() -> None:
-    """Check configuration, GPU, storage, Hub access and data without loading the model."""
-    config = _config()
-    _quiet_libraries()
-    from .train import BadInput, preflight as run_preflight
-    reporter = _reporter(config)
+    """Check the settings, GPU and 4-bit kernels, model and dataset access, the checkpoint store, Hub push
+    access, disk space and the memory estimate, in seconds and without loading the model. Prints a table (JSON
+    events in a pod's log) and one `error:` line per failure; exit 2 if any check fails."""
+    from .log import Reporter
+    from .preflight import config_failed, report, run_checks
     try:
-        run_preflight(config, reporter)
-    except BadInput as exc:
-        reporter.error(str(exc))
-        sys.exit(2)
+        config = from_env(os.environ)
+    except ConfigError as exc:   # no Config, so no LOG_FORMAT or secrets from it: take what the environment says
+        mode = os.environ.get("LOG_FORMAT", "auto")
+        reporter = Reporter(mode if mode in ("auto", "bar", "json") else "auto",
+                            secrets=[os.environ.get("HF_TOKEN", "")] + _foreign_secrets())
+        results = config_failed(exc.problems)
+    else:
+        _quiet_libraries()
+        reporter = _reporter(config)
+        results = run_checks(config, _topology()).results
+    problems = report(results, reporter)
+    for problem in problems:
+        reporter.error(problem)
+    sys.exit(2 if problems else 0)
 
 
 @cli.command()
@@ -126,21 +137,54 @@ def show_config() -> None:
 
 
 @cli.command()
-def status() -> None:
-    """Print status.json of this configuration's run: phase, step, newest checkpoint, Hub commit."""
+@click.option("--json", "as_json", is_flag=True, help="Print status.json as stored, plus committed_checkpoints.")
+def status(as_json: bool) -> None:
+    """Where this configuration's run stands: phase, step, loss, speed, ETA, checkpoints, Hub commit.
+
+    Exit 0 if the run exists, 1 if it has no status.json, 2 if the store can't be read or the settings are bad."""
+    from .status import render_status
     config = _config()
-    from .storage import RunStore, StoreError, open_store
-    try:
-        run_store = RunStore(open_store(config.checkpoint_uri), config.resolved_run_id)
-        found = run_store.read_status()
-        committed = run_store.committed_steps()
-    except StoreError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    found, committed = _read_status(config)
     if found is None:
         click.echo(f"no run {config.resolved_run_id!r} under {config.checkpoint_uri}", err=True)
         sys.exit(1)
-    click.echo(json.dumps({**found, "committed_checkpoints": committed}, indent=2))
+    if as_json:
+        text = json.dumps({**found, "committed_checkpoints": committed}, indent=2)
+    else:
+        text = render_status(found, committed)
+    for secret in config.secrets() + _foreign_secrets():  # status.json holds none; a stray error text might
+        text = text.replace(secret, "***")
+    click.echo(text)
+
+
+def _read_status(config: Config) -> tuple[dict | None, list[int]]:
+    """status.json and the committed steps; exit 2 with one line if the store can't be read."""
+    import botocore.exceptions
+    from .storage import RunStore, S3Store, StoreError, open_store
+    uri = config.checkpoint_uri
+    if "://" not in uri and not os.path.isdir(os.path.expanduser(uri)):
+        return None, []   # a look must not create the store directory, as opening a LocalStore would
+    try:
+        # A look, not a job: one try per request, so a wrong or dead endpoint answers in seconds, not minutes.
+        store = S3Store(uri, max_attempts=2, object_attempts=1) if uri.startswith("s3://") else open_store(uri)
+        run_store = RunStore(store, config.resolved_run_id)
+        found = run_store.read_status()
+        return found, run_store.committed_steps() if found is not None else []
+    except StoreError as exc:
+        problem = str(exc)
+    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as exc:
+        where = urllib.parse.urlsplit(exc.kwargs.get("endpoint_url", ""))   # host only: no key, no user info
+        problem = (f"CHECKPOINT_URI {uri}: cannot connect to the S3 endpoint {where.scheme}://{where.hostname}"
+                   f"{f':{where.port}' if where.port else ''} ({type(exc).__name__}). Check AWS_ENDPOINT_URL_S3 / "
+                   "AWS_ENDPOINT_URL and that the server is up.")
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        # Our own words: botocore's text may carry a signed URL.
+        problem = (f"CHECKPOINT_URI {uri}: cannot read the run's status.json ({type(exc).__name__}). Check "
+                   "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, the credentials, and that the server is up.")
+    except OSError as exc:
+        problem = f"CHECKPOINT_URI {uri}: cannot read the run's status.json ({exc.strerror or type(exc).__name__})."
+    click.echo(f"error: {problem}", err=True)
+    sys.exit(2)
 
 
 @cli.command("env-example")

@@ -137,6 +137,17 @@ class Config:
                                     choices=_fixed("auto", "true", "false"))
     tf32: str = setting("auto", "TF32 tensor cores for the float32 LoRA matmuls: auto (on Ampere and newer GPUs), "
                         "true, false", choices=_fixed("auto", "true", "false"))
+    # --- evaluation of the persona (job/evaluate.py) ---
+    eval_generations: int = setting(32, "held-out rows to answer greedily, base and tuned, for reply F1 and persona "
+                                    "consistency (0 = losses only)", check=_at_least(0), affects_result=False)
+    eval_max_new_tokens: int = setting(48, "longest greedy reply in the evaluation, in tokens", check=_at_least(1),
+                                       affects_result=False)
+    eval_at_checkpoints: bool = setting(False, "also evaluate the persona (loss, reply F1, consistency) at every "
+                                        "checkpoint, not only at the end", affects_result=False)
+    nli_model: str = setting("", "NLI model (Hub id or local directory) scoring replies against the persona facts; "
+                             "empty = the word-overlap proxy", affects_result=False)
+    publish_only_if_improved: bool = setting(False, "refuse to push (exit 2) unless the tuned adapter's held-out "
+                                             "loss is below the base model's", affects_result=False)
     # --- cadence and storage ---
     save_steps: int = setting(50, "checkpoint every N optimizer steps", check=_at_least(1), affects_result=False)
     save_total_limit: int = setting(3, "committed checkpoints kept in the store", check=_at_least(1),
@@ -271,7 +282,11 @@ def from_env(environ: Mapping[str, str]) -> Config:
     problems += _near_misses(environ)
     if problems:
         raise ConfigError(problems)
-    return Config(**values)
+    config = Config(**values)
+    if config.publish_only_if_improved and config.eval_fraction == 0:
+        raise ConfigError(["PUBLISH_ONLY_IF_IMPROVED=true needs held-out conversations to compare on; "
+                           "set EVAL_FRACTION > 0 (e.g. 0.05) or PUBLISH_ONLY_IF_IMPROVED=false"])
+    return config
 
 
 def _near_misses(environ: Mapping[str, str]) -> list[str]:

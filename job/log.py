@@ -51,10 +51,16 @@ class Reporter:
             extra = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
             self._write(f"[{event}] {message} {extra}".rstrip())
 
+    def text(self, text: str) -> None:
+        """Preformatted lines (a table), masked like every other line."""
+        for line in text.splitlines():
+            self._write(line)
+
     def error(self, message: str) -> None:
-        """A failure the user must fix: one clear line on stderr."""
+        """A failure the user must fix: one clear line on stderr (several problems: one `error:` line each)."""
         self.close_progress()
-        print(f"error: {self._mask(message)}", file=sys.stderr, flush=True)
+        for line in self._mask(message).splitlines() or [""]:
+            print(f"error: {line}", file=sys.stderr, flush=True)
 
     def start_progress(self, total: int, initial: int = 0) -> None:
         if self.mode == "bar" and not self.quiet:

@@ -67,24 +67,21 @@ class Prepared:
 # ---------------------------------------------------------------- preflight
 
 def preflight(config: Config, reporter: Reporter, topology: Topology = Topology()) -> Prepared:
-    """Every check that can fail on bad input, before a byte of the model is loaded."""
-    device = check_machine(config)
-    run_store = _open_run_store(config, probe=topology.is_main)
-    try:
-        splits, data_fp = _prepare_rows(config)
-    except DataError as exc:
-        raise BadInput(str(exc)) from None
+    """Every check of job/preflight.py, before a byte of the model is loaded. All of them run; BadInput carries
+    every failure, one line each (the reporter writes each as its own `error:` line)."""
+    from .preflight import report, run_checks
+
+    checks = run_checks(config, topology)
+    problems = report(checks.results, reporter)
+    if problems:
+        raise BadInput("\n".join(problems))
+    found = checks.found
     if topology.is_main:
-        _check_same_run(config, run_store, data_fp)
-    if config.hub_model_id and topology.is_main:
-        from .publish import HubAccessError, check_hub_access
-        try:
-            check_hub_access(config)
-        except HubAccessError as exc:
-            raise BadInput(str(exc)) from None
-    reporter.event("preflight", "checks passed", device=device, run_id=config.resolved_run_id,
-                   train_rows=len(splits.train), eval_rows=len(splits.eval))
-    return Prepared(device=device, run_store=run_store, splits=splits, data_fingerprint=data_fp, topology=topology)
+        _check_same_run(config, found.run_store, found.data_fingerprint)
+    reporter.event("preflight", "checks passed", device=found.device, run_id=config.resolved_run_id,
+                   train_rows=len(found.splits.train), eval_rows=len(found.splits.eval))
+    return Prepared(device=found.device, run_store=found.run_store, splits=found.splits,
+                    data_fingerprint=found.data_fingerprint, topology=topology)
 
 
 def check_machine(config: Config) -> str:
@@ -146,7 +143,8 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
     """Train (or resume) to the end and write the adapter to OUTPUT_DIR. Raises Stopped on a signal."""
     from .model import add_lora, load_base_model, load_tokenizer, speed_plan
     from .speed import data_collator
-    from .trainer import CheckpointCommitter, PersonaTrainer, ReportCallback, StopCallback, training_arguments
+    from .trainer import (CheckpointCommitter, EvaluationCallback, PersonaTrainer, ReportCallback, StopCallback,
+                          training_arguments)
 
     started = time.time()
     out = Path(config.output_dir)
@@ -182,13 +180,24 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
     committer = CheckpointCommitter(config, run_store, reporter, protect=resume[0] if resume else None,
                                     is_main=topology.is_main)
     status = _StatusWriter(config, run_store, committer, enabled=topology.is_main)
+    evaluator = None
+    if eval_examples and topology.is_main:
+        from .evaluate import build_evaluator
+        try:
+            evaluator = build_evaluator(config, tokenizer, prepared.splits.eval, eval_examples,
+                                        data_collator(plan, tokenizer), prepared.device)
+        except ValueError as exc:   # an NLI_MODEL without entailment/contradiction labels
+            raise BadInput(str(exc)) from None
+    callbacks = [StopCallback(stop)]
+    if evaluator and config.eval_at_checkpoints:
+        callbacks.append(EvaluationCallback(evaluator, stop, reporter, status))
     trainer = PersonaTrainer(
         model=model, args=args,
         train_dataset=datasets.Dataset.from_list(train_examples),
         eval_dataset=datasets.Dataset.from_list(eval_examples) if eval_examples else None,
         data_collator=data_collator(plan, tokenizer),
         processing_class=tokenizer,
-        callbacks=[StopCallback(stop), committer, ReportCallback(reporter, status)],
+        callbacks=callbacks + [committer, ReportCallback(reporter, status)],
     )
     committer.clean_leftovers()
     if resume:
@@ -213,17 +222,50 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
     final_eval = trainer.evaluate() if eval_examples else {}
     if not topology.is_main:
         return Trained(summary={}, model=trainer.model, tokenizer=tokenizer)
+    status.write(phase="evaluating", step=trainer.state.global_step)
+    evaluation = _evaluate(evaluator, trainer.model, reporter, stop, status, trainer.state.global_step)
     summary = _summary(config, trainer, result, final_eval, started, len(train_examples), len(eval_examples),
                        prepared)
+    summary["evaluation"] = evaluation
     status.write(phase="finalizing", step=trainer.state.global_step)
     status.flush()
     trainer.model.save_pretrained(out, save_embedding_layers=False)
     tokenizer.save_pretrained(out)
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _plot(summary, out, reporter)
     from .card import model_card
     (out / "README.md").write_text(model_card(config, out))  # ours, in place of peft's template
     committer.close()
     return Trained(summary=summary, model=trainer.model, tokenizer=tokenizer)
+
+
+def _evaluate(evaluator, model, reporter: Reporter, stop: StopSignal, status, step: int) -> dict[str, Any] | None:
+    """The persona evaluation of the finished adapter against the base; a stop signal here means exit 75 (the
+    last step is committed, so the restart only evaluates again)."""
+    if evaluator is None:
+        return None
+    from .evaluate import EvaluationStopped
+    from .trainer import brief
+
+    reporter.event("evaluation", f"evaluating base and tuned model on {len(evaluator.examples)} held-out rows "
+                                 f"({len(evaluator.cases)} answered greedily)")
+    try:
+        evaluation = evaluator.run(model, should_stop=lambda: stop.received)
+    except EvaluationStopped:
+        status.write(stopped_by=stop.received)
+        status.flush()
+        raise Stopped(f"stopped by {stop.received} during the final evaluation; step {step} is committed") from None
+    reporter.event("evaluation", "persona evaluation of the final adapter", step=step, **brief(evaluation))
+    status.write(evaluation={"step": step, **brief(evaluation)})
+    return evaluation
+
+
+def _plot(summary: dict[str, Any], out: Path, reporter: Reporter) -> None:
+    from .plot import LOSS_CURVE, loss_curve
+    try:
+        loss_curve(summary, out / LOSS_CURVE)
+    except ImportError as exc:   # a cosmetic file is not worth failing a finished run for
+        reporter.event("plot", f"no loss curve: {exc}")
 
 
 def _resume_point(run_store: RunStore, work: Path, reporter: Reporter,
@@ -288,6 +330,8 @@ class _StatusWriter:
             return
         with self._changed:
             self.fields.update(fields)
+            if self.fields.get("phase") != "training":
+                self.fields.pop("eta_seconds", None)   # an estimate of the training left; none is left
             self.fields["newest_checkpoint"] = self.committer.last_committed
             self._pending = dict(self.fields)
             self._changed.notify_all()
@@ -357,6 +401,12 @@ def final_files(config: Config) -> list[str]:
 def finish(config: Config, reporter: Reporter, run_store: RunStore) -> int:
     """After final/ is committed: publish if asked, then mark the run done."""
     status = run_store.read_status() or {}
+    if config.hub_model_id and config.publish_only_if_improved:
+        refusal = _not_improved(Path(config.output_dir))
+        if refusal:
+            run_store.write_status({**status, "phase": "failed", "error": refusal})
+            reporter.error(refusal)
+            return EXIT_BAD_INPUT
     if config.hub_model_id:
         from .publish import publish
         status = {**status, "phase": "publishing"}
@@ -368,6 +418,20 @@ def finish(config: Config, reporter: Reporter, run_store: RunStore) -> int:
     reporter.event("done", "run complete", run_id=config.resolved_run_id, output_dir=config.output_dir,
                    hub_commit_url=status.get("hub_commit_url"))
     return EXIT_OK
+
+
+def _not_improved(final_dir: Path) -> str | None:
+    """PUBLISH_ONLY_IF_IMPROVED: why the adapter may not be pushed, or None."""
+    evaluation = json.loads((final_dir / "training_summary.json").read_text()).get("evaluation")
+    if not evaluation:
+        return ("PUBLISH_ONLY_IF_IMPROVED=true but this run has no held-out evaluation; not pushing "
+                "(set EVAL_FRACTION > 0 for a new run, or PUBLISH_ONLY_IF_IMPROVED=false)")
+    base, tuned = evaluation["base"]["loss"], evaluation["tuned"]["loss"]
+    if tuned < base:
+        return None
+    return (f"PUBLISH_ONLY_IF_IMPROVED=true: the tuned adapter's held-out reply loss {tuned:.4f} is not below the "
+            f"base model's {base:.4f}; not pushing. The adapter is committed in final/ of the run; push it anyway "
+            f"with PUBLISH_ONLY_IF_IMPROVED=false python -m job publish")
 
 
 def publish_only(config: Config, reporter: Reporter) -> int:

@@ -162,7 +162,44 @@ class StopCallback(TrainerCallback):
             self.stop.received = self.stop.received or "a signal to another rank"
             control.should_save = True
             control.should_training_stop = True
+        if state.global_step >= state.max_steps:
+            # The last step is always committed: a stop during the final evaluation costs no training.
+            control.should_save = True
         return control
+
+
+class EvaluationCallback(TrainerCallback):
+    """EVAL_AT_CHECKPOINTS: the persona evaluation of each checkpoint (rank 0), stored in it as evaluation.json.
+    Skipped for the checkpoint a stop signal asks for: that one must be committed within the budget."""
+
+    def __init__(self, evaluator, stop, reporter: Reporter, status, is_main: bool = True):
+        self.evaluator, self.stop, self.reporter, self.status, self.is_main = evaluator, stop, reporter, status, is_main
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        from .evaluate import EvaluationStopped
+
+        if not self.is_main or self.stop.received:
+            return control
+        try:
+            result = self.evaluator.run(model, should_stop=lambda: self.stop.received)
+        except EvaluationStopped:
+            return control
+        step = state.global_step
+        local = Path(args.output_dir) / f"checkpoint-{step}"
+        (local / "evaluation.json").write_text(json.dumps({"step": step, **result}, indent=2))
+        self.reporter.event("evaluation", f"persona evaluation at step {step}", step=step, **brief(result))
+        self.status.write(evaluation={"step": step, **brief(result)})
+        return control
+
+
+def brief(result: dict) -> dict:
+    """The headline figures of an evaluation, for a log line and status.json."""
+    out = {}
+    for who in ("base", "tuned"):
+        for key, value in result.get(who, {}).items():
+            if key != "tokens":
+                out[f"{who}_{key}"] = value
+    return out
 
 
 class CheckpointCommitter(TrainerCallback):
@@ -243,6 +280,7 @@ class ReportCallback(TrainerCallback):
         self.start_time, self.start_step = time.time(), state.global_step
         self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen
         self.reporter.start_progress(state.max_steps, initial=state.global_step)
+        self.status.write(phase="training", step=state.global_step, max_steps=state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.reporter.advance(state.global_step)
@@ -252,6 +290,7 @@ class ReportCallback(TrainerCallback):
         if "loss" not in logs:
             if "eval_loss" in logs:
                 self.reporter.event("eval", "eval loss", step=state.global_step, eval_loss=logs["eval_loss"])
+                self.status.write(eval_loss=round(float(logs["eval_loss"]), 5))
             return
         now = time.time()
         tokens = state.num_input_tokens_seen
@@ -264,4 +303,5 @@ class ReportCallback(TrainerCallback):
                   "eta_seconds": round(eta, 1) if eta is not None else None}
         self.reporter.progress(state.global_step, state.max_steps, **fields)
         self.status.write(phase="training", step=state.global_step, max_steps=state.max_steps,
-                          last_loss=fields["loss"], tokens_per_second=fields["tokens_per_second"])
+                          last_loss=fields["loss"], tokens_per_second=fields["tokens_per_second"],
+                          eta_seconds=fields["eta_seconds"])

@@ -29,6 +29,8 @@ CPU_SETTINGS = {
     "LOGGING_STEPS": "2",
     "EVAL_STEPS": "6",
     "EVAL_FRACTION": "0.1",
+    "EVAL_GENERATIONS": "4",
+    "EVAL_MAX_NEW_TOKENS": "8",
     "LOG_FORMAT": "json",
 }
 

@@ -17,6 +17,7 @@ or ``endpoint=`` / the ``hub_server`` fixture in-process -- can run:
                                                POST /api/{type}s/{id}/preupload/{rev}, POST .../commit/{rev}
                                                (+ POST /api/validate-yaml for README.md front matter)
 * ``hf_hub_download`` / ``snapshot_download``  HEAD|GET /[{type}s/]{id}/resolve/{rev}/{path}  (Range supported)
+* ``auth_check``                               GET  /api/{type}s/{id}/auth-check[/write]
 * optional git-LFS (``lfs_threshold=``)        POST /{id}.git/info/lfs/objects/batch, PUT/POST /__lfs__/...
 
 Xet is never advertised: preupload answers ``"regular"`` (content inline, base64 in the NDJSON
@@ -28,6 +29,12 @@ default mode never touches xet. ``lfs_threshold`` needs a client with ``HF_HUB_D
 State lives in memory and is inspectable (``repos``, ``files()``, ``commits()``); every request is
 logged raw (``request_log``) and counted per endpoint (``count()``); faults can be injected per
 endpoint (``fail_next()``, ``fail_next_commits()``).
+
+Published repos that a test reads (a base model, a dataset) are seeded with ``add_repo()``: public, private or
+gated like the Hub's gated models (``gated="manual"`` / ``"auto"``; ``model_info`` shows it, and auth-check and
+downloads answer 401/403 ``GatedRepo`` to anyone not in ``granted``), with files of real content and, for a
+listing whose sizes matter but whose bytes must not be held in memory, ``placeholders`` (LFS files of a given
+size whose content the server does not hold: downloading one answers 404).
 """
 
 from __future__ import annotations
@@ -151,6 +158,8 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)  # branch -> commit oid
     tags: dict[str, str] = field(default_factory=dict)  # tag -> commit oid
     commits: dict[str, Commit] = field(default_factory=dict)  # oid -> commit
+    gated: bool | str = False  # False, "auto" or "manual", as the Hub's model_info shows it
+    granted: set[str] = field(default_factory=set)  # users whose access request to a gated repo was accepted
 
     @property
     def namespace(self) -> str:
@@ -359,7 +368,7 @@ class HubServer:
         Endpoint names: whoami, create_repo, delete_repo, create_branch, delete_branch, create_tag,
         delete_tag, refs, repo_info, tree, paths_info, commits_list, preupload, commit, validate_yaml,
         resolve (HEAD+GET; also resolve_head/resolve_get), lfs_batch, lfs_upload, lfs_verify,
-        xet_token, agent_harnesses, unknown.
+        xet_token, agent_harnesses, auth_check, unknown.
         """
         with self._lock:
             if endpoint is None:
@@ -376,6 +385,35 @@ class HubServer:
             self._counts.clear()
             self.request_log.clear()
 
+    def add_repo(self, repo_id: str, files: dict[str, bytes] | None = None, *, repo_type: str = "model",
+                 private: bool = False, gated: bool | str = False, granted: tuple[str, ...] = (),
+                 placeholders: dict[str, int] | None = None) -> Repo:
+        """Seed a published repo (owned by its namespace) with one commit holding ``files``.
+
+        ``gated``: False, "auto" or "manual"; only the users in ``granted`` (and none anonymous) pass its
+        auth-check or download its files. ``placeholders``: path -> size of LFS files that are listed with that
+        size, as a multi-GB weight file is, but whose content this server does not hold (a download answers 404).
+        """
+        if gated not in (False, "auto", "manual"):
+            raise ValueError(f"gated must be False, 'auto' or 'manual', not {gated!r}")
+        with self._lock:
+            key = self._key(repo_id, repo_type)
+            if key in self.repos:
+                raise ValueError(f"repo exists: {key}")
+            repo = Repo(repo_id=repo_id, repo_type=repo_type, private=private, created_at=_now(),
+                        owner=repo_id.split("/")[0], gated=gated, granted=set(granted))
+            tree = {".gitattributes": self._store(DEFAULT_GITATTRIBUTES, False)}
+            for path, data in (files or {}).items():
+                lfs = self.lfs_threshold is not None and len(data) >= self.lfs_threshold
+                tree[path] = self._store(data, lfs=lfs)
+            for path, size in (placeholders or {}).items():
+                sha = hashlib.sha256(f"placeholder {repo_id} {path} {size}".encode()).hexdigest()
+                tree[path] = FileEntry(size=size, sha256=sha, content_oid=git_blob_oid(sha.encode()), lfs=True)
+            commit = self._make_commit(repo, None, "initial commit", "", repo.owner, tree)
+            repo.branches["main"] = commit.oid
+            self.repos[key] = repo
+            return repo
+
     def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
         with self._lock:
             repo = self._repo_or_raise(repo_id, repo_type)
@@ -383,7 +421,7 @@ class HubServer:
             if resolved is None:
                 raise KeyError(f"unknown revision {revision!r} of {repo_id}")
             tree = repo.commits[resolved[0]].tree
-            return {path: self.blobs[e.sha256] for path, e in sorted(tree.items())}
+            return {path: self.blobs[e.sha256] for path, e in sorted(tree.items()) if e.sha256 in self.blobs}
 
     def commits(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> list[dict]:
         """Newest first; each {"oid", "message" (the summary/title), "description", "author", "date", "parent"}.
@@ -524,6 +562,17 @@ class HubServer:
             raise _HubError(_err(403, msg))
         return repo
 
+    def _check_gate(self, cfg: dict | None, repo: Repo) -> None:
+        """A gated repo's files are for the users whose access was granted; its metadata is public."""
+        if not repo.gated or (cfg is not None and cfg["user"] in repo.granted):
+            return
+        kind = repo.repo_type
+        if cfg is None:
+            raise _HubError(_err(401, f"Access to {kind} {repo.repo_id} is restricted. You must have access to it "
+                                      "and be authenticated to access it. Please log in.", "GatedRepo"))
+        raise _HubError(_err(403, f"Access to {kind} {repo.repo_id} is restricted and you are not in the authorized "
+                                  f"list. Visit {_URL_PREFIX[kind]}{repo.repo_id} to ask for access.", "GatedRepo"))
+
     @staticmethod
     def _resolve(repo: Repo, revision: str) -> tuple[str, str | None]:
         resolved = repo.resolve(revision)
@@ -577,6 +626,8 @@ class HubServer:
                     return "refs", self._h_refs, p
                 if op in ("xet-write-token", "xet-read-token"):
                     return "xet_token", self._h_xet, p
+                if op == "auth-check" and len(tail) <= 2 and tail[1:] in ([], ["write"]) and method == "GET":
+                    return "auth_check", self._h_auth_check, {**p, "write": tail[1:] == ["write"]}
             return "unknown", None, {}
         if segs[:2] == ["__lfs__", "upload"] and len(segs) == 3 and method == "PUT":
             return "lfs_upload", self._h_lfs_upload, {"oid": segs[2]}
@@ -740,7 +791,7 @@ class HubServer:
             "lastModified": commit.date,
             "createdAt": repo.created_at,
             "private": repo.private,
-            "gated": False,
+            "gated": repo.gated,
             "disabled": False,
             "downloads": 0,
             "likes": 0,
@@ -751,6 +802,16 @@ class HubServer:
         if repo_type == "model":
             info.update(modelId=repo_id, spaces=[])
         return _Resp(200, info)
+
+    def _h_auth_check(self, cfg, repo_type, repo_id, write, **_) -> _Resp:
+        # The Hub's answers: 401/404 RepoNotFound for a repo the caller can't see, 401/403 GatedRepo for a gated
+        # one without granted access, 403 for write without the right; 200 with an empty body otherwise.
+        repo = self._repo_for_read(cfg, repo_type, repo_id)
+        if write:
+            self._repo_for_write(cfg, repo_type, repo_id, "write to this repo")
+        else:
+            self._check_gate(cfg, repo)
+        return _Resp(200, {})
 
     def _last_commit(self, repo: Repo, head: str, path: str, is_dir: bool) -> dict:
         def sig(c: Commit):
@@ -1038,10 +1099,13 @@ class HubServer:
 
     def _h_resolve(self, cfg, method, repo_type, repo_id, revision, filename, headers, **_) -> _Resp:
         repo = self._repo_for_read(cfg, repo_type, repo_id)
+        self._check_gate(cfg, repo)
         oid, _ = self._resolve(repo, revision)
         entry = repo.commits[oid].tree.get(filename)
         if entry is None:
             raise _HubError(_err(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": oid}))
+        if entry.sha256 not in self.blobs:  # a placeholder: listed with its size, content never held
+            raise _HubError(_err(404, f"{filename} is a placeholder without content in this fake hub"))
         data = self.blobs[entry.sha256]
         etag = entry.sha256 if entry.lfs else entry.git_oid
         name = filename.rsplit("/", 1)[-1]

@@ -136,7 +136,8 @@ def test_a_malformed_row_stops_the_job_before_training(cpu_job, tmp_path, change
     change(rows[2])
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    result = run_job("train", env=cpu_job(DATASET=str(bad), BASE_MODEL=str(tmp_path / "no-model")))
+    result = run_job("train", env=cpu_job(DATASET=str(bad)))
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0] and str(bad) in lines[0], lines
+    assert not result.events("model"), "preflight stops the job before the model is loaded"

@@ -62,7 +62,7 @@ def test_two_workers_train_and_every_checkpoint_is_committed_once_with_all_ranks
         assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "adapter_model.safetensors"} <= \
             set(manifest["files"])
     assert [e["step"] for e in result.events("checkpoint") if e.get("step")] == [4, 8]
-    status = json.loads(run_job("status", env=ddp_job()).stdout)
+    status = json.loads(run_job("status", "--json", env=ddp_job()).stdout)
     assert status["phase"] == "done" and status["attempt"] == 1
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     # A node that starts again after the run has finished training does not wait for peers that left.
@@ -84,7 +84,7 @@ def test_a_sigterm_to_one_rank_stops_every_rank_with_one_committed_checkpoint(dd
     stop_step = int(re.search(r"at step (\d+)", stopped[0]["message"])[1])
     steps = sorted(int(name[5:]) for name in manifests(tmp_path / "store"))
     assert steps[-1] == stop_step, f"the step in flight must be the newest committed one: {steps}, {stop_step}"
-    status = json.loads(run_job("status", env=ddp_job()).stdout)
+    status = json.loads(run_job("status", "--json", env=ddp_job()).stdout)
     assert status["newest_checkpoint"] == steps[-1]
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, SAMPLE_DATA, run_job
+from conftest import ROOT, run_job
 from hubserver import hub_server  # noqa: F401  (fixture)
 
 REPO = "alice/persona-adapter"
@@ -44,8 +44,10 @@ def test_trained_adapter_lands_on_the_hub_in_one_commit_and_loads_in_stock_peft(
     commits = run_commits(hub)
     run_id = json.loads(run_job("config", env=publish_job()).stdout)["RUN_ID"]
     assert len(commits) == 1 and run_id in commits[0]["message"]
-    status = json.loads(run_job("status", env=publish_job()).stdout)
+    status = json.loads(run_job("status", "--json", env=publish_job()).stdout)
     assert status["phase"] == "done" and status["hub_commit_url"].endswith(commits[0]["oid"])
+    shown = run_job("status", env=publish_job()).stdout   # the human form links the commit, never the token
+    assert f"hub        {status['hub_commit_url']}" in shown.splitlines() and WRITE not in shown
 
     card = files["README.md"].decode()
     meta = yaml.safe_load(card.split("---")[1])

@@ -160,7 +160,7 @@ def test_a_run_killed_mid_training_resumes_and_ends_bit_identical(job, store, tm
     assert resumed and resumed[-1]["message"].startswith("resuming from committed checkpoint step")
     assert restart.events("progress")[0]["step"] > 4, "the restart must not train from the start"
     assert_bit_identical(final_adapter(tmp_path), uninterrupted)
-    status = json.loads(run_job("status", env=job()).stdout)
+    status = json.loads(run_job("status", "--json", env=job()).stdout)
     assert status["phase"] == "done" and status["attempt"] == 2 and status["step"] == 12
 
 
@@ -292,9 +292,19 @@ def test_transient_s3_errors_during_training_are_retried(s3_job, tmp_path, s3_se
 
 
 def test_a_missing_bucket_stops_before_loading(cpu_job, s3_server, tmp_path):  # noqa: F811
-    env = cpu_job(**{**s3_server.env(), "CHECKPOINT_URI": "s3://no-such-bucket/runs",
-                     "BASE_MODEL": str(tmp_path / "no-model")})
+    env = cpu_job(**{**s3_server.env(), "CHECKPOINT_URI": "s3://no-such-bucket/runs"})
     result = run_job("train", env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no-such-bucket" in lines[0] and "NoSuchBucket" in lines[0], lines
+    assert not result.events("model"), "preflight stops the job before the model is loaded"
+
+
+def test_a_checkpoint_holds_the_adapter_exactly_as_peft_writes_it(cpu_job, tmp_path):
+    # Checkpoint tensors are snapshotted and written off the training thread; the files must still be the ones
+    # peft's own save_pretrained writes (the final adapter is written by it, at the same step).
+    result = run_job("train", env=cpu_job(MAX_STEPS="4", SAVE_STEPS="4"))
+    assert result.returncode == 0, result.stderr
+    checkpoint = next((tmp_path / "store").glob("*/checkpoints/step-00000004"))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (checkpoint / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name

@@ -1,9 +1,7 @@
 """A newcomer's story: the job trains the tiny model on the CPU through the real 4-bit path, its loss
 falls, and the adapter it leaves loads in stock peft with the same logits."""
 import json
-import os
 
-import pytest
 import torch
 
 from conftest import SAMPLE_DATA, run_job
@@ -39,7 +37,7 @@ def test_stock_peft_reload_gives_the_logits_of_the_trained_model(tiny_model, tmp
 
     from job.config import from_env
     from job.log import Reporter
-    from job.model import grow_vocabulary, load_base_model
+    from job.model import load_base_model
     from job.train import StopSignal, preflight, run_training
     from conftest import CPU_SETTINGS
 

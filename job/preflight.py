@@ -1,0 +1,666 @@
+"""Preflight: every check that can fail before any GPU time, each a small function with one result.
+
+`run_checks` runs them all, in the order of `CHECKS`. A failed check does not stop the others; a check that needs
+what an earlier one failed to find is skipped, saying which. `report` shows the results: a table on a terminal,
+one JSON event per check in a pod's log. Each failure carries one actionable line naming the variable to change.
+`python -m job preflight` is this and nothing else; `train` runs it first (job/train.py `preflight`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from .config import FIELDS, Config
+from .distributed import Topology, split_batch
+from .log import Reporter
+
+PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+GiB = 2 ** 30
+# What from_pretrained reads besides the weights; one of them must be there.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "spm.model")
+# Room in OUTPUT_DIR beyond the checkpoints: tokenizer copies, logs, the loss curve, the datasets cache's scratch.
+DISK_MARGIN = GiB // 2
+# CUDA context, cuBLAS workspace and allocator fragmentation on a GPU; the interpreter and libraries on a CPU.
+RUNTIME_OVERHEAD = GiB
+
+
+class CheckFailed(Exception):
+    """A check's failure. `problems`: one actionable line each (usually one), naming the variable to change;
+    `detail`: the short text of the table's row."""
+
+    def __init__(self, problems: str | list[str], detail: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(self.problems[0])
+        self.detail = detail or _clause(self.problems[0])
+
+
+class Skip(Exception):
+    """The check does not apply here; the message says why."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    status: str                       # PASSED, FAILED or SKIPPED
+    detail: str = ""
+    problems: tuple[str, ...] = ()    # for a failure: one actionable line each
+
+
+@dataclass
+class Findings:
+    """What the checks are given, and what they find on the way: the run needs it next, and later checks use it."""
+    config: Config
+    topology: Topology
+    launcher: bool = False            # the process that starts torchrun's workers: it keeps off the GPUs
+    device: str | None = None         # "cuda" or "cpu"
+    run_store: Any = None             # storage.RunStore
+    splits: Any = None                # data.Splits
+    data_fingerprint: str | None = None
+    model_shape: Any = None           # the base model's transformers config (its text part)
+    downloads: dict[str, int] = field(default_factory=dict)   # variable -> bytes still to fetch into the HF cache
+
+
+@dataclass
+class Preflight:
+    results: list[CheckResult]
+    found: Findings
+
+    @property
+    def problems(self) -> list[str]:
+        return failure_lines(self.results)
+
+
+def failure_lines(results: list[CheckResult]) -> list[str]:
+    return [line for r in results if r.status == FAILED for line in r.problems]
+
+
+# ---------------------------------------------------------------- the checks
+
+def check_config(f: Findings) -> str:
+    # A Config exists only once every setting parsed and passed its check (job/config.py); `config_failed`
+    # shows the other case.
+    return f"{len(FIELDS)} settings valid; RUN_ID {f.config.resolved_run_id}"
+
+
+def check_gpu(f: Findings) -> str:
+    """The GPUs the settings ask for (job/train.py check_machine), and bitsandbytes' 4-bit NF4 kernels on one."""
+    import torch
+
+    from .train import BadInput, check_machine
+
+    config = f.config
+    try:
+        f.device = check_machine(config)
+    except BadInput as exc:
+        raise CheckFailed(str(exc), _machine_trouble(config)) from None
+    if f.device == "cuda" and f.launcher:   # a CUDA context here would hold GPU memory for the whole run
+        return (f"{torch.cuda.device_count()} CUDA GPUs visible, torch {torch.__version__} CUDA {torch.version.cuda}; "
+                f"each worker checks its own GPU and its 4-bit kernels")
+    if f.device == "cuda":
+        index = torch.cuda.current_device()
+        where = (f"{torch.cuda.get_device_name(index)}, driver {_driver_version()}, torch {torch.__version__} "
+                 f"CUDA {torch.version.cuda}")
+    else:
+        where = f"CPU (REQUIRE_GPU=false), torch {torch.__version__}"
+    return f"{where}, {_matmul_4bit(config, f.device, where)}"
+
+
+def check_base_model(f: Findings) -> str:
+    if not f.topology.is_main:
+        raise Skip("rank 0 checks it")
+    shape, detail = _check_model("BASE_MODEL", f.config.base_model, f)
+    f.model_shape = shape
+    return detail
+
+
+def check_nli_model(f: Findings) -> str:
+    if not f.config.nli_model:
+        raise Skip("NLI_MODEL empty: replies are scored by word overlap")
+    if not f.topology.is_main:
+        raise Skip("rank 0 checks it")
+    return _check_model("NLI_MODEL", f.config.nli_model, f)[1]
+
+
+def check_dataset(f: Findings) -> str:
+    """Access first (so a gated or missing Hub dataset gets its own clear line), then every row's schema."""
+    from huggingface_hub import constants
+
+    from .data import LOCAL_SUFFIXES, DataError
+    from .train import _prepare_rows   # the rows and split that train uses, read once
+
+    name = f.config.dataset
+    local = Path(name).suffix in LOCAL_SUFFIXES or Path(name).exists()   # load_rows' own rule
+    if not local and f.topology.is_main:
+        _check_hub_access("DATASET", name, "dataset", f.config)
+    try:
+        f.splits, f.data_fingerprint = _prepare_rows(f.config)
+    except DataError as exc:
+        raise CheckFailed(str(exc)) from None
+    except Exception as exc:   # datasets raises many types for a Hub dataset it cannot fetch or read
+        if not local and constants.HF_HUB_OFFLINE:
+            raise CheckFailed(f"DATASET={name!r} is not in the datasets cache and HF_HUB_OFFLINE=1; load it once "
+                              f"online into the same HF_HOME, or unset HF_HUB_OFFLINE", "not cached, offline") from None
+        raise CheckFailed(f"DATASET={name!r}: cannot load it{'' if local else ' from the Hub'} "
+                          f"({type(exc).__name__}: {_first_line(exc)})", "cannot load") from None
+    where = f"local file {name}" if local else f"Hub {name}"
+    return (f"{where}: every row fits the persona-chat schema; {len(f.splits.train)} train / "
+            f"{len(f.splits.eval)} eval rows")
+
+
+def check_store(f: Findings) -> str:
+    """CHECKPOINT_URI: write, read back and delete a probe object (rank 0; the others only open the store)."""
+    import botocore.exceptions
+
+    from .storage import RunStore, StoreError, open_store
+
+    uri = f.config.checkpoint_uri
+    try:
+        store = open_store(uri)
+        if f.topology.is_main:
+            store.probe()
+    except StoreError as exc:
+        raise CheckFailed(str(exc)) from None
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        # A failure that outlasted the retries; our words, as botocore's text may carry a signed URL.
+        raise CheckFailed(f"CHECKPOINT_URI {uri}: the write/read/delete probe failed ({type(exc).__name__}) after "
+                          f"retries. Check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and try again") from None
+    f.run_store = RunStore(store, f.config.resolved_run_id)
+    if not f.topology.is_main:
+        raise Skip("opened; rank 0 probes it")
+    return f"{store.uri}: wrote, read back and deleted a probe object"
+
+
+def check_hub_push(f: Findings) -> str:
+    from huggingface_hub import constants
+
+    from .publish import HubAccessError, check_hub_access
+
+    config = f.config
+    if not config.hub_model_id:
+        raise Skip("HUB_MODEL_ID empty: no push")
+    if not f.topology.is_main:
+        raise Skip("rank 0 checks it")
+    if constants.HF_HUB_OFFLINE:
+        raise CheckFailed(f"HUB_MODEL_ID={config.hub_model_id!r} is set but HF_HUB_OFFLINE=1: the push would fail; "
+                          f"unset HF_HUB_OFFLINE or HUB_MODEL_ID", "offline")
+    try:
+        check_hub_access(config)
+    except HubAccessError as exc:
+        raise CheckFailed(str(exc)) from None
+    except Exception as exc:   # the Hub down or unreachable after retries
+        raise CheckFailed(f"cannot check that HF_TOKEN may push to HUB_MODEL_ID={config.hub_model_id!r}: the Hub at "
+                          f"{constants.ENDPOINT} failed ({_http_failure(exc)}); check the network and HF_ENDPOINT",
+                          "Hub unreachable") from None
+    return f"HF_TOKEN may push to {config.hub_model_id} (branch {config.hub_revision})"
+
+
+def check_disk(f: Findings) -> str:
+    """OUTPUT_DIR and the HF cache are writable and their disks have room; a local CHECKPOINT_URI on the same disk
+    counts too. Without the base model's shape only writability is checked."""
+    from huggingface_hub import constants
+
+    config = f.config
+    cache = Path(constants.HF_HUB_CACHE)
+    places = [("OUTPUT_DIR", Path(config.output_dir)), ("HF_HOME", cache)]
+    for variable, path in places:
+        _check_writable(variable, path)
+    if f.model_shape is None:
+        raise Skip(f"{_where(places)} writable; room not estimated: needs base model")
+    checkpoint = checkpoint_bytes(config, f.model_shape)
+    needs = [("OUTPUT_DIR", Path(config.output_dir), 3 * checkpoint + DISK_MARGIN,
+              "checkpoints being written, uploaded and resumed from, the final adapter, scratch"),
+             ("HF_HOME", cache, sum(f.downloads.values()),
+              f"{' and '.join(v for v, size in f.downloads.items() if size)} to download into {cache}")]
+    if not config.checkpoint_uri.startswith("s3://"):
+        needs.append(("CHECKPOINT_URI", Path(config.checkpoint_uri).expanduser().resolve(),
+                      (config.save_total_limit + 2) * checkpoint, f"SAVE_TOTAL_LIMIT={config.save_total_limit} "
+                      f"committed checkpoints, one in flight and one kept to resume from"))
+    disks: dict[int, list[tuple[str, Path, int, str]]] = {}
+    for need in needs:
+        disks.setdefault(os.stat(_existing(need[1])).st_dev, []).append(need)
+    lines, shown = [], []
+    for group in disks.values():
+        free = shutil.disk_usage(_existing(group[0][1])).free
+        wanted = sum(n[2] for n in group)
+        names = " and ".join(f"{n[0]}={n[1]}" for n in group)
+        shown.append(f"{_gb(free)} free for {_gb(wanted)}")
+        if wanted > free:
+            parts = "; ".join(f"{n[0]}: {_gb(n[2])} for {n[3]}" for n in group if n[2])
+            biggest = max(group, key=lambda n: n[2])[0]
+            lines.append(f"{names}: {_gb(free)} free on {'their' if len(group) > 1 else 'its'} disk but about "
+                         f"{_gb(wanted)} needed ({parts}); free space or point {biggest} at a larger volume")
+    if lines:
+        raise CheckFailed(lines, "not enough free space")
+    return f"{_where(places)} writable; " + ", ".join(shown)
+
+
+def check_memory(f: Findings) -> str:
+    """The estimated peak (see `peak_memory`) against the GPU's memory, or the host's on a CPU."""
+    import torch
+
+    from .model import compute_dtype
+    from .speed import plan
+
+    config = f.config
+    if f.launcher and f.device == "cuda":
+        raise Skip("each worker checks its own GPU")
+    speed = plan(config, f.device, f.model_shape)
+    micro_batch = split_batch(config, config.nproc_per_node * config.nnodes)[0]
+    dtype_bytes = torch.finfo(compute_dtype(config, f.device)).bits // 8
+    estimate = peak_memory(config, f.model_shape, micro_batch, speed.gradient_checkpointing, speed.liger_kernel,
+                           dtype_bytes)
+    need = sum(estimate.values())
+    if f.device == "cuda":
+        index = torch.cuda.current_device()
+        have, what = torch.cuda.get_device_properties(index).total_memory, f"{torch.cuda.get_device_name(index)} has"
+    else:   # the processes of this node share the host's memory
+        need *= config.nproc_per_node
+        have, what = host_memory(), "this machine has"
+    parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in estimate.items())
+    checkpointing = f"gradient checkpointing {'on' if speed.gradient_checkpointing else 'off'}"
+    if need > have:
+        more = "" if speed.gradient_checkpointing else ", or set GRADIENT_CHECKPOINTING=true"
+        raise CheckFailed(
+            f"PER_DEVICE_TRAIN_BATCH_SIZE={config.per_device_train_batch_size} x MAX_SEQ_LENGTH="
+            f"{config.max_seq_length} needs about {need / GiB:.1f} GiB at its peak ({parts} GiB; {checkpointing}) "
+            f"but {what} {have / GiB:.1f} GiB; lower PER_DEVICE_TRAIN_BATCH_SIZE or MAX_SEQ_LENGTH{more}",
+            f"~{need / GiB:.1f} GiB needed, {have / GiB:.1f} GiB there")
+    return f"~{need / GiB:.1f} GiB of {have / GiB:.1f} GiB at the peak ({parts} GiB; {checkpointing})"
+
+
+# (row name, check, the rows it needs): the table's order.
+CHECKS: list[tuple[str, Callable[[Findings], str], tuple[str, ...]]] = [
+    ("config", check_config, ()),
+    ("gpu", check_gpu, ()),
+    ("base model", check_base_model, ()),
+    ("nli model", check_nli_model, ()),
+    ("dataset", check_dataset, ()),
+    ("checkpoint store", check_store, ()),
+    ("hub push", check_hub_push, ()),
+    ("disk", check_disk, ()),
+    ("memory", check_memory, ("gpu", "base model")),
+]
+
+
+def run_checks(config: Config, topology: Topology = Topology(), launcher: bool = False) -> Preflight:
+    """Every check, in order; a check whose needs did not pass is skipped. `launcher`: this process is about to
+    start torchrun's workers, so the checks keep off the GPUs, which the workers take next."""
+    found = Findings(config, topology, launcher)
+    results: list[CheckResult] = []
+    for name, check, needs in CHECKS:
+        missing = [r.name for r in results if r.name in needs and r.status != PASSED]
+        if missing:
+            results.append(CheckResult(name, SKIPPED, f"needs {' and '.join(missing)}"))
+            continue
+        try:
+            results.append(CheckResult(name, PASSED, check(found)))
+        except Skip as exc:
+            results.append(CheckResult(name, SKIPPED, str(exc)))
+        except CheckFailed as exc:
+            results.append(CheckResult(name, FAILED, exc.detail, tuple(exc.problems)))
+    return Preflight(results, found)
+
+
+def config_failed(config_problems: list[str]) -> list[CheckResult]:
+    """The table when the settings themselves are bad: no Config exists, so nothing else can be checked."""
+    count = len(config_problems)
+    return [CheckResult("config", FAILED, f"{count} bad setting{'s' if count > 1 else ''}", tuple(config_problems))] + \
+        [CheckResult(name, SKIPPED, "needs config") for name, _, _ in CHECKS[1:]]
+
+
+# ---------------------------------------------------------------- showing the results
+
+_MARKS = {PASSED: "ok", FAILED: "FAILED", SKIPPED: "skipped"}
+
+
+def render_table(results: list[CheckResult]) -> str:
+    width = max(len(r.name) for r in results)
+    lines = [f"{'check':<{width}}  {'result':<7}  detail"]
+    lines += [f"{r.name:<{width}}  {_MARKS[r.status]:<7}  {r.detail}" for r in results]
+    counts = {status: sum(r.status == status for r in results) for status in (PASSED, FAILED, SKIPPED)}
+    lines.append(f"preflight: {counts[PASSED]} passed, {counts[FAILED]} failed, {counts[SKIPPED]} skipped")
+    return "\n".join(lines)
+
+
+def report(results: list[CheckResult], reporter: Reporter) -> list[str]:
+    """Show the results: a table on a terminal (LOG_FORMAT=bar), one JSON event per check otherwise. Returns the
+    failures' lines; the caller reports them as `error:` lines (stderr) and exits 2."""
+    if reporter.mode == "json":
+        for r in results:
+            extra = {"problems": list(r.problems)} if r.problems else {}
+            reporter.event("preflight", r.detail, check=r.name, status=r.status, **extra)
+    else:
+        reporter.text(render_table(results))
+    return failure_lines(results)
+
+
+# ---------------------------------------------------------------- estimates
+
+def lora_parameters(config: Config, shape) -> int:
+    """Trainable parameters: r x (in + out) per adapted linear layer, plus the persona tokens' embedding and
+    output rows. Module shapes follow Llama's names; an unknown name counts as hidden x hidden."""
+    hidden = shape.hidden_size
+    heads = getattr(shape, "num_attention_heads", None) or 1
+    head_dim = getattr(shape, "head_dim", None) or hidden // heads
+    kv = (getattr(shape, "num_key_value_heads", None) or heads) * head_dim
+    inter = getattr(shape, "intermediate_size", None) or 4 * hidden
+    linear = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+              "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+              "down_proj": (inter, hidden)}
+    targets = list(linear) if config.target_modules == "all-linear" else config.target_modules
+    per_layer = sum(config.lora_r * sum(linear.get(name, (hidden, hidden))) for name in targets)
+    return shape.num_hidden_layers * per_layer + 2 * 2 * hidden
+
+
+def checkpoint_bytes(config: Config, shape) -> int:
+    """One checkpoint: the float32 adapter and its two Adam moments, plus the tokenizer and trainer state."""
+    return lora_parameters(config, shape) * 12 + 64 * 2 ** 20
+
+
+def peak_memory(config: Config, shape, micro_batch: int, checkpointing: bool, fused: bool,
+                dtype_bytes: int = 2) -> dict[str, int]:
+    """Estimated peak memory of one training process, in bytes, by part:
+
+    - weights: job/speed.py `weight_bytes` (NF4 decoder weights, 16-bit embeddings and lm_head), the embeddings
+      at `dtype_bytes` instead of 2 where the compute dtype differs (float32 on a CPU);
+    - lora: trainable parameters (`lora_parameters`) x 16 bytes: float32 weight, gradient, and Adam's two moments;
+    - activations, for the longest micro-batch the data allows (micro_batch x MAX_SEQ_LENGTH tokens):
+      without gradient checkpointing, job/speed.py `activation_bytes` (measured per token, layer and hidden unit,
+      plus the logits); with it, each layer's input kept (layers x hidden x dtype_bytes per token) plus one
+      layer's activations recomputed and the logits (`activation_bytes` of a one-layer model); both scaled by
+      dtype_bytes / 2, as they were measured in bf16;
+    - overhead: `RUNTIME_OVERHEAD`.
+
+    For the defaults (Llama-2-7B, batch 4 x 1024 tokens, LoRA r=64 on q_proj,v_proj) on a 16 GB GPU, where the
+    auto rule turns checkpointing on, that is about 3.7 + 0.5 + 3.0 + 1.0 = 8.2 GiB (the GPU benchmark measured
+    5.5 GiB on persona-chat, whose sequences are shorter; docs/PERFORMANCE.md); without checkpointing the
+    activations alone are about 25 GiB.
+    """
+    from .speed import activation_bytes, weight_bytes
+
+    tokens = micro_batch * config.max_seq_length
+    hidden, layers = shape.hidden_size, shape.num_hidden_layers
+    weights = weight_bytes(shape) + 2 * shape.vocab_size * hidden * (dtype_bytes - 2)
+    if checkpointing:
+        one_layer = SimpleNamespace(num_hidden_layers=1, hidden_size=hidden, vocab_size=shape.vocab_size)
+        activations = tokens * layers * hidden * dtype_bytes + activation_bytes(one_layer, tokens, fused)
+    else:
+        activations = activation_bytes(shape, tokens, fused)
+    return {"weights": weights, "lora": lora_parameters(config, shape) * 16,
+            "activations": activations * dtype_bytes // 2, "overhead": RUNTIME_OVERHEAD}
+
+
+def host_memory() -> int:
+    """The host's memory, or the container's limit where a cgroup sets a lower one."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+# ---------------------------------------------------------------- helpers
+
+def _check_model(variable: str, name: str, f: Findings) -> tuple[Any, str]:
+    """A model the job will load: a local directory or a Hub id it may read, with config, tokenizer and weights.
+    Never downloads weights: their sizes come from the Hub's listing. Returns (its shape, the row's detail)."""
+    if _looks_local(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise CheckFailed(f"{variable}={name!r}: no such directory; give a local model directory (with "
+                              f"config.json, tokenizer and weights) or a Hub model id 'user/name'",
+                              "no such directory")
+        files = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
+        where, config_dir = f"local dir {name}", path
+    else:
+        files, config_dir = _hub_model(variable, name, f)
+        where = f"Hub {name}"
+    if "config.json" not in files:
+        raise CheckFailed(f"{variable}={name!r} has no config.json: not a transformers model; give a model "
+                          f"directory or Hub id", "no config.json")
+    if not any(t in files for t in TOKENIZER_FILES):
+        raise CheckFailed(f"{variable}={name!r} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}); give a model "
+                          f"that ships its tokenizer", "no tokenizer")
+    weights = _weight_files(files)
+    if not weights:
+        raise CheckFailed(f"{variable}={name!r} has no weights (*.safetensors or pytorch_model*.bin); give a "
+                          f"complete model", "no weights")
+    shape = _model_shape(variable, name, config_dir)
+    size = sum(weights.values())
+    fetch = f.downloads.get(variable)
+    fetched = "" if fetch is None else f", {_gb(fetch)} to download" if fetch else ", all cached"
+    kind = getattr(shape, "model_type", "?")
+    return shape, (f"{where}: {kind}, {shape.num_hidden_layers} layers, hidden {shape.hidden_size}; "
+                   f"{_gb(size)} of weights{fetched}")
+
+
+def _hub_model(variable: str, name: str, f: Findings) -> tuple[dict[str, int], Path]:
+    """The repo's file sizes and the folder of its config.json, which is downloaded (small); records how much of
+    the weights is still to fetch."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    from .publish import with_retries
+
+    api = _check_hub_access(variable, name, "model", f.config)
+    if api is None:   # HF_HUB_OFFLINE: what the cache holds is all there is
+        cached = try_to_load_from_cache(name, "config.json")
+        if not isinstance(cached, str):
+            raise CheckFailed(f"{variable}={name!r} is not in the Hub cache {constants.HF_HUB_CACHE} and "
+                              f"HF_HUB_OFFLINE=1; download it there first (HF_HOME), or unset HF_HUB_OFFLINE",
+                              "not cached, offline")
+        folder = Path(cached).parent
+        f.downloads[variable] = 0
+        return {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}, folder
+    token = f.config.hf_token or None
+    try:
+        info = with_retries("model info", lambda: api.model_info(name, files_metadata=True), attempts=3)
+        config_file = with_retries("config.json", lambda: hf_hub_download(name, "config.json", revision=info.sha,
+                                                                          token=token), attempts=3)
+    except Exception as exc:
+        raise CheckFailed(f"{variable}={name!r}: cannot read its file list or config.json from the Hub at "
+                          f"{constants.ENDPOINT} ({_http_failure(exc)}); check HF_ENDPOINT and try again",
+                          "Hub read failed") from None
+    files = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    f.downloads[variable] = sum(size for path, size in _weight_files(files).items()
+                                if not isinstance(try_to_load_from_cache(name, path, revision=info.sha), str))
+    return files, Path(config_file).parent
+
+
+def _check_hub_access(variable: str, repo_id: str, repo_type: str, config: Config):
+    """May HF_TOKEN (or no token) read this repo? One line for each way it can't. Returns the HfApi, or None
+    under HF_HUB_OFFLINE=1 (only the id's form is checked then)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    from .publish import with_retries
+
+    kind = "dataset" if repo_type == "dataset" else "model"
+    accepted = "a local .jsonl/.json/.parquet file" if kind == "dataset" else "a local model directory"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise CheckFailed(f"{variable}={repo_id!r} is neither {accepted} nor a Hub {kind} id 'user/name'",
+                          "not a path or Hub id") from None
+    if constants.HF_HUB_OFFLINE:
+        return None
+    api = HfApi(token=config.hf_token or None)
+    url = f"{constants.ENDPOINT}/{'datasets/' if kind == 'dataset' else ''}{repo_id}"
+    try:
+        with_retries("access check", lambda: api.auth_check(repo_id, repo_type=repo_type), attempts=3)
+    except GatedRepoError:
+        if not config.hf_token:
+            raise CheckFailed(f"{variable}={repo_id!r} is gated and HF_TOKEN is empty; accept its license at {url} "
+                              f"and set HF_TOKEN to a token of that account", "gated, no token") from None
+        raise CheckFailed(f"{variable}={repo_id!r} is gated and the account of HF_TOKEN has no access; accept the "
+                          f"license at {url} with the account of HF_TOKEN", "gated, no access") from None
+    except RepositoryNotFoundError:
+        hint = "check the name, or set HF_TOKEN if it is private" if not config.hf_token else \
+            "check the name, and that HF_TOKEN's account can see it if it is private"
+        raise CheckFailed(f"{variable}={repo_id!r}: no such {kind} on the Hub ({constants.ENDPOINT}); {hint}",
+                          "not found on the Hub") from None
+    except Exception as exc:
+        if _status(exc) == 401:
+            raise CheckFailed(f"HF_TOKEN is not a valid Hugging Face token (the Hub answered 401 when reading "
+                              f"{variable}={repo_id!r}); create a new one at {constants.ENDPOINT}/settings/tokens",
+                              "HF_TOKEN rejected") from None
+        raise CheckFailed(f"{variable}={repo_id!r}: cannot check access on the Hub at {constants.ENDPOINT} "
+                          f"({_http_failure(exc)}); check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 with "
+                          f"the {kind} in the cache", "Hub unreachable") from None
+    return api
+
+
+def _looks_local(name: str) -> bool:
+    # What transformers loads from disk: an existing directory; anything path-like is meant as one too.
+    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def _weight_files(files: dict[str, int]) -> dict[str, int]:
+    """The weight files from_pretrained would fetch: the top-level safetensors, else the PyTorch .bin files."""
+    top = {n: s for n, s in files.items() if "/" not in n}
+    safetensors = {n: s for n, s in top.items() if n.endswith(".safetensors")}
+    return safetensors or {n: s for n, s in top.items() if n.startswith("pytorch_model") and n.endswith(".bin")}
+
+
+def _model_shape(variable: str, name: str, folder: Path):
+    """The transformers config (its text part, for multimodal models); the raw JSON for an unknown model type."""
+    try:
+        from transformers import AutoConfig
+        shape = AutoConfig.from_pretrained(str(folder)).get_text_config()
+    except Exception:   # a model type this transformers doesn't know (custom code): read the numbers directly
+        try:
+            raw = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckFailed(f"{variable}={name!r}: config.json is unreadable ({type(exc).__name__}); give a "
+                              f"complete model", "config.json unreadable") from None
+        shape = SimpleNamespace(**{**raw, **raw.get("text_config", {})})
+    for attribute in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        if not isinstance(getattr(shape, attribute, None), int):
+            raise CheckFailed(f"{variable}={name!r}: config.json has no {attribute}; this job trains decoder "
+                              f"language models (Llama-style)", f"no {attribute} in config.json")
+    return shape
+
+
+def _matmul_4bit(config: Config, device: str, where: str) -> str:
+    """A tiny NF4 matmul through bitsandbytes' own kernels (quantize, dequantize, matmul_4bit, as Linear4bit runs
+    them), checked against the same product in float32."""
+    import torch
+
+    from .model import compute_dtype
+
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except Exception as exc:   # not installed, or its native library does not load for this CUDA
+        raise CheckFailed(f"bitsandbytes cannot be imported on {where} ({type(exc).__name__}: {_first_line(exc)}); "
+                          f"install the version pinned in requirements.txt for this torch and CUDA",
+                          "bitsandbytes does not import") from None
+    dtype = compute_dtype(config, device)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(128, 256, generator=generator).to(device, dtype)
+    inputs = torch.randn(8, 256, generator=generator).to(device, dtype)
+    try:
+        packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", blocksize=64)
+        restored = bnbf.dequantize_4bit(packed, state)
+        product = bnb.matmul_4bit(inputs, packed.t(), quant_state=state)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    except Exception as exc:
+        raise CheckFailed(f"bitsandbytes {bnb.__version__} failed a 4-bit NF4 matmul on {where} "
+                          f"({type(exc).__name__}: {_first_line(exc)}); install a bitsandbytes built for this GPU "
+                          f"and CUDA (the version in requirements.txt)", "4-bit matmul failed") from None
+    quantization_error = _relative_error(restored, weight)
+    matmul_error = _relative_error(product, inputs.float() @ restored.float().t())
+    if not (quantization_error < 0.15 and matmul_error < 0.02):
+        raise CheckFailed(f"bitsandbytes {bnb.__version__} computes wrong 4-bit results on {where} (NF4 error "
+                          f"{quantization_error:.3f}, matmul error {matmul_error:.3g}); install a bitsandbytes built "
+                          f"for this GPU and CUDA", "4-bit matmul wrong") from None
+    return f"bitsandbytes {bnb.__version__}: 4-bit NF4 matmul ok"
+
+
+def _relative_error(got, want) -> float:
+    want = want.float()
+    return float((got.float() - want).norm() / want.norm().clamp_min(1e-12))
+
+
+def _machine_trouble(config: Config) -> str:
+    import torch
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        return f"no CUDA GPU visible (torch {torch.__version__}, {build})"
+    if config.nproc_per_node > torch.cuda.device_count():
+        return f"{torch.cuda.device_count()} GPU(s) visible for NPROC_PER_NODE={config.nproc_per_node}"
+    return "the batch does not split over the GPUs"
+
+
+def _driver_version() -> str:
+    """The NVIDIA driver's version, from the kernel module (no nvidia-smi needed), else the CUDA driver API's."""
+    try:   # "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build ..."
+        found = re.search(r"Kernel Module.*?\s(\d+\.\d+(?:\.\d+)*)\s", Path("/proc/driver/nvidia/version").read_text())
+        if found:
+            return found.group(1)
+    except OSError:
+        pass
+    import torch
+    try:
+        version = torch._C._cuda_getDriverVersion()
+        return f"CUDA driver API {version // 1000}.{version % 1000 // 10}"
+    except Exception:
+        return "unknown"
+
+
+def _check_writable(variable: str, path: Path) -> None:
+    """Create the directory if missing, then a file in it, then delete that file."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".preflight-"):
+            pass
+    except OSError as exc:
+        raise CheckFailed(f"{variable}={path}: cannot create a file there ({exc.strerror or type(exc).__name__}); "
+                          f"point {variable} at a writable directory", "not writable") from None
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _where(places: list[tuple[str, Path]]) -> str:
+    return " and ".join(variable for variable, _ in places)
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:,.1f} GB" if size >= 1e8 else f"{size / 1e6:,.1f} MB"
+
+
+def _clause(line: str) -> str:
+    """The start of a problem line, for the table's narrow cell."""
+    head = line.split("; ")[0]
+    return head if len(head) <= 90 else head[:87] + "..."
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def _status(exc: BaseException) -> int | None:
+    return getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def _http_failure(exc: BaseException) -> str:
+    status = _status(exc)
+    return f"HTTP {status}" if status else type(exc).__name__
