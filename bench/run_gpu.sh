@@ -13,7 +13,8 @@ mkdir -p "$out"
 scratch=/tmp/bench-run
 rm -rf "$scratch" && mkdir -p "$scratch"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+date -u +"%Y-%m-%d %H:%M:%S UTC" | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee -a "$out/gpu.txt"
 python3 -m pip list 2>/dev/null > "$out/pip-list-image.txt"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -33,6 +34,7 @@ for p in ("transformers", "peft", "bitsandbytes", "accelerate", "datasets", "lig
 import bitsandbytes, liger_kernel, peft, transformers  # noqa: F401  (imports work)
 PY
 status=0
+python3 bench/snapshot_check.py | tee "$out/snapshot_check.json" || status=1
 if [ "$configs" != "none" ]; then
     timeout "${SPEED_TIMEOUT:-400}" python3 bench/speed.py --out "$scratch/speed" --configs "$configs" \
         --profile "$profile" --timeout "${CONFIG_TIMEOUT:-200}" || status=1

@@ -3,6 +3,7 @@ committing checkpoints to the store in the background, and reporting progress.""
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import gc
 import json
 import os
@@ -79,6 +80,7 @@ class PersonaTrainer(Trainer):
         self.remove_callback(ProgressCallback)
         self._flops_per_token: int | None = None
         self.checkpoint_writer = CheckpointWriter()
+        self.snapshot = HostSnapshot(self.checkpoint_writer)
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, CheckpointCommitter):
                 callback.writer = self.checkpoint_writer
@@ -106,27 +108,91 @@ class PersonaTrainer(Trainer):
         # the checkpoint writer, which hands the folder to the uploader only once the file is complete.
         if not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
-        state = _cpu_copy(self.optimizer.state_dict())
-        self.checkpoint_writer.submit(torch.save, state, os.path.join(output_dir, OPTIMIZER_NAME))
+        self.snapshot.write("optimizer", self.optimizer.state_dict(), torch.save,
+                            os.path.join(output_dir, OPTIMIZER_NAME))
         torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # The adapter's tensors, like the optimizer's, are snapshotted here and written by the checkpoint writer;
+        # its config (what peft's save_pretrained writes beside them) and the tokenizer are small and written now.
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
         output_dir = output_dir or self.args.output_dir
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(output_dir, save_embedding_layers=False)
+        self.snapshot.write("adapter", get_peft_model_state_dict(self.model, save_embedding_layers=False),
+                            save_file, os.path.join(output_dir, "adapter_model.safetensors"), {"format": "pt"})
+        adapter_config = copy.copy(self.model.peft_config["default"])
+        adapter_config.inference_mode = True
+        adapter_config.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
 
-def _cpu_copy(value):
-    """A copy of a (nested) state dict with every tensor copied to the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _cpu_copy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cpu_copy(v) for v in value)
-    return value
+def _write_when_ready(ready, write, snapshot, *args) -> None:
+    ready()
+    write(snapshot, *args)
+
+
+class HostSnapshot:
+    """Copies of a checkpoint's tensors in host memory, taken without stalling the training thread.
+
+    GPU tensors are copied into pinned buffers on the current stream, so the copies are ordered before the next
+    step's updates, and `ready()` (called by the writer thread) waits for them. bitsandbytes' paged optimizer
+    state lives in CUDA managed memory behind CPU tensors: read on the CPU, its pages would migrate to the host
+    and fault back onto the GPU in the next step, so it is copied through a CUDA view instead. The buffers are
+    reused from one checkpoint to the next, once the previous checkpoint's file of the same name is written."""
+
+    def __init__(self, writer: CheckpointWriter):
+        self.writer = writer
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._writing: dict[str, concurrent.futures.Future] = {}
+        self._cuda = torch.cuda.is_available()
+
+    def write(self, name: str, tree, write, *args) -> None:
+        """Snapshot `tree` now; the writer thread calls write(snapshot, *args) once the copies have landed."""
+        if name in self._writing:
+            concurrent.futures.wait([self._writing[name]])   # the previous write of `name` reads these buffers
+        copied = self._copy(name, tree)
+        ready = lambda: None   # noqa: E731
+        if self._cuda:
+            done = torch.cuda.Event()
+            done.record()
+            ready = done.synchronize
+        self._writing[name] = self.writer.submit(_write_when_ready, ready, write, copied, *args)
+
+    def _copy(self, key: str, value):
+        if isinstance(value, torch.Tensor):
+            return self._tensor(key, value.detach())
+        if isinstance(value, dict):
+            return {k: self._copy(f"{key}/{k}", v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(f"{key}/{i}", v) for i, v in enumerate(value))
+        return value
+
+    def _tensor(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        paged = getattr(tensor, "is_paged", False) and self._cuda and tensor.dtype in _TYPESTR
+        source = _cuda_view(tensor) if paged else tensor
+        if not source.is_cuda:
+            return tensor.clone(memory_format=torch.contiguous_format)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = self._buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        buffer.copy_(source, non_blocking=True)
+        return buffer
+
+
+def _cuda_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor over the managed memory behind one of bitsandbytes' paged (CPU-typed) tensors."""
+    class Interface:
+        __cuda_array_interface__ = {"shape": tuple(tensor.shape), "typestr": _TYPESTR[tensor.dtype],
+                                    "data": (tensor.data_ptr(), False), "version": 2,
+                                    "strides": None}
+    return torch.as_tensor(Interface(), device=f"cuda:{getattr(tensor, 'page_deviceid', 0) or 0}")
+
+
+_TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.uint8: "|u1", torch.int32: "<i4",
+            torch.int64: "<i8"}
 
 
 class CheckpointWriter:
@@ -136,8 +202,10 @@ class CheckpointWriter:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
         self._futures: list[concurrent.futures.Future] = []
 
-    def submit(self, fn, *args) -> None:
-        self._futures.append(self._pool.submit(fn, *args))
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        future = self._pool.submit(fn, *args)
+        self._futures.append(future)
+        return future
 
     def wait(self, timeout: float | None) -> bool:
         """True once everything submitted has run without error; False on timeout or error."""
