@@ -170,6 +170,13 @@ def end_to_end(model_dir: Path, work: Path, report: Report) -> None:
     hub.start()
     try:
         env = job_env(model_dir, work, moto, hub)
+        report.say("\n### Preflight: `python -m job preflight` (S3 on moto, the local Hub endpoint)")
+        started = time.time()
+        code, lines = run_job(env, work / "preflight.stderr", "preflight")
+        checks = [e for e in events(lines, "preflight") if "check" in e]
+        for check in checks:
+            report.say(f"- {check['check']}: {check['status']} - {check['message']}")
+        report.check(code == 0 and bool(checks), f"preflight passed every check in {time.time() - started:.1f} s")
         report.say("\n### The run: `python -m job train`, SIGTERM after the first committed checkpoint, restart")
         started = time.time()
         code, first, stop_seconds = run_and_stop(env, work / "first.stderr")
@@ -186,7 +193,7 @@ def end_to_end(model_dir: Path, work: Path, report: Report) -> None:
         report.check(code == 75, "SIGTERM: the job saved, committed and exited 75")
         if code != 75:
             report.say("stderr tail: " + " | ".join((work / "first.stderr").read_text().splitlines()[-5:]))
-        _, status_lines = run_job(env, work / "status.stderr", "status")
+        _, status_lines = run_job(env, work / "status.stderr", "status", "--json")
         status = json.loads("\n".join(status_lines) or "{}")
         report.say(f"`python -m job status` between the runs: {json.dumps(status)[:400]}")
         newest = max(committed, default=None)
@@ -218,6 +225,16 @@ def end_to_end(model_dir: Path, work: Path, report: Report) -> None:
         summary = json.loads((out / "training_summary.json").read_text())
         report.say(f"training_summary.json: steps {summary['steps']}, device {summary['device']}, "
                    f"tokens/s {summary['tokens_per_second']}, final eval loss {summary['final_eval_loss']}")
+        evaluation = summary.get("evaluation") or {}
+        base, tuned = evaluation.get("base", {}), evaluation.get("tuned", {})
+        report.say(f"persona evaluation on {evaluation.get('heldout_rows')} held-out rows "
+                   f"({evaluation.get('generated_rows')} answered greedily): base {base}; tuned {tuned}; "
+                   f"first sample: {json.dumps((evaluation.get('samples') or [None])[0])[:400]}")
+        report.check(bool(tuned) and tuned["loss"] < base["loss"] and "reply_f1" in tuned,
+                     "evaluation: the tuned adapter's held-out reply loss is below the base model's, with reply F1")
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is not None:
+            report.check((out / "loss_curve.png").exists(), "loss_curve.png written")
         same_logits(model_dir, out, hub, env, report)
     finally:
         hub.stop()

@@ -47,6 +47,7 @@ CONFIGS = {
     "seed-bf16-autocast": ("seed", 4, 30, {"autocast": "bf16"}),
     "job": ("job", 4, 30, {}),
     "job-ckpt": ("job", 4, 110, {"SAVE_STEPS": "50"}),
+    "job-110": ("job", 4, 110, {}),        # job-ckpt's steps without saving: its baseline, run beside it
     "job-gc": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "true"}),
     "job-padded": ("job", 4, 30, {"PADDING_FREE": "false"}),
     "job-no-liger": ("job", 4, 30, {"USE_LIGER_KERNEL": "false"}),
@@ -65,20 +66,32 @@ DEVICE = "cuda"      # "cpu" only for --cpu-smoke, a check of this script withou
 
 # ---------------------------------------------------------------- model and data
 
-def build_model(directory: Path, layers: int) -> None:
-    import torch
+def build_tokenizer(directory: Path, words: tuple[str, ...] = ()) -> None:
+    """A word-level tokenizer of the model's 32000 ids: <unk> <s> </s>, then `words` (whole whitespace-separated
+    words, e.g. the job's prompt template, so that text made of them encodes without <unk>), then t<id> for the
+    rest. This bench's token streams use ids directly; bench/ddp_scaling.py writes text of t<id> words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    if (directory / "config.json").exists():
-        return
-    started = time.time()
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, LLAMA2_7B["vocab_size"])}}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    vocab.update({f"t{i}": i for i in range(len(vocab), LLAMA2_7B["vocab_size"])})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                             model_max_length=4096).save_pretrained(str(directory))
+
+
+def build_model(directory: Path, layers: int, words: tuple[str, ...] = ()) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (directory / "config.json").exists():
+        return
+    started = time.time()
+    build_tokenizer(directory, words)
     config = LlamaConfig(**{**LLAMA2_7B, "num_hidden_layers": layers}, bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=False, initializer_range=0.02)
     torch.manual_seed(0)
@@ -182,6 +195,39 @@ def watch_host_syncs():
         warnings.showwarning = original
         return [{"count": n, "where": w} for w, n in seen.most_common(15)]
     return report
+
+
+def time_saves(trainer) -> dict[str, list[float]]:
+    """Wall seconds of each part of a checkpoint save on the training thread, one entry per save: the Trainer's
+    _save_checkpoint as a whole and, inside it, the adapter (save_model: the job's snapshot of the adapter tensors
+    plus its config and tokenizer; peft's save_pretrained for the seed), the snapshots of the adapter and
+    optimizer tensors for host memory (job.trainer.HostSnapshot.write), the rest of
+    _save_optimizer_and_scheduler, the RNG state; then the callbacks' on_save (the job's CheckpointCommitter
+    hands off to its threads)."""
+
+    spent: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent.setdefault(name, []).append(time.perf_counter() - started)
+        return wrapper
+
+    for name in ("_save_checkpoint", "save_model", "_save_optimizer_and_scheduler", "_save_rng_state"):
+        if hasattr(trainer, name):
+            setattr(trainer, name, timed(name, getattr(trainer, name)))
+    if hasattr(trainer.model, "save_pretrained"):
+        trainer.model.save_pretrained = timed("model.save_pretrained", trainer.model.save_pretrained)
+    if getattr(trainer, "processing_class", None) is not None:
+        trainer.processing_class.save_pretrained = timed("tokenizer.save_pretrained",
+                                                         trainer.processing_class.save_pretrained)
+    if hasattr(trainer, "snapshot"):   # the adapter's and the optimizer's tensors queued for host memory
+        trainer.snapshot.write = timed("snapshot.write", trainer.snapshot.write)
+    trainer.callback_handler.on_save = timed("callbacks on_save", trainer.callback_handler.on_save)
+    return spent
 
 
 def python_gc_timer():
@@ -343,6 +389,7 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
     started = time.time()
     runner = run_seed if recipe == "seed" else run_job
     trainer, info = runner(model_dir, rows, batch, steps, settings, work, meter)
+    save_timings = time_saves(trainer) if "SAVE_STEPS" in settings else None
     collections = python_gc_timer()
     gpu = DEVICE == "cuda"
     load_peak = torch.cuda.max_memory_allocated() if gpu else 0
@@ -367,6 +414,7 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
         "load_peak_gib": load_peak / 2**30, "first_losses": [meter.losses.get(s) for s in range(1, 6)],
         "load_seconds": loaded - started, "train_seconds": time.time() - loaded,
         "step_seconds": [round(x, 4) for x in step_seconds], "python_gc": collections(),
+        "seconds_after_warmup": sum(step_seconds[WARMUP_STEPS:]),
     }
     result["mfu"] = result["tokens_per_second"] * 4 * PARAMS_7B / PEAK_BF16
     if "SAVE_STEPS" in settings:
@@ -377,6 +425,20 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
         result["checkpoint"] = {"steps": len(all_steps), "seconds": total, "median_step": typical,
                                 "overhead_fraction": (total - typical * len(all_steps)) / total,
                                 "slowest_steps": sorted(step_seconds)[-4:]}
+        # The Trainer saves after the step's on_step_end (where the meter reads the clock), so what a save holds
+        # the training thread lands in the next step's interval (51, 101). The 10 steps after that one run while
+        # the checkpoint writer and the uploader work in the background.
+        every = int(settings["SAVE_STEPS"])
+        saves = list(range(every, steps, every))
+        after = [step_seconds[s] for s in saves]                    # step_seconds[s] is step s + 1
+        background = [step_seconds[i] for s in saves for i in range(s + 1, min(s + 11, steps))]
+        result["checkpoint"].update({
+            "save_breakdown_seconds": {k: [round(x, 4) for x in v] for k, v in save_timings.items()},
+            "saved_at_steps": saves, "seconds_of_steps_after_saves": after,
+            "save_steps_excess_seconds": sum(t - typical for t in after),
+            "save_steps_excess_fraction": sum(t - typical for t in after) / total,
+            "median_of_10_steps_after_each_save_step": sorted(background)[len(background) // 2] if background
+            else None})
     if getattr(meter, "profile_summary", None):
         result["profile"] = meter.profile_summary
     if getattr(meter, "sync_report", None) is not None:
@@ -422,6 +484,44 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_summary(results: list[dict]) -> str:
+    """job-ckpt's checkpoint cost three ways: all step time above the median (the first measure kept), the excess
+    of the steps that carried a save, and its steps against job-110's (the same steps, no saving)."""
+    lines = []
+    ckpt = next((r for r in results if r.get("checkpoint") and "error" not in r), None)
+    base = next((r for r in results if r.get("config") == "job-110" and "error" not in r), None)
+    first = WARMUP_STEPS + 1
+    if ckpt:
+        c = ckpt["checkpoint"]
+        after = " ".join(f"{t:.3f}" for t in c["seconds_of_steps_after_saves"])
+        lines.append(f"checkpoints ({ckpt['config']}): steps {first}-{ckpt['steps']} took {c['seconds']:.2f} s, "
+                     f"median step {c['median_step']:.3f} s; overhead above the median {c['overhead_fraction']:.2%}; "
+                     f"steps after the saves at {c['saved_at_steps']}: {after} s, excess "
+                     f"{c['save_steps_excess_seconds']:.3f} s = {c['save_steps_excess_fraction']:.2%}; median of the "
+                     f"10 steps after each: {c['median_of_10_steps_after_each_save_step']:.3f} s")
+        lines.append("training thread per save (s): " + "; ".join(
+            f"{k} {' '.join(f'{x:.3f}' for x in v)}" for k, v in c.get("save_breakdown_seconds", {}).items()))
+    if base:
+        b = base["seconds_after_warmup"]
+        unsaved = sorted(base["step_seconds"][WARMUP_STEPS:])
+        lines.append(f"no-save baseline (job-110): steps {first}-{base['steps']} took {b:.2f} s, median step "
+                     f"{unsaved[len(unsaved) // 2]:.3f} s")
+        if ckpt:
+            lines.append(f"overhead against the baseline, whole run: ({c['seconds']:.2f} - {b:.2f}) / "
+                         f"{c['seconds']:.2f} = {(c['seconds'] - b) / c['seconds']:.2%}")
+            # Step by step against the same step of the baseline (the same batch). On a CPU the length-grouped
+            # order makes steps 1, 51, 101 (each 50-step megabatch's longest batch) slow even without saving.
+            cs, bs = ckpt["step_seconds"], base["step_seconds"]
+            held = [cs[i] - bs[i] for i in c["saved_at_steps"]]
+            background = [sum(cs[i + 1:i + 11]) - sum(bs[i + 1:i + 11]) for i in c["saved_at_steps"]]
+            together = sum(held) + sum(background)
+            lines.append(f"paired with the baseline: the steps that carried a save "
+                         f"{' '.join(f'{x:+.3f}' for x in held)} s, the 10 steps after each "
+                         f"{' '.join(f'{x:+.3f}' for x in background)} s; together {together:.3f} s = "
+                         f"{together / c['seconds']:.2%} of the run's steps {first}-{ckpt['steps']}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -447,6 +547,7 @@ def main() -> int:
         return 0
 
     build_model(model_dir, 32 if args.model == "7b" else 2)
+    os.sync()   # the freshly written shards would otherwise be flushed during the first configuration's steps
     results = []
     env = environment()
     print(json.dumps(env), flush=True)
@@ -472,6 +573,7 @@ def main() -> int:
         (args.out / "results.json").write_text(json.dumps({"environment": env, "model": args.model,
                                                            "results": results}, indent=2))
     print(table(results), flush=True)
+    print(checkpoint_summary(results), flush=True)
     return 0
 
 
