@@ -219,7 +219,7 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
     if not committer.wait(None):
         raise RuntimeError(f"checkpoint upload failed: {committer.errors()}")
 
-    final_eval = trainer.evaluate() if eval_examples else {}
+    final_eval = _final_eval_loss(trainer) if eval_examples else {}
     if not topology.is_main:
         return Trained(summary={}, model=trainer.model, tokenizer=tokenizer)
     status.write(phase="evaluating", step=trainer.state.global_step)
@@ -237,6 +237,15 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
     (out / "README.md").write_text(model_card(config, out))  # ours, in place of peft's template
     committer.close()
     return Trained(summary=summary, model=trainer.model, tokenizer=tokenizer)
+
+
+def _final_eval_loss(trainer) -> dict[str, float]:
+    """The Trainer's eval loss at the last step: the one it logged there (EVAL_STEPS dividing the steps), else a
+    pass now. Every rank sees the same log history, so all of them take the same branch."""
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return {"eval_loss": last["eval_loss"]}
+    return trainer.evaluate()
 
 
 def _evaluate(evaluator, model, reporter: Reporter, stop: StopSignal, status, step: int) -> dict[str, Any] | None:
