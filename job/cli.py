@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import urllib.parse
 import warnings
@@ -78,7 +79,12 @@ def _launch_checked(config: Config) -> int:
     from .preflight import run_checks
     from .storage import StoreError
     reporter = _reporter(config)
-    checks = run_checks(config, _topology(), launcher=True)
+    # A preemption during the checks (dataset download, Hub calls) has nothing to save: retryable, exit 75.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(75))
+    try:
+        checks = run_checks(config, _topology(), launcher=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for problem in checks.problems:
         reporter.error(problem)
     if checks.problems:

@@ -182,7 +182,8 @@ class NliJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(name, token=token)
-        self.model = AutoModelForSequenceClassification.from_pretrained(name, token=token).to(device).eval()
+        # Kept on the CPU while training runs (it is outside the memory estimate); on the GPU only to judge.
+        self.model = AutoModelForSequenceClassification.from_pretrained(name, token=token).eval()
         self.device = device
         labels = {i: str(label).lower() for i, label in self.model.config.id2label.items()}
         self.entail = next((i for i, l in labels.items() if l.startswith("entail")), None)
@@ -194,6 +195,7 @@ class NliJudge:
     def verdicts(self, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[int]:
         """+1 entailment, -1 contradiction, 0 otherwise, for each (premise, hypothesis)."""
         out = []
+        self.model.to(self.device)
         with torch.no_grad():
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start:start + batch_size]
@@ -201,6 +203,7 @@ class NliJudge:
                                      max_length=256, return_tensors="pt").to(self.device)
                 best = self.model(**enc).logits.argmax(-1).tolist()
                 out += [1 if b == self.entail else -1 if b == self.contradict else 0 for b in best]
+        self.model.to("cpu")
         return out
 
 

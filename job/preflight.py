@@ -512,6 +512,9 @@ def _check_hub_access(variable: str, repo_id: str, repo_type: str, config: Confi
         raise CheckFailed(f"{variable}={repo_id!r}: no such {kind} on the Hub ({constants.ENDPOINT}); {hint}",
                           "not found on the Hub") from None
     except Exception as exc:
+        if _status(exc) == 401 and not config.hf_token:
+            raise CheckFailed(f"{variable}={repo_id!r}: the Hub at {constants.ENDPOINT} wants a token (401) and "
+                              f"HF_TOKEN is empty; set HF_TOKEN to a token that can read it", "token needed") from None
         if _status(exc) == 401:
             raise CheckFailed(f"HF_TOKEN is not a valid Hugging Face token (the Hub answered 401 when reading "
                               f"{variable}={repo_id!r}); create a new one at {constants.ENDPOINT}/settings/tokens",

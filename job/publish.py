@@ -189,6 +189,15 @@ def _commit_url(repo: str, revision: str, oid: str | None) -> str:
     return f"{constants.ENDPOINT}/{repo}/commit/{oid}" if oid else f"{constants.ENDPOINT}/{repo}/tree/{revision}"
 
 
+def _stage_card(config: Config, final_dir: Path, stage: Path, merged: bool = False) -> None:
+    """The model card and the picture it shows (loss_curve.png, where it was drawn)."""
+    from .card import model_card
+    from .plot import LOSS_CURVE
+    if (final_dir / LOSS_CURVE).exists():
+        shutil.copy2(final_dir / LOSS_CURVE, stage / LOSS_CURVE)
+    (stage / "README.md").write_text(model_card(config, final_dir, merged=merged))
+
+
 def _stage_adapter(config: Config, final_dir: Path, stage: Path) -> None:
     for name in ADAPTER_FILES + TOKENIZER_FILES:
         if (final_dir / name).exists():
@@ -196,8 +205,7 @@ def _stage_adapter(config: Config, final_dir: Path, stage: Path) -> None:
     missing = [n for n in ADAPTER_FILES if not (stage / n).exists()]
     if missing:
         raise FileNotFoundError(f"final adapter incomplete in {final_dir}: missing {missing}")
-    from .card import model_card
-    (stage / "README.md").write_text(model_card(config, final_dir))
+    _stage_card(config, final_dir, stage)
 
 
 def _stage_merged(config: Config, final_dir: Path, stage: Path) -> None:
@@ -217,5 +225,4 @@ def _stage_merged(config: Config, final_dir: Path, stage: Path) -> None:
     merged = PeftModel.from_pretrained(base, final_dir).merge_and_unload()
     merged.save_pretrained(stage)
     tokenizer.save_pretrained(stage)
-    from .card import model_card
-    (stage / "README.md").write_text(model_card(config, final_dir, merged=True))
+    _stage_card(config, final_dir, stage, merged=True)

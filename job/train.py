@@ -5,6 +5,7 @@ so a restart with the same RUN_ID continues from whatever phase it finds.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from .log import Reporter
 from .storage import RunStore, StoreError, open_store
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 75
+DDP_TIMEOUT_SECONDS = 1800
 FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json", "training_summary.json")
 
 
@@ -290,7 +292,10 @@ def _resume_point(run_store: RunStore, work: Path, reporter: Reporter,
     if topology.is_worker:
         import torch.distributed as dist
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            # The Trainer's ddp_timeout (30 min), not NCCL's 10: the other ranks wait in a barrier while rank 0
+            # evaluates a checkpoint (EVAL_AT_CHECKPOINTS) or uploads.
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                    timeout=datetime.timedelta(seconds=DDP_TIMEOUT_SECONDS))
         barrier()
         chosen = json.loads(choice.read_text())
         found = (chosen[0], Path(chosen[1])) if chosen else None
@@ -409,7 +414,7 @@ def final_files(config: Config) -> list[str]:
 
 def finish(config: Config, reporter: Reporter, run_store: RunStore) -> int:
     """After final/ is committed: publish if asked, then mark the run done."""
-    status = run_store.read_status() or {}
+    status = {k: v for k, v in (run_store.read_status() or {}).items() if k != "error"}   # a refusal before
     if config.hub_model_id and config.publish_only_if_improved:
         refusal = _not_improved(Path(config.output_dir))
         if refusal:

@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,6 +267,8 @@ def test_the_publish_gate_refuses_an_adapter_no_better_than_the_base(cpu_job, hu
     forced = run_job("publish", env=env(LEARNING_RATE="1e-12", PUBLISH_ONLY_IF_IMPROVED="false"))
     assert forced.returncode == 0, forced.stderr
     assert len(_run_commits(hub)) == 1
+    status = json.loads(run_job("status", "--json", env=env(LEARNING_RATE="1e-12")).stdout)
+    assert status["phase"] == "done" and "error" not in status     # the refusal is history, not the state
 
 
 def test_the_publish_gate_lets_a_better_adapter_through(cpu_job, hub_server):  # noqa: F811
@@ -275,7 +278,10 @@ def test_the_publish_gate_lets_a_better_adapter_through(cpu_job, hub_server):  #
     settings.update(HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_PROGRESS_BARS="1")
     result = run_job("train", env=settings)
     assert result.returncode == 0, result.stderr
-    assert "## Evaluation" in hub.files(REPO)["README.md"].decode()
+    files = hub.files(REPO)
+    assert "## Evaluation" in files["README.md"].decode()
+    assert "](loss_curve.png)" in files["README.md"].decode()
+    assert files["loss_curve.png"] == (Path(settings["OUTPUT_DIR"]) / "loss_curve.png").read_bytes()  # the card's picture
 
 
 def test_the_publish_gate_needs_a_held_out_set():
