@@ -173,6 +173,16 @@ def generate_replies(model, tokenizer, cases: Sequence[Case], max_new_tokens: in
     return replies
 
 
+def brief(result: dict) -> dict:
+    """The headline figures of an evaluation, for a log line and status.json."""
+    out = {}
+    for who in ("base", "tuned"):
+        for key, value in result.get(who, {}).items():
+            if key != "tokens":
+                out[f"{who}_{key}"] = value
+    return out
+
+
 # ---------------------------------------------------------------- persona consistency
 
 class NliJudge:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from .config import FIELDS, Config
 from .distributed import Topology, split_batch
 from .log import Reporter
+from .publish import describe_failure, http_status, with_retries
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 GiB = 2 ** 30
@@ -197,7 +198,7 @@ def check_hub_push(f: Findings) -> str:
         raise CheckFailed(str(exc)) from None
     except Exception as exc:   # the Hub down or unreachable after retries
         raise CheckFailed(f"cannot check that HF_TOKEN may push to HUB_MODEL_ID={config.hub_model_id!r}: the Hub at "
-                          f"{constants.ENDPOINT} failed ({_http_failure(exc)}); check the network and HF_ENDPOINT",
+                          f"{constants.ENDPOINT} failed ({describe_failure(exc)}); check the network and HF_ENDPOINT",
                           "Hub unreachable") from None
     return f"HF_TOKEN may push to {config.hub_model_id} (branch {config.hub_revision})"
 
@@ -451,7 +452,6 @@ def _hub_model(variable: str, name: str, f: Findings) -> tuple[dict[str, int], P
     the weights is still to fetch."""
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
-    from .publish import with_retries
 
     api = _check_hub_access(variable, name, "model", f.config)
     if api is None:   # HF_HUB_OFFLINE: what the cache holds is all there is
@@ -470,7 +470,7 @@ def _hub_model(variable: str, name: str, f: Findings) -> tuple[dict[str, int], P
                                                                           token=token), attempts=3)
     except Exception as exc:
         raise CheckFailed(f"{variable}={name!r}: cannot read its file list or config.json from the Hub at "
-                          f"{constants.ENDPOINT} ({_http_failure(exc)}); check HF_ENDPOINT and try again",
+                          f"{constants.ENDPOINT} ({describe_failure(exc)}); check HF_ENDPOINT and try again",
                           "Hub read failed") from None
     files = {s.rfilename: s.size or 0 for s in info.siblings or []}
     f.downloads[variable] = sum(size for path, size in _weight_files(files).items()
@@ -485,7 +485,6 @@ def _check_hub_access(variable: str, repo_id: str, repo_type: str, config: Confi
     from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
     from huggingface_hub.utils import validate_repo_id
 
-    from .publish import with_retries
 
     kind = "dataset" if repo_type == "dataset" else "model"
     accepted = "a local .jsonl/.json/.parquet file" if kind == "dataset" else "a local model directory"
@@ -512,15 +511,15 @@ def _check_hub_access(variable: str, repo_id: str, repo_type: str, config: Confi
         raise CheckFailed(f"{variable}={repo_id!r}: no such {kind} on the Hub ({constants.ENDPOINT}); {hint}",
                           "not found on the Hub") from None
     except Exception as exc:
-        if _status(exc) == 401 and not config.hf_token:
+        if http_status(exc) == 401 and not config.hf_token:
             raise CheckFailed(f"{variable}={repo_id!r}: the Hub at {constants.ENDPOINT} wants a token (401) and "
                               f"HF_TOKEN is empty; set HF_TOKEN to a token that can read it", "token needed") from None
-        if _status(exc) == 401:
+        if http_status(exc) == 401:
             raise CheckFailed(f"HF_TOKEN is not a valid Hugging Face token (the Hub answered 401 when reading "
                               f"{variable}={repo_id!r}); create a new one at {constants.ENDPOINT}/settings/tokens",
                               "HF_TOKEN rejected") from None
         raise CheckFailed(f"{variable}={repo_id!r}: cannot check access on the Hub at {constants.ENDPOINT} "
-                          f"({_http_failure(exc)}); check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 with "
+                          f"({describe_failure(exc)}); check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 with "
                           f"the {kind} in the cache", "Hub unreachable") from None
     return api
 
@@ -659,11 +658,3 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else ""
 
-
-def _status(exc: BaseException) -> int | None:
-    return getattr(getattr(exc, "response", None), "status_code", None)
-
-
-def _http_failure(exc: BaseException) -> str:
-    status = _status(exc)
-    return f"HTTP {status}" if status else type(exc).__name__

@@ -32,13 +32,13 @@ def _api(config: Config):
     return HfApi(token=config.hf_token or False)
 
 
-def _status_of(exc: BaseException) -> int | None:
+def http_status(exc: BaseException) -> int | None:
     response = getattr(exc, "response", None)
     return getattr(response, "status_code", None)
 
 
 def _transient(exc: BaseException) -> bool:
-    status = _status_of(exc)
+    status = http_status(exc)
     if status is not None:
         return status >= 500 or status == 429
     return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.split(".")[0].startswith("httpx")
@@ -55,14 +55,14 @@ def with_retries(what: str, call: Callable[[], T], reporter: Reporter | None = N
                 raise
             delay = random.uniform(0, base_delay * 2 ** (attempt - 1))
             if reporter:
-                reporter.event("hub", f"{what} failed ({_describe(exc)}); retry {attempt}/{attempts - 1} "
+                reporter.event("hub", f"{what} failed ({describe_failure(exc)}); retry {attempt}/{attempts - 1} "
                                       f"in {delay:.1f}s")
             time.sleep(delay)
     raise AssertionError("unreachable")
 
 
-def _describe(exc: BaseException) -> str:
-    status = _status_of(exc)
+def describe_failure(exc: BaseException) -> str:
+    status = http_status(exc)
     return f"HTTP {status}" if status else type(exc).__name__
 
 
@@ -83,7 +83,7 @@ def check_hub_access(config: Config) -> None:
     try:
         who = with_retries("whoami", lambda: _api(config).whoami())
     except Exception as exc:
-        if _status_of(exc) == 401:
+        if http_status(exc) == 401:
             raise HubAccessError("HF_TOKEN is not a valid Hugging Face token (the Hub answered 401); "
                                  "create a new write token") from None
         raise

@@ -255,8 +255,7 @@ def _evaluate(evaluator, model, reporter: Reporter, stop: StopSignal, status, st
     last step is committed, so the restart only evaluates again)."""
     if evaluator is None:
         return None
-    from .evaluate import EvaluationStopped
-    from .trainer import brief
+    from .evaluate import EvaluationStopped, brief
 
     reporter.event("evaluation", f"evaluating base and tuned model on {len(evaluator.examples)} held-out rows "
                                  f"({len(evaluator.cases)} answered greedily)")
@@ -468,11 +467,10 @@ def publish_only(config: Config, reporter: Reporter) -> int:
         return EXIT_BAD_INPUT
 
 
-def _open_run_store(config: Config, probe: bool = True) -> RunStore:
+def _open_run_store(config: Config) -> RunStore:
     try:
         store = open_store(config.checkpoint_uri)
-        if probe:
-            store.probe()
+        store.probe()
     except StoreError as exc:
         raise BadInput(str(exc)) from None
     return RunStore(store, config.resolved_run_id)

@@ -244,7 +244,7 @@ class EvaluationCallback(TrainerCallback):
         self.evaluator, self.stop, self.reporter, self.status, self.is_main = evaluator, stop, reporter, status, is_main
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        from .evaluate import EvaluationStopped
+        from .evaluate import EvaluationStopped, brief
 
         if not self.is_main or self.stop.received:
             return control
@@ -258,16 +258,6 @@ class EvaluationCallback(TrainerCallback):
         self.reporter.event("evaluation", f"persona evaluation at step {step}", step=step, **brief(result))
         self.status.write(evaluation={"step": step, **brief(result)})
         return control
-
-
-def brief(result: dict) -> dict:
-    """The headline figures of an evaluation, for a log line and status.json."""
-    out = {}
-    for who in ("base", "tuned"):
-        for key, value in result.get(who, {}).items():
-            if key != "tokens":
-                out[f"{who}_{key}"] = value
-    return out
 
 
 class CheckpointCommitter(TrainerCallback):
