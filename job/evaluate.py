@@ -185,6 +185,17 @@ def brief(result: dict) -> dict:
 
 # ---------------------------------------------------------------- persona consistency
 
+def nli_labels(name: str, id2label: dict) -> tuple[int, int]:
+    """The class ids of entailment and contradiction, found by name; ValueError (one line) when there are none."""
+    labels = {int(i): str(label).lower() for i, label in id2label.items()}
+    entail = next((i for i, l in labels.items() if l.startswith("entail")), None)
+    contradict = next((i for i, l in labels.items() if l.startswith("contradict")), None)
+    if entail is None or contradict is None:
+        raise ValueError(f"NLI_MODEL={name!r}: its labels {sorted(labels.values())} have no 'entailment' and "
+                         f"'contradiction'; use an NLI model (e.g. an MNLI-trained cross-encoder)")
+    return entail, contradict
+
+
 class NliJudge:
     """An off-the-shelf NLI classifier: premise = the reply, hypothesis = one persona fact."""
 
@@ -195,12 +206,7 @@ class NliJudge:
         # Kept on the CPU while training runs (it is outside the memory estimate); on the GPU only to judge.
         self.model = AutoModelForSequenceClassification.from_pretrained(name, token=token).eval()
         self.device = device
-        labels = {i: str(label).lower() for i, label in self.model.config.id2label.items()}
-        self.entail = next((i for i, l in labels.items() if l.startswith("entail")), None)
-        self.contradict = next((i for i, l in labels.items() if l.startswith("contradict")), None)
-        if self.entail is None or self.contradict is None:
-            raise ValueError(f"NLI_MODEL={name!r}: its labels {sorted(labels.values())} have no 'entailment' and "
-                             f"'contradiction'; use an NLI model (e.g. an MNLI-trained cross-encoder)")
+        self.entail, self.contradict = nli_labels(name, self.model.config.id2label)
 
     def verdicts(self, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[int]:
         """+1 entailment, -1 contradiction, 0 otherwise, for each (premise, hypothesis)."""

@@ -127,7 +127,13 @@ def check_nli_model(f: Findings) -> str:
         raise Skip("NLI_MODEL empty: replies are scored by word overlap")
     if not f.topology.is_main:
         raise Skip("rank 0 checks it")
-    return _check_model("NLI_MODEL", f.config.nli_model, f)[1]
+    from .evaluate import nli_labels
+    shape, detail = _check_model("NLI_MODEL", f.config.nli_model, f)
+    try:
+        nli_labels(f.config.nli_model, getattr(shape, "id2label", None) or {})
+    except ValueError as exc:
+        raise CheckFailed(str(exc), "not an NLI classifier") from None
+    return detail
 
 
 def check_dataset(f: Findings) -> str:

@@ -290,3 +290,13 @@ def test_the_publish_gate_needs_a_held_out_set():
     assert result.stderr.strip().splitlines() == [
         "error: PUBLISH_ONLY_IF_IMPROVED=true needs held-out conversations to compare on; set EVAL_FRACTION > 0 "
         "(e.g. 0.05) or PUBLISH_ONLY_IF_IMPROVED=false"]
+
+
+def test_an_nli_model_without_nli_labels_is_refused_before_training(cpu_job, tmp_path, tiny_model):
+    sentiment = _nli_model(tmp_path / "sentiment", tiny_model, "good", labels=("bad", "good", "meh"))
+    result = run_job("train", env=cpu_job(NLI_MODEL=str(sentiment)))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: NLI_MODEL={str(sentiment)!r}: its labels ['bad', 'good', 'meh'] have no 'entailment' and "
+        f"'contradiction'; use an NLI model (e.g. an MNLI-trained cross-encoder)"]
+    assert not result.events("model"), "refused in preflight, before the base model is loaded"

@@ -89,11 +89,23 @@ def model_files(directory: Path) -> dict[str, bytes]:
 
 # ---------------------------------------------------------------- all good
 
-def test_every_check_passes_on_the_tiny_model_and_the_table_lists_each(settings, hub, tiny_model):
+def nli_labelled(model_dir: Path, copy: Path) -> Path:
+    """The tiny model's files, its config naming NLI classes: enough for the NLI row, which reads no weights."""
+    import shutil
+    shutil.copytree(model_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["id2label"] = {"0": "contradiction", "1": "neutral", "2": "entailment"}
+    config["label2id"] = {"contradiction": 0, "neutral": 1, "entailment": 2}
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_every_check_passes_on_the_tiny_model_and_the_table_lists_each(settings, hub, tiny_model, tmp_path):
     # The base model comes from the Hub (access, file list, config.json), the NLI model from a local directory,
     # and the adapter would be pushed with a write token: every row runs, none is skipped.
     hub.add_repo("acme/tiny-llama", model_files(tiny_model))
-    env = settings(BASE_MODEL="acme/tiny-llama", NLI_MODEL=str(tiny_model), HUB_MODEL_ID="alice/persona-adapter",
+    env = settings(BASE_MODEL="acme/tiny-llama", NLI_MODEL=str(nli_labelled(tiny_model, tmp_path / "nli")),
+                   HUB_MODEL_ID="alice/persona-adapter",
                    HF_TOKEN="hf_alice_write", LOG_FORMAT="bar")
     result = run_job("preflight", env=env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
