@@ -73,21 +73,27 @@ def train() -> None:
 
 
 def _launch_checked(config: Config) -> int:
-    """Run the preflight checks once, before starting the workers under torchrun: what a retry can't fix fails
-    here, not once per worker (which check again, each on its own GPU, and print the table)."""
-    from .distributed import launch
-    from .preflight import run_checks
+    """Run the preflight checks once, before starting the workers under torchrun, and show their table: what a
+    retry can't fix fails here, not once per worker. The workers check again only their own GPU."""
+    from .distributed import Topology, launch
+    from .preflight import report, run_checks
     from .storage import StoreError
     reporter = _reporter(config)
-    # A preemption during the checks (dataset download, Hub calls) has nothing to save: retryable, exit 75.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(75))
+
+    def stopped(signum, frame):
+        # A preemption during the checks (dataset download, Hub calls) has nothing to save: retryable, exit 75.
+        reporter.event("stopped", f"{signal.Signals(signum).name} during the preflight checks; nothing to save")
+        sys.exit(75)
+
+    previous = signal.signal(signal.SIGTERM, stopped)
     try:
         checks = run_checks(config, _topology(), launcher=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    for problem in checks.problems:
+    problems = report(checks.results, reporter)
+    for problem in problems:
         reporter.error(problem)
-    if checks.problems:
+    if problems:
         return 2
     try:
         finished_training = checks.found.run_store.final_committed()
@@ -99,7 +105,7 @@ def _launch_checked(config: Config) -> int:
         if config.node_rank != 0:
             return 0
         from .train import main
-        return main(config, reporter)
+        return main(config, reporter, Topology(launcher_checked=True))
     return launch(config)
 
 

@@ -13,6 +13,10 @@ from typing import Mapping
 
 from .config import Config
 
+# Set by `launch` for its workers: their launcher passed the preflight checks. Internal, not a setting: the
+# leading underscore keeps it out of the config's misspelt-setting check.
+LAUNCHER_CHECKED = "_JOB_LAUNCHER_CHECKED"
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -20,7 +24,8 @@ class Topology:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    is_worker: bool = False      # started by torchrun (as opposed to the process that starts it)
+    is_worker: bool = False         # started by torchrun (as opposed to the process that starts it)
+    launcher_checked: bool = False  # our launcher ran the checks first: only each GPU's own are left
 
     @property
     def is_main(self) -> bool:
@@ -31,7 +36,8 @@ class Topology:
         if "LOCAL_RANK" not in environ:
             return cls()
         return cls(rank=int(environ.get("RANK", 0)), local_rank=int(environ["LOCAL_RANK"]),
-                   world_size=int(environ.get("WORLD_SIZE", 1)), is_worker=True)
+                   world_size=int(environ.get("WORLD_SIZE", 1)), is_worker=True,
+                   launcher_checked=environ.get(LAUNCHER_CHECKED) == "1")
 
 
 def wants_launch(config: Config, topology: Topology) -> bool:
@@ -81,12 +87,14 @@ def any_rank(flag: bool) -> bool:
 
 
 def launch(config: Config) -> int:
-    """Start `python -m job train` once per GPU under torchrun (PyTorch's own elastic launcher) and turn the
-    workers' fate into the job's exit code: 2 if any got bad input, 75 if stopped by a signal, else 0 or 1."""
+    """Start `python -m job train` once per GPU under torchrun (PyTorch's own elastic launcher), once the
+    preflight checks passed here (job/cli.py), and turn the workers' fate into the job's exit code: 2 if any got
+    bad input, 75 if stopped by a signal, else 0 or 1."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    os.environ[LAUNCHER_CHECKED] = "1"   # the workers inherit it: they skip what was checked here
     # torchrun gives workers 30 s after passing on a SIGTERM before it kills them; ours need the step in flight,
     # the local save and SHUTDOWN_BUDGET_SECONDS for the upload.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(config.shutdown_budget_seconds) + 60))

@@ -3,7 +3,9 @@
 `run_checks` runs them all, in the order of `CHECKS`. A failed check does not stop the others; a check that needs
 what an earlier one failed to find is skipped, saying which. `report` shows the results: a table on a terminal,
 one JSON event per check in a pod's log. Each failure carries one actionable line naming the variable to change.
-`python -m job preflight` is this and nothing else; `train` runs it first (job/train.py `preflight`).
+`python -m job preflight` is this and nothing else; `train` runs it first (job/train.py `preflight`). With
+several GPUs the launcher runs them before starting torchrun's workers (job/cli.py), and the workers check again
+only their own GPU.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ GiB = 2 ** 30
 # What from_pretrained reads besides the weights; one of them must be there.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
                    "spm.model")
+# (single file, shard index), in the order from_pretrained looks for them (transformers modeling_utils).
+WEIGHT_LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
+                  ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 # Room in OUTPUT_DIR beyond the checkpoints: tokenizer copies, logs, the loss curve, the datasets cache's scratch.
 DISK_MARGIN = GiB // 2
 # CUDA context, cuBLAS workspace and allocator fragmentation on a GPU; the interpreter and libraries on a CPU.
@@ -45,6 +50,11 @@ class CheckFailed(Exception):
 
 class Skip(Exception):
     """The check does not apply here; the message says why."""
+
+
+class CheckedByLauncher(Skip):
+    """A worker of torchrun whose launcher ran this check and showed its row: the worker shows no row for it,
+    and takes from it only what the run needs (the device, the rows, the store)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,7 @@ def failure_lines(results: list[CheckResult]) -> list[str]:
 def check_config(f: Findings) -> str:
     # A Config exists only once every setting parsed and passed its check (job/config.py); `config_failed`
     # shows the other case.
+    _unless_launcher_checked(f)
     return f"{len(FIELDS)} settings valid; RUN_ID {f.config.resolved_run_id}"
 
 
@@ -102,6 +113,8 @@ def check_gpu(f: Findings) -> str:
         f.device = check_machine(config)
     except BadInput as exc:
         raise CheckFailed(str(exc), _machine_trouble(config)) from None
+    if f.device == "cpu" and f.topology.launcher_checked:
+        raise CheckedByLauncher()   # the same CPU and bitsandbytes that the launcher checked
     if f.device == "cuda" and f.launcher:   # a CUDA context here would hold GPU memory for the whole run
         return (f"{torch.cuda.device_count()} CUDA GPUs visible, torch {torch.__version__} CUDA {torch.version.cuda}; "
                 f"each worker checks its own GPU and its 4-bit kernels")
@@ -115,6 +128,10 @@ def check_gpu(f: Findings) -> str:
 
 
 def check_base_model(f: Findings) -> str:
+    if f.topology.launcher_checked:
+        if f.device == "cuda":   # each worker's memory check needs the shape; its launcher fetched config.json
+            f.model_shape = _model_shape("BASE_MODEL", f.config.base_model, _config_folder(f.config))
+        raise CheckedByLauncher()
     if not f.topology.is_main:
         raise Skip("rank 0 checks it")
     shape, detail = _check_model("BASE_MODEL", f.config.base_model, f)
@@ -123,6 +140,7 @@ def check_base_model(f: Findings) -> str:
 
 
 def check_nli_model(f: Findings) -> str:
+    _unless_launcher_checked(f)
     if not f.config.nli_model:
         raise Skip("NLI_MODEL empty: replies are scored by word overlap")
     if not f.topology.is_main:
@@ -145,7 +163,7 @@ def check_dataset(f: Findings) -> str:
 
     name = f.config.dataset
     local = Path(name).suffix in LOCAL_SUFFIXES or Path(name).exists()   # load_rows' own rule
-    if not local and f.topology.is_main:
+    if not local and f.topology.is_main and not f.topology.launcher_checked:
         _check_hub_access("DATASET", name, "dataset", f.config)
     try:
         f.splits, f.data_fingerprint = _prepare_rows(f.config)
@@ -157,6 +175,7 @@ def check_dataset(f: Findings) -> str:
                               f"online into the same HF_HOME, or unset HF_HUB_OFFLINE", "not cached, offline") from None
         raise CheckFailed(f"DATASET={name!r}: cannot load it{'' if local else ' from the Hub'} "
                           f"({type(exc).__name__}: {_first_line(exc)})", "cannot load") from None
+    _unless_launcher_checked(f)   # the rows are read: every worker trains on them
     where = f"local file {name}" if local else f"Hub {name}"
     return (f"{where}: every row fits the persona-chat schema; {len(f.splits.train)} train / "
             f"{len(f.splits.eval)} eval rows")
@@ -171,7 +190,7 @@ def check_store(f: Findings) -> str:
     uri = f.config.checkpoint_uri
     try:
         store = open_store(uri)
-        if f.topology.is_main:
+        if f.topology.is_main and not f.topology.launcher_checked:
             store.probe()
     except StoreError as exc:
         raise CheckFailed(str(exc)) from None
@@ -180,6 +199,7 @@ def check_store(f: Findings) -> str:
         raise CheckFailed(f"CHECKPOINT_URI {uri}: the write/read/delete probe failed ({type(exc).__name__}) after "
                           f"retries. Check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and try again") from None
     f.run_store = RunStore(store, f.config.resolved_run_id)
+    _unless_launcher_checked(f)
     if not f.topology.is_main:
         raise Skip("opened; rank 0 probes it")
     return f"{store.uri}: wrote, read back and deleted a probe object"
@@ -190,6 +210,7 @@ def check_hub_push(f: Findings) -> str:
 
     from .publish import HubAccessError, check_hub_access
 
+    _unless_launcher_checked(f)
     config = f.config
     if not config.hub_model_id:
         raise Skip("HUB_MODEL_ID empty: no push")
@@ -214,6 +235,7 @@ def check_disk(f: Findings) -> str:
     counts too. Without the base model's shape only writability is checked."""
     from huggingface_hub import constants
 
+    _unless_launcher_checked(f)
     config = f.config
     cache = Path(constants.HF_HUB_CACHE)
     places = [("OUTPUT_DIR", Path(config.output_dir)), ("HF_HOME", cache)]
@@ -259,6 +281,8 @@ def check_memory(f: Findings) -> str:
     config = f.config
     if f.launcher and f.device == "cuda":
         raise Skip("each worker checks its own GPU")
+    if f.device == "cpu" and f.topology.launcher_checked:
+        raise CheckedByLauncher()   # the launcher checked this host's memory for all its workers
     speed = plan(config, f.device, f.model_shape)
     micro_batch = split_batch(config, config.nproc_per_node * config.nnodes)[0]
     dtype_bytes = torch.finfo(compute_dtype(config, f.device)).bits // 8
@@ -299,7 +323,9 @@ CHECKS: list[tuple[str, Callable[[Findings], str], tuple[str, ...]]] = [
 
 def run_checks(config: Config, topology: Topology = Topology(), launcher: bool = False) -> Preflight:
     """Every check, in order; a check whose needs did not pass is skipped. `launcher`: this process is about to
-    start torchrun's workers, so the checks keep off the GPUs, which the workers take next."""
+    start torchrun's workers, so the checks keep off the GPUs, which the workers take next. A worker whose
+    launcher ran them (`topology.launcher_checked`) checks only its own GPU (on a CPU, nothing) and shows
+    only those rows."""
     found = Findings(config, topology, launcher)
     results: list[CheckResult] = []
     for name, check, needs in CHECKS:
@@ -309,6 +335,8 @@ def run_checks(config: Config, topology: Topology = Topology(), launcher: bool =
             continue
         try:
             results.append(CheckResult(name, PASSED, check(found)))
+        except CheckedByLauncher:
+            pass
         except Skip as exc:
             results.append(CheckResult(name, SKIPPED, str(exc)))
         except CheckFailed as exc:
@@ -344,7 +372,7 @@ def report(results: list[CheckResult], reporter: Reporter) -> list[str]:
         for r in results:
             extra = {"problems": list(r.problems)} if r.problems else {}
             reporter.event("preflight", r.detail, check=r.name, status=r.status, **extra)
-    else:
+    elif results:   # none in a worker whose launcher ran every check
         reporter.text(render_table(results))
     return failure_lines(results)
 
@@ -430,9 +458,10 @@ def _check_model(variable: str, name: str, f: Findings) -> tuple[Any, str]:
                               f"config.json, tokenizer and weights) or a Hub model id 'user/name'",
                               "no such directory")
         files = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
+        weights = _weight_files(variable, name, files, lambda index: (path / index).read_text())
         where, config_dir = f"local dir {name}", path
     else:
-        files, config_dir = _hub_model(variable, name, f)
+        files, weights, config_dir = _hub_model(variable, name, f)
         where = f"Hub {name}"
     if "config.json" not in files:
         raise CheckFailed(f"{variable}={name!r} has no config.json: not a transformers model; give a model "
@@ -440,7 +469,6 @@ def _check_model(variable: str, name: str, f: Findings) -> tuple[Any, str]:
     if not any(t in files for t in TOKENIZER_FILES):
         raise CheckFailed(f"{variable}={name!r} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}); give a model "
                           f"that ships its tokenizer", "no tokenizer")
-    weights = _weight_files(files)
     if not weights:
         raise CheckFailed(f"{variable}={name!r} has no weights (*.safetensors or pytorch_model*.bin); give a "
                           f"complete model", "no weights")
@@ -453,9 +481,9 @@ def _check_model(variable: str, name: str, f: Findings) -> tuple[Any, str]:
                    f"{_gb(size)} of weights{fetched}")
 
 
-def _hub_model(variable: str, name: str, f: Findings) -> tuple[dict[str, int], Path]:
-    """The repo's file sizes and the folder of its config.json, which is downloaded (small); records how much of
-    the weights is still to fetch."""
+def _hub_model(variable: str, name: str, f: Findings) -> tuple[dict[str, int], dict[str, int], Path]:
+    """The repo's file sizes, those of the weights from_pretrained would fetch, and the folder of its config.json.
+    config.json and a shard index are downloaded (small JSON); records how much of the weights is still to fetch."""
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
 
@@ -468,20 +496,25 @@ def _hub_model(variable: str, name: str, f: Findings) -> tuple[dict[str, int], P
                               "not cached, offline")
         folder = Path(cached).parent
         f.downloads[variable] = 0
-        return {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}, folder
+        files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+        return files, _weight_files(variable, name, files, lambda index: (folder / index).read_text()), folder
     token = f.config.hf_token or None
+
+    def download(path: str, revision: str) -> str:
+        return with_retries(path, lambda: hf_hub_download(name, path, revision=revision, token=token), attempts=3)
+
     try:
         info = with_retries("model info", lambda: api.model_info(name, files_metadata=True), attempts=3)
-        config_file = with_retries("config.json", lambda: hf_hub_download(name, "config.json", revision=info.sha,
-                                                                          token=token), attempts=3)
+        config_file = download("config.json", info.sha)
     except Exception as exc:
         raise CheckFailed(f"{variable}={name!r}: cannot read its file list or config.json from the Hub at "
                           f"{constants.ENDPOINT} ({describe_failure(exc)}); check HF_ENDPOINT and try again",
                           "Hub read failed") from None
     files = {s.rfilename: s.size or 0 for s in info.siblings or []}
-    f.downloads[variable] = sum(size for path, size in _weight_files(files).items()
+    weights = _weight_files(variable, name, files, lambda index: Path(download(index, info.sha)).read_text())
+    f.downloads[variable] = sum(size for path, size in weights.items()
                                 if not isinstance(try_to_load_from_cache(name, path, revision=info.sha), str))
-    return files, Path(config_file).parent
+    return files, weights, Path(config_file).parent
 
 
 def _check_hub_access(variable: str, repo_id: str, repo_type: str, config: Config):
@@ -530,13 +563,47 @@ def _check_hub_access(variable: str, repo_id: str, repo_type: str, config: Confi
     return api
 
 
+def _unless_launcher_checked(f: Findings) -> None:
+    if f.topology.launcher_checked:
+        raise CheckedByLauncher()
+
+
+def _config_folder(config: Config) -> Path:
+    """The folder of BASE_MODEL's config.json: its directory, or the HF cache, where the launcher fetched it."""
+    from huggingface_hub import hf_hub_download
+
+    name = config.base_model
+    if _looks_local(name):
+        return Path(name).expanduser()
+    try:
+        return Path(with_retries("config.json", lambda: hf_hub_download(name, "config.json",
+                                                                        token=config.hf_token or None),
+                                 attempts=3)).parent
+    except Exception as exc:
+        raise CheckFailed(f"BASE_MODEL={name!r}: cannot read its config.json ({describe_failure(exc)}); check "
+                          f"HF_ENDPOINT and try again", "config.json unreadable") from None
+
+
 def _looks_local(name: str) -> bool:
     # What transformers loads from disk: an existing directory; anything path-like is meant as one too.
     return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
-def _weight_files(files: dict[str, int]) -> dict[str, int]:
-    """The weight files from_pretrained would fetch: the top-level safetensors, else the PyTorch .bin files."""
+def _weight_files(variable: str, name: str, files: dict[str, int], read: Callable[[str], str]) -> dict[str, int]:
+    """The weight files from_pretrained would read, in its order: model.safetensors, else the shards that
+    model.safetensors.index.json names (a repo may ship a consolidated copy beside them, which it never reads),
+    then the same for pytorch_model.bin; failing those, the top-level safetensors, else the PyTorch .bin files.
+    `read(index)`: the text of a listed index file."""
+    for single, index in WEIGHT_LAYOUTS:
+        if single in files:
+            return {single: files[single]}
+        if index in files:
+            try:
+                shards = set(json.loads(read(index))["weight_map"].values())
+            except Exception as exc:   # unreachable, not JSON, or no weight_map
+                raise CheckFailed(f"{variable}={name!r}: cannot read its {index}, which names the weight files "
+                                  f"({describe_failure(exc)}); give a complete model", f"{index} unreadable") from None
+            return {n: s for n, s in files.items() if n in shards}
     top = {n: s for n, s in files.items() if "/" not in n}
     safetensors = {n: s for n, s in top.items() if n.endswith(".safetensors")}
     return safetensors or {n: s for n, s in top.items() if n.startswith("pytorch_model") and n.endswith(".bin")}

@@ -2,6 +2,7 @@
 
 One rank commits each checkpoint after all ranks reach it; a signal to any rank stops all of them at one
 step with one committed checkpoint; and a run resumes at another world size on the data position it left.
+The launcher runs the preflight checks once, before any worker starts; the workers do not repeat them.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import psutil
@@ -16,8 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_job
+from conftest import ROOT, run_job
+from hubserver import hub_server  # noqa: F401  (fixture)
 from test_resume import Running, committed
+
+from job.preflight import CHECKS
+
 
 def free_port() -> str:
     with socket.socket() as s:
@@ -31,6 +38,21 @@ def ddp_job(cpu_job):
         return cpu_job(**{"RUN_ID": "ddp-story", "MASTER_PORT": free_port(), "LOGGING_STEPS": "1",
                           "LORA_DROPOUT": "0", "MAX_STEPS": "10", **overrides})
     return settings
+
+
+@pytest.fixture
+def hub(hub_server, tiny_model):  # noqa: F811
+    """The fake Hub, holding the tiny model as acme/tiny-llama."""
+    server = hub_server()
+    server.add_repo("acme/tiny-llama", {p.name: p.read_bytes() for p in tiny_model.iterdir() if p.is_file()})
+    return server
+
+
+def from_hub(env: dict[str, str], hub) -> dict[str, str]:
+    """`env` with BASE_MODEL on the fake Hub, reachable (not offline)."""
+    env = {**env, "BASE_MODEL": "acme/tiny-llama", "HF_ENDPOINT": hub.endpoint}
+    env.pop("HF_HUB_OFFLINE")
+    return env
 
 
 def manifests(store):
@@ -53,9 +75,13 @@ def workers(launcher: psutil.Process) -> dict[int, psutil.Process]:
     return found
 
 
-def test_two_workers_train_and_every_checkpoint_is_committed_once_with_all_ranks_state(ddp_job, tmp_path):
-    result = run_job("train", env=ddp_job(NPROC_PER_NODE="2", MAX_STEPS="8", SAVE_STEPS="4"))
+def test_two_workers_train_and_every_checkpoint_is_committed_once_with_all_ranks_state(ddp_job, hub, tmp_path):
+    settings = dict(NPROC_PER_NODE="2", MAX_STEPS="8", SAVE_STEPS="4")
+    result = run_job("train", env=from_hub(ddp_job(**settings), hub))
     assert result.returncode == 0, result.stderr[-3000:]
+    # The launcher ran the checks and showed each row once; the workers did not ask the Hub again.
+    assert [e["check"] for e in result.events("preflight") if "check" in e] == [name for name, _, _ in CHECKS]
+    assert hub.count("auth_check") == 1, hub.counts
     found = manifests(tmp_path / "store")
     assert sorted(found) == ["step-00000004", "step-00000008"]
     for manifest in found.values():
@@ -67,8 +93,7 @@ def test_two_workers_train_and_every_checkpoint_is_committed_once_with_all_ranks
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     # A node that starts again after the run has finished training does not wait for peers that left.
     for node in ("0", "1"):
-        again = run_job("train", env=ddp_job(NPROC_PER_NODE="2", NNODES="2", NODE_RANK=node, MAX_STEPS="8",
-                                             SAVE_STEPS="4"), timeout=90)
+        again = run_job("train", env=from_hub(ddp_job(**settings, NNODES="2", NODE_RANK=node), hub), timeout=90)
         assert again.returncode == 0, again.stderr[-2000:]
 
 
@@ -86,6 +111,30 @@ def test_a_sigterm_to_one_rank_stops_every_rank_with_one_committed_checkpoint(dd
     assert steps[-1] == stop_step, f"the step in flight must be the newest committed one: {steps}, {stop_step}"
     status = json.loads(run_job("status", "--json", env=ddp_job()).stdout)
     assert status["newest_checkpoint"] == steps[-1]
+
+
+def test_a_sigterm_during_the_launchers_checks_exits_75_before_any_worker_starts(ddp_job, hub, tmp_path):
+    # The Hub holds back its answer to the launcher's access check of BASE_MODEL: the checks are still running
+    # when the pod is told to stop.
+    hub.fail_next("auth_check", status=None, delay=30)
+    proc = subprocess.Popen([sys.executable, "-m", "job", "train"], env=from_hub(ddp_job(NPROC_PER_NODE="2"), hub),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not hub.count("auth_check"):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    assert not psutil.Process(proc.pid).children(recursive=True), "no worker may start before the checks pass"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        stdout, stderr = proc.communicate(timeout=20)
+    finally:
+        proc.kill()   # a no-op once it has exited; else it must not go on to start workers
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events] == ["stopped"], events
+    assert "SIGTERM during the preflight checks" in events[0]["message"]
+    assert not list((tmp_path / "store").rglob("run.json")), "rank 0 of a worker would have written run.json"
 
 
 def logged_losses(result_or_events) -> dict[int, float]:

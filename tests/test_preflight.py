@@ -287,6 +287,25 @@ def test_a_model_larger_than_the_free_disk_fails_the_disk_row(settings, hub, tin
     assert hub.count("resolve_get") == 1, "only config.json is downloaded, never the weights"
 
 
+def test_a_consolidated_copy_beside_the_shards_is_not_counted(settings, hub, tiny_model):
+    # As mistralai/Mistral-7B-Instruct-v0.3 does: from_pretrained reads the shards that the index names, never
+    # the consolidated copy, so only the shards are to download (0.3 GB here, not 1 PB).
+    shards = {"model-00001-of-00002.safetensors": 2 * 10 ** 8, "model-00002-of-00002.safetensors": 10 ** 8}
+    index = {"metadata": {"total_size": sum(shards.values())},
+             "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                            "model.layers.0.self_attn.q_proj.weight": "model-00001-of-00002.safetensors",
+                            "lm_head.weight": "model-00002-of-00002.safetensors"}}
+    small = {k: v for k, v in model_files(tiny_model).items() if not k.endswith(".safetensors")}
+    hub.add_repo("acme/sharded-llama", {**small, "model.safetensors.index.json": json.dumps(index).encode()},
+                 placeholders={**shards, "consolidated.safetensors": 10 ** 15})
+    result = preflight_here(settings(BASE_MODEL="acme/sharded-llama", LOG_FORMAT="bar"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = table(result)
+    assert found["disk"][0] == "ok", found["disk"]
+    assert found["base model"][1].endswith("0.3 GB of weights, 0.3 GB to download"), found["base model"]
+    assert hub.count("resolve_get") == 2, "config.json and the index are downloaded, never the weights"
+
+
 def test_an_output_dir_that_cannot_be_created_fails_the_disk_row(settings, tmp_path):
     (tmp_path / "a-file").write_text("")
     fails_alone(preflight_here(settings(OUTPUT_DIR=str(tmp_path / "a-file" / "out"))), "disk",
