@@ -18,6 +18,8 @@ pkgs=(transformers peft bitsandbytes accelerate datasets dill multiprocess huggi
 specs=()
 for p in "${pkgs[@]}"; do specs+=("$(pin "$p")"); done
 specs+=("liger-kernel==${LIGER_VERSION:-0.8.5}")
+# A sampling profiler for the bench only (bench/speed.py --pyspy): where the host time of a step goes.
+specs+=("py-spy==${PYSPY_VERSION:-0.4.3}")
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

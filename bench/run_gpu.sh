@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: install the carried wheels, record the machine, then run the benchmark and the GPU e2e.
 #   bash bench/run_gpu.sh OUT_DIR [speed.py configs] [configs to profile] [e2e|numerics|no-e2e]
+# Environment: PYSPY=configs to sample with py-spy, SKIP_SNAPSHOT=1 to skip bench/snapshot_check.py,
+# SPEED_TIMEOUT / CONFIG_TIMEOUT / E2E_TIMEOUT seconds.
 # Wheels: bench/fetch_wheels.sh puts them in .whl/ here; the device tool carries .whl (README.md, Notes).
 set -uo pipefail
 out=${1:?output folder}
@@ -19,7 +21,7 @@ python3 -m pip list 2>/dev/null > "$out/pip-list-image.txt"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl 2>&1 | grep -v "^WARNING: Target directory" | tail -3
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
 fi
 python3 - <<'PY' | tee "$out/versions.txt"
 import importlib.metadata as md, sys
@@ -34,10 +36,12 @@ for p in ("transformers", "peft", "bitsandbytes", "accelerate", "datasets", "lig
 import bitsandbytes, liger_kernel, peft, transformers  # noqa: F401  (imports work)
 PY
 status=0
-python3 bench/snapshot_check.py | tee "$out/snapshot_check.json" || status=1
+if [ -z "${SKIP_SNAPSHOT:-}" ]; then
+    python3 bench/snapshot_check.py | tee "$out/snapshot_check.json" || status=1
+fi
 if [ "$configs" != "none" ]; then
     timeout "${SPEED_TIMEOUT:-400}" python3 bench/speed.py --out "$scratch/speed" --configs "$configs" \
-        --profile "$profile" --timeout "${CONFIG_TIMEOUT:-200}" || status=1
+        --profile "$profile" --pyspy "${PYSPY:-}" --timeout "${CONFIG_TIMEOUT:-200}" || status=1
 fi
 if [ "$e2e" = "e2e" ]; then
     timeout "${E2E_TIMEOUT:-240}" python3 bench/gpu_e2e.py --out "$scratch" || status=1
@@ -45,5 +49,6 @@ elif [ "$e2e" = "numerics" ]; then
     timeout "${E2E_TIMEOUT:-170}" python3 bench/gpu_e2e.py --out "$scratch" --numerics-only || status=1
 fi
 cp "$scratch/speed/results.json" "$scratch/GPU_E2E.md" "$out/" 2>/dev/null
+cp "$scratch"/speed/pyspy-*.json "$out/" 2>/dev/null
 tar czf "$out/logs.tgz" -C "$scratch" --exclude=work . 2>/dev/null
 exit $status

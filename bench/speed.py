@@ -27,6 +27,8 @@ import argparse
 import gc
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -59,8 +61,24 @@ CONFIGS = {
     "job-b32": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32", "GRADIENT_CHECKPOINTING": "false"}),
     "job-b32-gc": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32", "GRADIENT_CHECKPOINTING": "true"}),
     "job-b64-gc": ("job", 64, 10, {"PER_DEVICE_TRAIN_BATCH_SIZE": "64", "GRADIENT_CHECKPOINTING": "true"}),
+    # job-sync: bitsandbytes' optimizer with its own sync after every parameter (the job drops them).
+    "job-sync": ("job", 4, 30, {"patch": ["bnb-syncs"]}),
+    # TORCH_COMPILE=true; the first step compiles (its time is `first_step_seconds`). The cache starts empty in
+    # job-compile and is warm for the ones after it (same TORCHINDUCTOR_CACHE_DIR).
+    "job-compile": ("job", 4, 30, {"TORCH_COMPILE": "true",
+                                   "os_env": {"TORCH_LOGS": "recompiles,graph_breaks"}}),
+    "job-compile-warm": ("job", 4, 30, {"TORCH_COMPILE": "true"}),
+    "job-compile-liger": ("job", 4, 30, {"TORCH_COMPILE": "true", "USE_LIGER_KERNEL": "true"}),
+    "job-gc-compile": ("job", 4, 30, {"TORCH_COMPILE": "true", "GRADIENT_CHECKPOINTING": "true"}),
+    "job-ckpt-compile": ("job", 4, 110, {"SAVE_STEPS": "50", "TORCH_COMPILE": "true"}),
+    "job-110-compile": ("job", 4, 110, {"TORCH_COMPILE": "true"}),
+    "job-b24-compile": ("job", 24, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false",
+                                        "TORCH_COMPILE": "true"}),
+    "job-b32-compile": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32", "GRADIENT_CHECKPOINTING": "false",
+                                        "TORCH_COMPILE": "true"}),
 }
 WARMUP_STEPS = 5
+DEFAULT_RECIPE_STEPS = 250   # the seed's 1000 rows at 4 a step, one epoch
 DEVICE = "cuda"      # "cpu" only for --cpu-smoke, a check of this script without a GPU
 
 
@@ -136,8 +154,11 @@ def make_meter(profile: bool):
     class Meter(TrainerCallback):
         def __init__(self):
             self.times, self.losses, self.prof, self.profile_summary = [], {}, None, None
+            self.phases: PhaseTimer | None = None
 
-        def on_train_begin(self, args, state, control, **kw):
+        def on_train_begin(self, args, state, control, optimizer=None, **kw):
+            if self.phases is not None and optimizer is not None:
+                optimizer.step = self.phases.wrap("optimizer", optimizer.step)
             sync()
             self.times.append(time.perf_counter())
 
@@ -145,6 +166,8 @@ def make_meter(profile: bool):
             if profile and state.global_step == WARMUP_STEPS + 5 and hasattr(self, "syncs"):
                 self.sync_report = self.syncs()
                 del self.syncs
+            if self.phases is not None:
+                self.phases.close_step(time.perf_counter() - self.times[-1])
             sync()
             self.times.append(time.perf_counter())
             if profile and state.global_step == WARMUP_STEPS:
@@ -165,6 +188,43 @@ def make_meter(profile: bool):
                 self.losses[state.global_step] = float(logs["loss"])
 
     return Meter()
+
+
+class PhaseTimer:
+    """Host seconds of each phase of an optimizer step (no GPU sync: how long the training thread spends issuing
+    the work), one row per step; the rest of the step (the Trainer's loop, callbacks, scheduler) is `other`."""
+
+    def __init__(self):
+        self.current: dict[str, float] = {}
+        self.rows: list[dict[str, float]] = []
+
+    def wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.current[name] = self.current.get(name, 0.0) + time.perf_counter() - started
+        return timed
+
+    def close_step(self, seconds: float) -> None:
+        row = dict(self.current, total=seconds)
+        row["other"] = seconds - sum(self.current.values())
+        self.rows.append(row)
+        self.current = {}
+
+    def medians(self, skip: int) -> dict[str, float]:
+        rows = self.rows[skip:]
+        keys = sorted({k for r in rows for k in r})
+        return {k: round(sorted(r.get(k, 0.0) for r in rows)[len(rows) // 2] * 1e3, 2) for k in keys}
+
+
+def apply_patches(names) -> None:
+    """Levers measured by taking them out again. bnb-syncs: bitsandbytes' optimizer step as it ships, with a
+    torch.cuda.synchronize() after every parameter (job.trainer drops them)."""
+    if "bnb-syncs" in names:
+        import job.trainer
+        job.trainer.without_per_parameter_syncs = lambda optimizer: None
 
 
 def watch_host_syncs():
@@ -344,8 +404,13 @@ def run_job(model_dir: Path, rows, batch: int, steps: int, settings: dict, work:
                        "OUTPUT_DIR": str(work / "out"), "CHECKPOINT_URI": str(work / "store"), **env})
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps == batch
     tokenizer = load_tokenizer(config)
-    plan = speed_plan(config, DEVICE)
+    # The plan for the seed's run: 1000 rows, 250 steps of 4 (what `auto` weighs a compile against), not the
+    # bench's few steps.
+    plan = speed_plan(config, DEVICE, steps=DEFAULT_RECIPE_STEPS)
     model = add_lora(config, load_base_model(config, tokenizer, DEVICE, plan), tokenizer)
+    if plan.torch_compile:
+        from job.speed import compile_layers
+        compile_layers(model)
     args = training_arguments(config, work / "trainer", DEVICE, False, plan)
     saving = "SAVE_STEPS" in env
     args = dataclasses.replace(args, train_sampling_strategy="sequential",
@@ -388,8 +453,14 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
     meter = make_meter(profile)
     started = time.time()
     runner = run_seed if recipe == "seed" else run_job
+    apply_patches(settings.get("patch", []))
     trainer, info = runner(model_dir, rows, batch, steps, settings, work, meter)
     save_timings = time_saves(trainer) if "SAVE_STEPS" in settings else None
+    meter.phases = PhaseTimer()
+    trainer.compute_loss = meter.phases.wrap("forward+loss", trainer.compute_loss)
+    trainer.accelerator.backward = meter.phases.wrap("backward", trainer.accelerator.backward)
+    trainer.accelerator.clip_grad_norm_ = meter.phases.wrap("clip", trainer.accelerator.clip_grad_norm_)
+    trainer.data_collator = meter.phases.wrap("collate", trainer.data_collator)
     collections = python_gc_timer()
     gpu = DEVICE == "cuda"
     load_peak = torch.cuda.max_memory_allocated() if gpu else 0
@@ -415,7 +486,13 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
         "load_seconds": loaded - started, "train_seconds": time.time() - loaded,
         "step_seconds": [round(x, 4) for x in step_seconds], "python_gc": collections(),
         "seconds_after_warmup": sum(step_seconds[WARMUP_STEPS:]),
+        "host_ms_per_step_median": meter.phases.medians(WARMUP_STEPS),
+        "first_step_seconds": step_seconds[0],
     }
+    if info.get("plan", {}).get("torch_compile"):
+        from torch._dynamo.utils import counters
+        result["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles")}
+        result["inductor_cache"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     result["mfu"] = result["tokens_per_second"] * 4 * PARAMS_7B / PEAK_BF16
     if "SAVE_STEPS" in settings:
         # Checkpoint cost at the default cadence: all step time beyond what the same steps take without saving.
@@ -444,6 +521,60 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
     if getattr(meter, "sync_report", None) is not None:
         result["host_syncs_one_step"] = meter.sync_report
     return result
+
+
+# ---------------------------------------------------------------- py-spy samples of one configuration
+
+_FRAME = re.compile(r"^(?P<fn>.*) \((?P<file>[^:()]*):(?P<line>\d+)\)$")
+_PACKAGES = ("peft", "bitsandbytes", "liger_kernel", "transformers", "accelerate", "torch", "triton", "job",
+             "datasets", "concurrent", "threading")
+
+
+def _package(path: str) -> str:
+    parts = path.replace("\\", "/").split("/")
+    for part in reversed(parts[:-1]):
+        if part in _PACKAGES:
+            return part
+    return parts[-1]
+
+
+def summarize_pyspy(raw: Path, top: int = 40) -> dict:
+    """Where the training's host time goes, from py-spy's raw samples (one line per distinct stack, with
+    --threads): the main thread's samples inside the Trainer's loop, and every other thread (the autograd
+    engine's, which runs the Python backward of custom autograd functions; the checkpoint threads). Self time
+    is charged to the innermost Python frame (a C call counts for the line that made it)."""
+    import collections
+
+    threads, own, inclusive, by_package = (collections.Counter() for _ in range(4))
+    training = 0
+    for text in raw.read_text().splitlines():
+        stack, _, count = text.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        thread = frames[0] if frames[0].startswith("thread") else "?"
+        frames = [f for f in frames[1:] if _FRAME.match(f)] if thread != "?" else frames
+        names = [_FRAME.match(f).groupdict() for f in frames if _FRAME.match(f)]
+        if not names:
+            continue
+        if any(f["fn"] == "<module>" for f in names):       # the main thread: only its training steps
+            if not any(f["fn"].endswith("_inner_training_loop") for f in names):
+                continue
+            kind = "main"
+        else:
+            kind = "backward" if any("backward" in f["fn"] for f in names) else "other thread"
+        threads[kind] += n
+        training += n
+        last = names[-1]
+        own[f"{kind}: {last['fn']} ({Path(last['file']).name}:{last['line']})"] += n
+        by_package[f"{kind}: {_package(last['file'])}"] += n
+        for key in {f"{f['fn']} ({Path(f['file']).name})" for f in names}:
+            inclusive[f"{kind}: {key}"] += n
+    pct = lambda c: [{"share": round(v / max(training, 1), 4), "samples": v, "where": k}   # noqa: E731
+                     for k, v in c.most_common(top)]
+    return {"samples": training, "threads": dict(threads), "self_by_package": pct(by_package),
+            "self": pct(own), "inclusive": pct(inclusive)}
 
 
 # ---------------------------------------------------------------- the whole benchmark
@@ -529,6 +660,7 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--configs", default="seed,job,job-gc,job-b24")
     parser.add_argument("--profile", default="", help="comma list of configs to profile for 3 steps")
+    parser.add_argument("--pyspy", default="", help="comma list of configs to sample with py-spy (host time)")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cpu-smoke", action="store_true", help="check this script on a CPU: tiny width, 2 layers")
     parser.add_argument("--timeout", type=float, default=420, help="seconds for one configuration's process")
@@ -547,6 +679,9 @@ def main() -> int:
         return 0
 
     build_model(model_dir, 32 if args.model == "7b" else 2)
+    # One compile cache for this bench run, empty at its start: the first compiling configuration pays a cold
+    # compile, the ones after it find its kernels.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.out / "inductor-cache"))
     os.sync()   # the freshly written shards would otherwise be flushed during the first configuration's steps
     results = []
     env = environment()
@@ -556,7 +691,11 @@ def main() -> int:
         log = args.out / f"log-{name}.txt"
         try:
             child_env = {**os.environ, **CONFIGS[name][3].get("os_env", {})}
-            proc = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--model-dir", str(model_dir),
+            spy = shutil.which("py-spy") if name in args.pyspy.split(",") else None
+            raw = args.out / f"pyspy-{name}.txt"
+            prefix = [spy, "record", "--nonblocking", "--threads", "-r", "200", "-f", "raw", "-o", str(raw),
+                      "--"] if spy else []
+            proc = subprocess.run(prefix + [sys.executable, __file__, "--out", str(args.out), "--model-dir", str(model_dir),
                                    "--run-one", name, "--profile", args.profile] + (["--cpu-smoke"] if args.cpu_smoke else []),
                                   stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=args.timeout, env=child_env)
             path = args.out / f"result-{name}.json"
@@ -568,8 +707,14 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             result = {"config": name, "error": f"timed out after {args.timeout:.0f} s"}
         result["wall_seconds"] = time.time() - started
+        if name in args.pyspy.split(","):
+            try:
+                result["pyspy"] = summarize_pyspy(raw)
+                (args.out / f"pyspy-{name}.json").write_text(json.dumps(result["pyspy"], indent=1))
+            except Exception as exc:  # noqa: BLE001 - the run's figures stand without it
+                result["pyspy"] = {"error": f"{type(exc).__name__}: {exc}"}
         results.append(result)
-        print(json.dumps({k: v for k, v in result.items() if k not in ("profile", "plan")}), flush=True)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("profile", "plan", "pyspy")}), flush=True)
         (args.out / "results.json").write_text(json.dumps({"environment": env, "model": args.model,
                                                            "results": results}, indent=2))
     print(table(results), flush=True)

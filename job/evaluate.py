@@ -253,6 +253,12 @@ class Evaluator:
     _base_result: dict | None = None
 
     def run(self, model, should_stop: Callable[[], Any] = lambda: False) -> dict[str, Any]:
+        from .speed import eager
+
+        with eager():   # compiled decoder layers (TORCH_COMPILE) run eagerly for no-grad loss and generation
+            return self._run(model, should_stop)
+
+    def _run(self, model, should_stop) -> dict[str, Any]:
         if self._base_result is None:   # the base never changes: once per process
             self._base_result = self._one(model, True, should_stop)
         tuned = self._one(model, False, should_stop)

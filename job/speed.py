@@ -1,13 +1,18 @@
-"""How fast the job trains on a GPU: padding-free batches, fused kernels, TF32 for the fp32 LoRA matmuls, and
-whether to recompute activations, each decided from the device (and the GPU's memory) unless the user sets it.
+"""How fast the job trains on a GPU: padding-free batches, fused kernels, TF32 for the fp32 LoRA matmuls,
+compiled decoder layers, and whether to recompute activations, each decided from the device (the GPU's memory,
+the run's length) unless the user sets it.
 
 Everything here is off on the CPU: there the tests hold the job to bit-exact resume and exact reload logits,
 and none of these levers exist or pay. docs/PERFORMANCE.md has the measurements behind each default.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import inspect
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,11 @@ PADDING_FREE_ATTENTION = "sdpa_padding_free"
 _ACTIVATION_BYTES = {False: 48, True: 40}
 # Share of the GPU's memory the estimate may fill before recomputation is switched on.
 _MEMORY_HEADROOM = 0.8
+# torch.compile of the decoder layers: what the first step pays once (compiling with an empty cache) and what
+# every later step saves, for Llama-2-7B at batch 4 on an H100 (docs/PERFORMANCE.md). `auto` compiles when the
+# run's remaining steps repay the compile.
+COMPILE_SECONDS = 80.0
+COMPILE_SAVING_PER_STEP = 0.07
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,7 @@ class SpeedPlan:
     tf32: bool
     gradient_checkpointing: bool
     reasons: tuple[str, ...] = ()
+    torch_compile: bool = False
 
     @property
     def attn_implementation(self) -> str:
@@ -49,33 +60,48 @@ def _setting(value: str, auto: bool) -> bool:
     return auto if value == "auto" else value == "true"
 
 
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def liger_available() -> bool:
-    try:
-        import liger_kernel  # noqa: F401
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
-def plan(config: Config, device: str, model_config=None) -> SpeedPlan:
+def plan(config: Config, device: str, model_config=None, steps: int | None = None) -> SpeedPlan:
     """Resolve every auto setting for this device. `model_config` (the base's transformers config) sizes the
-    gradient-checkpointing choice; without it the choice falls back to a 7B-sized estimate."""
+    gradient-checkpointing choice; without it the choice falls back to a 7B-sized estimate. `steps` (the optimizer
+    steps this run has left) decides whether compiling pays; unknown, it does not."""
     gpu = device == "cuda"
+    modern = gpu and torch.cuda.get_device_capability(0) >= (8, 0)
+    padding_free = _setting(config.padding_free, gpu)
+    compile_, compile_why = _torch_compile(config, modern, padding_free, steps)
     reasons = []
-    liger = _setting(config.use_liger_kernel, gpu and liger_available())
-    if config.use_liger_kernel == "auto" and gpu and not liger:
+    # Compiled layers get inductor's fusions of RMSNorm, SwiGLU and RoPE, so Liger's kernels are for eager runs.
+    liger = _setting(config.use_liger_kernel, gpu and liger_available() and not compile_)
+    if config.use_liger_kernel == "auto" and gpu and not compile_ and not liger:
         reasons.append("liger-kernel not installed: unfused RMSNorm/SwiGLU/RoPE")
-    plan_ = SpeedPlan(
-        padding_free=_setting(config.padding_free, gpu),
-        liger_kernel=liger,
-        tf32=_setting(config.tf32, gpu and torch.cuda.get_device_capability(0) >= (8, 0)),
-        gradient_checkpointing=False,
-        reasons=(),
-    )
-    checkpointing, why = _gradient_checkpointing(config, device, model_config, plan_)
-    return SpeedPlan(padding_free=plan_.padding_free, liger_kernel=plan_.liger_kernel, tf32=plan_.tf32,
-                     gradient_checkpointing=checkpointing, reasons=tuple(reasons + [why]))
+    fused = liger or compile_
+    checkpointing, why = _gradient_checkpointing(config, device, model_config, fused)
+    if compile_ and checkpointing and config.torch_compile == "auto":
+        # Recomputation wraps each layer in torch.utils.checkpoint; keep such runs on the measured eager path.
+        compile_, compile_why = False, "torch.compile off: gradient checkpointing is on"
+        liger = _setting(config.use_liger_kernel, gpu and liger_available())
+    return SpeedPlan(padding_free=padding_free, liger_kernel=liger, tf32=_setting(config.tf32, modern),
+                     gradient_checkpointing=checkpointing, torch_compile=compile_,
+                     reasons=tuple(reasons + [why, compile_why]))
+
+
+def _torch_compile(config: Config, modern_gpu: bool, padding_free: bool, steps: int | None) -> tuple[bool, str]:
+    if config.torch_compile != "auto":
+        return config.torch_compile == "true", f"torch.compile {config.torch_compile} (set)"
+    if not modern_gpu or not padding_free or not triton_available():
+        return False, "torch.compile off: needs an Ampere or newer GPU, triton and padding-free batches"
+    repays = int(COMPILE_SECONDS / COMPILE_SAVING_PER_STEP)
+    if steps is None or steps < repays:
+        return False, (f"torch.compile off: {steps if steps is not None else 'an unknown number of'} steps to run, "
+                       f"fewer than the ~{repays} that repay a ~{COMPILE_SECONDS:.0f} s compile")
+    return True, f"torch.compile on: {steps} steps to run repay a ~{COMPILE_SECONDS:.0f} s compile (>= {repays})"
 
 
 def activation_bytes(model_config, tokens: int, fused: bool) -> int:
@@ -97,7 +123,7 @@ def weight_bytes(model_config) -> int:
     return int(layers * per_layer * 0.53) + 2 * vocab * hidden * 2
 
 
-def _gradient_checkpointing(config: Config, device: str, model_config, plan_: SpeedPlan) -> tuple[bool, str]:
+def _gradient_checkpointing(config: Config, device: str, model_config, fused: bool) -> tuple[bool, str]:
     if config.gradient_checkpointing != "auto":
         return config.gradient_checkpointing == "true", f"gradient checkpointing {config.gradient_checkpointing} (set)"
     if device != "cuda":
@@ -105,7 +131,7 @@ def _gradient_checkpointing(config: Config, device: str, model_config, plan_: Sp
     total = torch.cuda.get_device_properties(0).total_memory
     # The longest micro-batch the data allows: every sequence at MAX_SEQ_LENGTH.
     tokens = config.per_device_train_batch_size * config.max_seq_length
-    need = weight_bytes(model_config) + activation_bytes(model_config, tokens, plan_.liger_kernel)
+    need = weight_bytes(model_config) + activation_bytes(model_config, tokens, fused)
     on = need > _MEMORY_HEADROOM * total
     return on, (f"gradient checkpointing {'on' if on else 'off'}: ~{need / 2**30:.1f} GiB needed without it "
                 f"for {tokens} tokens per micro-batch, {'over' if on else 'within'} "
@@ -202,3 +228,38 @@ def apply_liger(model) -> bool:
     accepted = inspect.signature(apply).parameters
     apply(**{k: v for k, v in kwargs.items() if k in accepted})
     return True
+
+
+# ---------------------------------------------------------------- compiled decoder layers
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer of the (peft-wrapped) model in place, for sequence lengths that change
+    from batch to batch; returns how many. Every layer runs the same code, so one compiled graph serves them all.
+    The parameters and their names are untouched: checkpoints and the adapter are the same as eager ones.
+    On a GPU, inductor's kernels; on a CPU, `aot_eager` (the same captured forward and backward graphs, run by
+    eager kernels), which is what the CPU tests check."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None:
+        return 0
+    on_gpu = next(model.parameters()).is_cuda
+    if on_gpu:
+        _persistent_compile_cache()
+    for layer in layers:
+        layer.compile(dynamic=True, backend="inductor" if on_gpu else "aot_eager")
+    return len(layers)
+
+
+def _persistent_compile_cache() -> None:
+    # Inductor caches its kernels under /tmp by default, lost with the container; beside the Hub cache (a volume
+    # in compose and the Kubernetes Job) a restarted or resumed run reuses them and compiles in seconds.
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from huggingface_hub import constants
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(constants.HF_HOME) / "torch-compile")
+
+
+def eager():
+    """A context in which compiled layers run their eager code: evaluation and generation, whose shapes and
+    no-grad mode would otherwise each cost a compile of their own."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import signal
 import threading
@@ -169,10 +170,16 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
     if stop.received:
         raise Stopped("stopped before training started; nothing new to save")
 
-    plan = speed_plan(config, prepared.device)
+    steps_left = planned_steps(config, len(train_examples), topology.world_size) - (resume[0] if resume else 0)
+    plan = speed_plan(config, prepared.device, steps=steps_left)
     reporter.event("speed", "speed settings for this device", **plan.describe())
     model = load_base_model(config, tokenizer, prepared.device, plan)
     model = add_lora(config, model, tokenizer)
+    if plan.torch_compile:
+        from .speed import compile_layers
+        layers = compile_layers(model)
+        reporter.event("speed", f"torch.compile: {layers} decoder layers compile on the first step (one-time)",
+                       layers=layers)
     reporter.event("model", "4-bit base with LoRA ready", base=config.base_model,
                    trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
@@ -276,6 +283,16 @@ def _plot(summary: dict[str, Any], out: Path, reporter: Reporter) -> None:
         loss_curve(summary, out / LOSS_CURVE)
     except ImportError as exc:   # a cosmetic file is not worth failing a finished run for
         reporter.event("plot", f"no loss curve: {exc}")
+
+
+def planned_steps(config: Config, rows: int, world_size: int) -> int:
+    """The optimizer steps the whole run takes, as the Trainer counts them: MAX_STEPS, or the epochs over the
+    batches each process reads (its share of the rows, in micro-batches, grouped by gradient accumulation)."""
+    if config.max_steps > 0:
+        return config.max_steps
+    batch, accumulation = split_batch(config, world_size)
+    micro_batches = math.ceil(math.ceil(rows / world_size) / batch)
+    return math.ceil(config.num_train_epochs * max(math.ceil(micro_batches / accumulation), 1))
 
 
 def _resume_point(run_store: RunStore, work: Path, reporter: Reporter,

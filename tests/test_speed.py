@@ -119,3 +119,113 @@ def test_checkpoint_files_finished_in_the_background_reach_the_uploader_complete
     writer.submit(lambda: 1 / 0)
     assert not writer.wait(timeout=5) and isinstance(writer.errors()[0], ZeroDivisionError)
     writer.close()
+
+
+def test_torch_compile_is_chosen_by_the_runs_length_on_a_modern_gpu(monkeypatch):
+    import job.speed
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
+    monkeypatch.setattr(job.speed, "triton_available", lambda: True)
+    monkeypatch.setattr(job.speed, "liger_available", lambda: True)
+    repays = int(job.speed.COMPILE_SECONDS / job.speed.COMPILE_SAVING_PER_STEP)
+
+    long = plan(from_env({}), "cuda", LLAMA_7B, steps=repays)
+    assert long.torch_compile and not long.liger_kernel, long.reasons   # inductor fuses what Liger would
+    assert not long.gradient_checkpointing and f">= {repays}" in " ".join(long.reasons)
+    short = plan(from_env({}), "cuda", LLAMA_7B, steps=250)     # the seed's recipe: 1000 rows, 4 a step
+    assert not short.torch_compile and short.liger_kernel
+    assert "250 steps to run" in " ".join(short.reasons)
+    assert not plan(from_env({}), "cuda", LLAMA_7B).torch_compile   # length unknown (preflight's estimate)
+    # The user's word wins, both ways.
+    assert plan(from_env({"TORCH_COMPILE": "true"}), "cuda", LLAMA_7B, steps=10).torch_compile
+    assert not plan(from_env({"TORCH_COMPILE": "false"}), "cuda", LLAMA_7B, steps=10**6).torch_compile
+    # Where the memory rule recomputes activations (a 16 GB GPU), auto keeps the eager path.
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=16 * 2**30))
+    small = plan(from_env({}), "cuda", LLAMA_7B, steps=10**6)
+    assert small.gradient_checkpointing and not small.torch_compile and small.liger_kernel
+    # Not before Ampere, and never on a CPU.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (7, 5))
+    assert not plan(from_env({}), "cuda", LLAMA_7B, steps=10**6).torch_compile
+    assert not plan(from_env({}), "cpu", LLAMA_7B, steps=10**6).torch_compile
+
+
+@pytest.mark.parametrize("env, rows, world, expected", [
+    ({}, 900, 1, 225),                                              # 900 rows, 4 a step, one epoch
+    ({"NUM_TRAIN_EPOCHS": "2"}, 901, 1, 452),                       # a last short batch counts
+    ({"GRADIENT_ACCUMULATION_STEPS": "3"}, 900, 1, 75),
+    ({"GRADIENT_ACCUMULATION_STEPS": "4"}, 900, 1, 57),             # 225 micro-batches: 56 steps + a short one
+    ({}, 900, 2, 225),                                              # batch 4 split 2 + 2 over two GPUs
+    ({"SCALE_BATCH_WITH_GPUS": "true"}, 900, 2, 113),               # 4 per GPU: 8 a step
+    ({"MAX_STEPS": "40"}, 900, 2, 40),
+])
+def test_the_planned_steps_are_the_trainers(env, rows, world, expected):
+    from job.train import planned_steps
+
+    assert planned_steps(from_env(env), rows, world) == expected
+
+
+def test_the_optimizer_step_without_syncs_updates_exactly_as_bitsandbytes_does(monkeypatch):
+    import bitsandbytes as bnb
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+
+    from job.trainer import without_per_parameter_syncs
+
+    syncs = []
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: syncs.append(1))
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 4096), (4096, 64), (300,), (8, 8)]   # the LoRA shapes bitsandbytes pages, and small ones
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    theirs, ours = ([torch.nn.Parameter(t.clone()) for t in start] for _ in range(2))
+    opt_theirs = bnb.optim.PagedAdamW32bit(theirs, lr=1e-2, weight_decay=0.01)
+    opt_ours = bnb.optim.PagedAdamW32bit(ours, lr=1e-2, weight_decay=0.01)
+    without_per_parameter_syncs(opt_ours)
+    for step in range(3):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for params in (theirs, ours):
+            for p, g in zip(params, grads):
+                p.grad = None if (step == 1 and p.shape == (8, 8)) else g.clone()   # a parameter without grad
+        before = len(syncs)
+        opt_theirs.step()
+        assert len(syncs) > before
+        before = len(syncs)
+        opt_ours.step()
+        assert len(syncs) == before          # no waits
+    for a, b in zip(theirs, ours):
+        assert torch.equal(a, b)
+        assert all(torch.equal(x, y) for x, y in zip(opt_theirs.state[a].values(), opt_ours.state[b].values())
+                   if isinstance(x, torch.Tensor))
+    assert opt_theirs.state_dict()["state"].keys() == opt_ours.state_dict()["state"].keys()
+
+
+def test_a_compiled_run_trains_like_the_eager_one(cpu_job, tmp_path):
+    """TORCH_COMPILE=true on the CPU: the decoder layers' forward and backward captured by torch.compile
+    (aot_eager there: the same graphs, eager kernels) train as the eager layers do, with the job's paged
+    optimizer; evaluation (no grad) runs the eager code."""
+    import json
+
+    from conftest import run_job
+
+    runs = {}
+    for compiled in ("false", "true"):
+        env = cpu_job(TORCH_COMPILE=compiled, PADDING_FREE="true", OPTIM="paged_adamw_32bit", MAX_STEPS="6",
+                      SAVE_STEPS="3", EVAL_STEPS="3", OUTPUT_DIR=str(tmp_path / f"out-{compiled}"),
+                      CHECKPOINT_URI=str(tmp_path / f"store-{compiled}"))
+        result = run_job("train", env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[compiled] = result, json.loads((tmp_path / f"out-{compiled}" / "training_summary.json").read_text())
+    eager, compiled = runs["false"][1], runs["true"][1]
+    assert [e["event"] for e in runs["true"][0].events("speed")] and any(
+        "torch.compile: 2 decoder layers" in e.get("message", "") for e in runs["true"][0].events("speed"))
+    assert not any("torch.compile:" in e.get("message", "") for e in runs["false"][0].events("speed"))
+    losses = lambda s: [x["loss"] for x in s["train_loss"]]   # noqa: E731
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
+    assert compiled["final_eval_loss"] == pytest.approx(eager["final_eval_loss"], rel=1e-4)
+    assert compiled["evaluation"]["tuned"]["loss"] == pytest.approx(eager["evaluation"]["tuned"]["loss"], rel=1e-4)
+
+    from safetensors.torch import load_file
+    a = load_file(tmp_path / "out-false" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "out-true" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
