@@ -1,6 +1,7 @@
 """On a GPU: job.trainer.HostSnapshot copies bitsandbytes' paged optimizer state (CUDA managed memory behind
 CPU-typed tensors, nested in bnb's state_dict) exactly as it was when the snapshot was taken, even though the
-next optimizer step runs before the writer thread reads it; and how long the training thread spends on it.
+next optimizer step runs before the writer thread reads it; and how long the training thread spends on it, on an
+idle GPU and on one still busy with queued work (as in training, where the host runs ahead of the GPU).
 
     python3 bench/snapshot_check.py        # prints one JSON line; exit 1 on a mismatch
 """
@@ -58,11 +59,23 @@ def main() -> int:
         started = time.perf_counter()
         snapshot.write("optimizer", optimizer.state_dict(), lambda tree: written.append(flatten(tree)))
         seconds.append(time.perf_counter() - started)
+        snapshot.submit()
         step(optimizer, params)          # changes the state while the writer may not have read it yet
         writer.wait(None)
         got = written[-1]
         mismatches += sum(not torch.equal(got[k].cpu(), expected[k].cpu()) for k in expected) + \
             len(set(expected) ^ set(got))
+    # The GPU still busy with ~0.1 s of queued work when the snapshot is taken, as after a training step.
+    work = torch.randn(8192, 8192, device="cuda")
+    busy_seconds = []
+    for _ in range(3):
+        for _ in range(100):
+            work @ work
+        started = time.perf_counter()
+        snapshot.write("optimizer", optimizer.state_dict(), lambda tree: written.append(flatten(tree)))
+        busy_seconds.append(time.perf_counter() - started)
+        snapshot.submit()
+        writer.wait(None)
     # A plain copy on the CPU side, for comparison: it pulls paged state to the host, and the next step pulls it back.
     torch.cuda.synchronize()
     started = time.perf_counter()
@@ -80,6 +93,7 @@ def main() -> int:
               "optimizer_state_mb": round(sum(t.numel() * t.element_size() for t in state.values()) / 2**20, 1),
               "state_tensors": len(state), "paged_tensors": paged, "mismatched_tensors": mismatches,
               "snapshot_write_seconds_on_training_thread": [round(t, 4) for t in seconds],
+              "snapshot_write_seconds_busy_gpu": [round(t, 4) for t in busy_seconds],
               "plain_cpu_copy_seconds": round(plain_seconds, 4),
               "optimizer_step_after_plain_copy_s": round(step_after_plain, 4),
               "optimizer_step_otherwise_s": round(step_plain, 4)}

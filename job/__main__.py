@@ -1,3 +1,4 @@
 from .cli import cli
 
-cli(prog_name="python -m job")
+if __name__ == "__main__":   # not when a spawned child process (the checkpoint uploader) imports it
+    cli(prog_name="python -m job")

@@ -229,3 +229,44 @@ def test_a_compiled_run_trains_like_the_eager_one(cpu_job, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
+
+
+def test_a_checkpoints_snapshots_are_all_taken_before_its_files_are_written_and_alternate_buffers():
+    """HostSnapshot: nothing is written until submit() (a write beside a snapshot slowed it); a checkpoint's
+    snapshot does not wait for the previous checkpoint's file, only for the one before it (same buffers); what is
+    written is the state at the snapshot, not after later steps."""
+    import threading
+    import time
+
+    from job.trainer import CheckpointWriter, HostSnapshot
+
+    writer, written, held = CheckpointWriter(), [], threading.Event()
+    snapshot = HostSnapshot(writer)
+
+    def write(tree, tag):
+        if tag == "optimizer 1":
+            held.wait(10)            # the first checkpoint's optimizer file takes long to write
+        written.append((tag, tree["w"].tolist()))
+
+    state = torch.zeros(3)
+    snapshot.write("adapter", {"w": state}, write, "adapter 1")
+    snapshot.write("optimizer", {"w": state}, write, "optimizer 1")
+    time.sleep(0.2)
+    assert written == [], "nothing is written before the checkpoint's snapshots are all taken"
+    snapshot.submit()
+    state += 1                                   # the next steps change the state
+    started = time.monotonic()
+    snapshot.write("optimizer", {"w": state}, write, "optimizer 2")
+    assert time.monotonic() - started < 0.5, "the second snapshot waited for the first checkpoint's write"
+    snapshot.submit()
+    state += 1
+    third = threading.Thread(target=snapshot.write, args=("optimizer", {"w": state}, write, "optimizer 3"))
+    third.start()
+    third.join(0.5)
+    assert third.is_alive(), "the third snapshot reuses the first one's buffers: it waits for that write"
+    held.set()
+    third.join(10)
+    snapshot.submit()
+    assert writer.wait(10)
+    assert written == [("adapter 1", [0.0] * 3), ("optimizer 1", [0.0] * 3), ("optimizer 2", [1.0] * 3),
+                       ("optimizer 3", [2.0] * 3)]

@@ -348,6 +348,34 @@ def test_a_failed_upload_is_reported_and_later_ones_still_commit(tmp_path):
     uploader.close()
 
 
+def test_an_isolated_uploader_commits_from_its_own_process_and_outlives_a_sigterm(store, tmp_path):
+    """isolate=True (what the job uses): the hashing and uploading happen in a child process, which a SIGTERM to
+    the process group does not stop; failures come back as errors, and close() ends the child."""
+    import signal
+
+    committed = []
+    uploader = BackgroundUploader(RunStore(store, RUN), on_committed=committed.append, isolate=True)
+    child = uploader.worker_pid
+    assert child != os.getpid() and os.kill(child, 0) is None
+    os.kill(child, signal.SIGTERM)            # as a stop signal to the whole process group would
+    uploader.submit(10, write_checkpoint(tmp_path, 10), "fp")
+    uploader.submit(20, tmp_path / "no-such-checkpoint", "fp")
+    uploader.submit(30, write_checkpoint(tmp_path, 30), "fp")
+    assert uploader.wait(timeout=60) is False, "step 20 could not be committed"
+    assert committed == [10, 30] and uploader.last_committed() == 30
+    assert len(uploader.errors()) == 1 and "no-such-checkpoint" in str(uploader.errors()[0])
+    run = RunStore(store, RUN)
+    assert run.committed_steps() == [10, 30]
+    assert run.download_checkpoint(30, tmp_path / "back") is not None
+    assert (tmp_path / "back" / "optimizer.pt").read_bytes() == \
+        (tmp_path / "checkpoint-30" / "optimizer.pt").read_bytes()
+    uploader.close()
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(child, 0)
+            time.sleep(0.1)
+
+
 # ---------------------------------------------------------------- probing: clear lines for permanent problems
 
 
