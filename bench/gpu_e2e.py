@@ -110,7 +110,7 @@ def numerics(model_dir: Path, report: Report) -> None:
 
 
 def job_env(model_dir: Path, work: Path, moto, hub) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_", "HUGGING"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_", "HUGGING", "E2E_"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env.update(moto.env())
     env = hub.subprocess_env(hf_home=work / "hf", token=TOKEN, base=env)
@@ -119,6 +119,8 @@ def job_env(model_dir: Path, work: Path, moto, hub) -> dict[str, str]:
         "MAX_STEPS": "300", "SAVE_STEPS": "25", "LOGGING_STEPS": "5", "EVAL_STEPS": "100",
         "CHECKPOINT_URI": "s3://gpu-e2e/runs", "OUTPUT_DIR": str(work / "out"), "HUB_MODEL_ID": REPO,
         "LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1",
+        # E2E_TORCH_COMPILE=true runs the compiled layers through the stop, the resume and the publish.
+        "TORCH_COMPILE": os.environ.get("E2E_TORCH_COMPILE", "auto"),
     })
     if DEVICE == "cpu":
         env["REQUIRE_GPU"] = "false"

@@ -515,7 +515,11 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
             "save_steps_excess_seconds": sum(t - typical for t in after),
             "save_steps_excess_fraction": sum(t - typical for t in after) / total,
             "median_of_10_steps_after_each_save_step": sorted(background)[len(background) // 2] if background
-            else None})
+            else None,
+            # Within this process (processes of one configuration differ by up to 20% on these host-bound steps):
+            # the 10 steps after each save against the 10 before it.
+            "after_minus_before_seconds": [round(sum(step_seconds[s + 1:s + 11]) - sum(step_seconds[s - 10:s]), 4)
+                                           for s in saves if s + 11 <= steps]})
     if getattr(meter, "profile_summary", None):
         result["profile"] = meter.profile_summary
     if getattr(meter, "sync_report", None) is not None:

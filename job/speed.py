@@ -31,8 +31,8 @@ _MEMORY_HEADROOM = 0.8
 # torch.compile of the decoder layers: what the first step pays once (compiling with an empty cache) and what
 # every later step saves, for Llama-2-7B at batch 4 on an H100 (docs/PERFORMANCE.md). `auto` compiles when the
 # run's remaining steps repay the compile.
-COMPILE_SECONDS = 80.0
-COMPILE_SAVING_PER_STEP = 0.07
+COMPILE_SECONDS = 75.0
+COMPILE_SAVING_PER_STEP = 0.09
 
 
 @dataclass(frozen=True)
