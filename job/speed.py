@@ -68,14 +68,15 @@ def liger_available() -> bool:
     return triton_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
-def plan(config: Config, device: str, model_config=None, steps: int | None = None) -> SpeedPlan:
+def plan(config: Config, device: str, model_config=None, steps: int | None = None,
+         world_size: int = 1) -> SpeedPlan:
     """Resolve every auto setting for this device. `model_config` (the base's transformers config) sizes the
     gradient-checkpointing choice; without it the choice falls back to a 7B-sized estimate. `steps` (the optimizer
     steps this run has left) decides whether compiling pays; unknown, it does not."""
     gpu = device == "cuda"
     modern = gpu and torch.cuda.get_device_capability(0) >= (8, 0)
     padding_free = _setting(config.padding_free, gpu)
-    compile_, compile_why = _torch_compile(config, modern, padding_free, steps)
+    compile_, compile_why = _torch_compile(config, modern, padding_free, steps, world_size)
     reasons = []
     # Compiled layers get inductor's fusions of RMSNorm, SwiGLU and RoPE, so Liger's kernels are for eager runs.
     liger = _setting(config.use_liger_kernel, gpu and liger_available() and not compile_)
@@ -92,11 +93,14 @@ def plan(config: Config, device: str, model_config=None, steps: int | None = Non
                      reasons=tuple(reasons + [why, compile_why]))
 
 
-def _torch_compile(config: Config, modern_gpu: bool, padding_free: bool, steps: int | None) -> tuple[bool, str]:
+def _torch_compile(config: Config, modern_gpu: bool, padding_free: bool, steps: int | None,
+                   world_size: int) -> tuple[bool, str]:
     if config.torch_compile != "auto":
         return config.torch_compile == "true", f"torch.compile {config.torch_compile} (set)"
     if not modern_gpu or not padding_free or not triton_available():
         return False, "torch.compile off: needs an Ampere or newer GPU, triton and padding-free batches"
+    if world_size > 1:   # measured on one GPU only; TORCH_COMPILE=true compiles under DDP too
+        return False, "torch.compile off: not measured with several GPUs (TORCH_COMPILE=true to compile)"
     repays = int(COMPILE_SECONDS / COMPILE_SAVING_PER_STEP)
     if steps is None or steps < repays:
         return False, (f"torch.compile off: {steps if steps is not None else 'an unknown number of'} steps to run, "

@@ -171,7 +171,7 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
         raise Stopped("stopped before training started; nothing new to save")
 
     steps_left = planned_steps(config, len(train_examples), topology.world_size) - (resume[0] if resume else 0)
-    plan = speed_plan(config, prepared.device, steps=steps_left)
+    plan = speed_plan(config, prepared.device, steps=steps_left, world_size=topology.world_size)
     reporter.event("speed", "speed settings for this device", **plan.describe())
     model = load_base_model(config, tokenizer, prepared.device, plan)
     model = add_lora(config, model, tokenizer)

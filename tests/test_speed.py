@@ -137,6 +137,7 @@ def test_torch_compile_is_chosen_by_the_runs_length_on_a_modern_gpu(monkeypatch)
     assert not short.torch_compile and short.liger_kernel
     assert "250 steps to run" in " ".join(short.reasons)
     assert not plan(from_env({}), "cuda", LLAMA_7B).torch_compile   # length unknown (preflight's estimate)
+    assert not plan(from_env({}), "cuda", LLAMA_7B, steps=10**6, world_size=2).torch_compile   # not measured
     # The user's word wins, both ways.
     assert plan(from_env({"TORCH_COMPILE": "true"}), "cuda", LLAMA_7B, steps=10).torch_compile
     assert not plan(from_env({"TORCH_COMPILE": "false"}), "cuda", LLAMA_7B, steps=10**6).torch_compile
