@@ -77,17 +77,17 @@ def plan(config: Config, device: str, model_config=None, steps: int | None = Non
     modern = gpu and torch.cuda.get_device_capability(0) >= (8, 0)
     padding_free = _setting(config.padding_free, gpu)
     compile_, compile_why = _torch_compile(config, modern, padding_free, steps, world_size)
-    reasons = []
-    # Compiled layers get inductor's fusions of RMSNorm, SwiGLU and RoPE, so Liger's kernels are for eager runs.
-    liger = _setting(config.use_liger_kernel, gpu and liger_available() and not compile_)
-    if config.use_liger_kernel == "auto" and gpu and not compile_ and not liger:
-        reasons.append("liger-kernel not installed: unfused RMSNorm/SwiGLU/RoPE")
-    fused = liger or compile_
-    checkpointing, why = _gradient_checkpointing(config, device, model_config, fused)
+    eager_liger = _setting(config.use_liger_kernel, gpu and liger_available())
+    # Compiled or with Liger's kernels, RMSNorm and SwiGLU keep no intermediate copies.
+    checkpointing, why = _gradient_checkpointing(config, device, model_config, compile_ or eager_liger)
     if compile_ and checkpointing and config.torch_compile == "auto":
         # Recomputation wraps each layer in torch.utils.checkpoint; keep such runs on the measured eager path.
         compile_, compile_why = False, "torch.compile off: gradient checkpointing is on"
-        liger = _setting(config.use_liger_kernel, gpu and liger_available())
+    # Compiled layers get inductor's fusions of RMSNorm, SwiGLU and RoPE, so Liger's kernels are for eager runs.
+    liger = eager_liger and (config.use_liger_kernel == "true" or not compile_)
+    reasons = []
+    if config.use_liger_kernel == "auto" and gpu and not compile_ and not liger:
+        reasons.append("liger-kernel not installed: unfused RMSNorm/SwiGLU/RoPE")
     return SpeedPlan(padding_free=padding_free, liger_kernel=liger, tf32=_setting(config.tf32, modern),
                      gradient_checkpointing=checkpointing, torch_compile=compile_,
                      reasons=tuple(reasons + [why, compile_why]))
