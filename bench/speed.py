@@ -429,7 +429,8 @@ def run_job(model_dir: Path, rows, batch: int, steps: int, settings: dict, work:
 
 def _checkpoint_store(config, work: Path):
     """The job's RunStore on moto's S3 server on loopback (as in the tests), or a local folder without moto."""
-    from job.storage import RunStore, open_store
+    from job.store import open_store
+    from job.store.run_store import RunStore
     try:
         sys.path.insert(0, str(ROOT / "tests"))
         from s3server import start_moto

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import sys
-import urllib.parse
 import warnings
 
 import click
@@ -77,7 +76,7 @@ def _launch_checked(config: Config) -> int:
     retry can't fix fails here, not once per worker. The workers check again only their own GPU."""
     from .distributed import Topology, launch
     from .preflight import report, run_checks
-    from .storage import StoreError
+    from .store import StoreError
     reporter = _reporter(config)
 
     def stopped(signum, frame):
@@ -155,8 +154,13 @@ def status(as_json: bool) -> None:
 
     Exit 0 if the run exists, 1 if it has no status.json, 2 if the store can't be read or the settings are bad."""
     from .status import render_status
+    from .store import StoreError, read_status
     config = _config()
-    found, committed = _read_status(config)
+    try:
+        found, committed = read_status(config.checkpoint_uri, config.resolved_run_id)
+    except StoreError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
     if found is None:
         click.echo(f"no run {config.resolved_run_id!r} under {config.checkpoint_uri}", err=True)
         sys.exit(1)
@@ -167,36 +171,6 @@ def status(as_json: bool) -> None:
     for secret in config.secrets() + _foreign_secrets():  # status.json holds none; a stray error text might
         text = text.replace(secret, "***")
     click.echo(text)
-
-
-def _read_status(config: Config) -> tuple[dict | None, list[int]]:
-    """status.json and the committed steps; exit 2 with one line if the store can't be read."""
-    import botocore.exceptions
-    from .storage import RunStore, S3Store, StoreError, open_store
-    uri = config.checkpoint_uri
-    if "://" not in uri and not os.path.isdir(os.path.expanduser(uri)):
-        return None, []   # a look must not create the store directory, as opening a LocalStore would
-    try:
-        # A look, not a job: one try per request, so a wrong or dead endpoint answers in seconds, not minutes.
-        store = S3Store(uri, max_attempts=2, object_attempts=1) if uri.startswith("s3://") else open_store(uri)
-        run_store = RunStore(store, config.resolved_run_id)
-        found = run_store.read_status()
-        return found, run_store.committed_steps() if found is not None else []
-    except StoreError as exc:
-        problem = str(exc)
-    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as exc:
-        where = urllib.parse.urlsplit(exc.kwargs.get("endpoint_url", ""))   # host only: no key, no user info
-        problem = (f"CHECKPOINT_URI {uri}: cannot connect to the S3 endpoint {where.scheme}://{where.hostname}"
-                   f"{f':{where.port}' if where.port else ''} ({type(exc).__name__}). Check AWS_ENDPOINT_URL_S3 / "
-                   "AWS_ENDPOINT_URL and that the server is up.")
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        # Our own words: botocore's text may carry a signed URL.
-        problem = (f"CHECKPOINT_URI {uri}: cannot read the run's status.json ({type(exc).__name__}). Check "
-                   "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, the credentials, and that the server is up.")
-    except OSError as exc:
-        problem = f"CHECKPOINT_URI {uri}: cannot read the run's status.json ({exc.strerror or type(exc).__name__})."
-    click.echo(f"error: {problem}", err=True)
-    sys.exit(2)
 
 
 @cli.command("env-example")

@@ -185,7 +185,8 @@ def check_store(f: Findings) -> str:
     """CHECKPOINT_URI: write, read back and delete a probe object (rank 0; the others only open the store)."""
     import botocore.exceptions
 
-    from .storage import RunStore, StoreError, open_store
+    from .store import StoreError, open_store
+    from .store.run_store import RunStore
 
     uri = f.config.checkpoint_uri
     try:

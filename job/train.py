@@ -22,7 +22,8 @@ from .config import Config
 from .distributed import BatchSplitError, Topology, barrier, split_batch
 from .data import DataError, Splits, dataset_fingerprint, encode_rows, load_rows, parse_rows, sample_and_split
 from .log import Reporter
-from .storage import RunStore, StoreError, open_store
+from .store import StoreError, open_store
+from .store.run_store import RunStore
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 75
 DDP_TIMEOUT_SECONDS = 1800

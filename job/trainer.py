@@ -20,7 +20,8 @@ from .config import Config
 from .distributed import any_rank, barrier, split_batch
 from .log import Reporter
 from .speed import SpeedPlan, eager
-from .storage import BackgroundUploader, RunStore
+from .store.run_store import RunStore
+from .store.uploader import BackgroundUploader
 
 
 def training_arguments(config: Config, output_dir: Path, device: str, has_eval: bool,

@@ -212,7 +212,8 @@ def test_a_second_signal_exits_at_once_and_the_last_commit_stays_intact(job, sto
     run.proc.send_signal(signal.SIGTERM)
     run.proc.send_signal(signal.SIGTERM)
     assert run.finish() == 75
-    from job.storage import RunStore, open_store
+    from job.store import open_store
+    from job.store.run_store import RunStore
     import os
     saved = {k: os.environ.get(k) for k in store.env}
     os.environ.update(store.env)

@@ -12,7 +12,8 @@ import uuid
 import pytest
 
 from conftest import CPU_SETTINGS, SAMPLE_DATA, job_env, run_job
-from job.storage import RunStore, open_store
+from job.store import open_store
+from job.store.run_store import RunStore
 from tests.s3server import s3_server  # noqa: F401  (fixture)
 
 RUN_ID = "status-story"

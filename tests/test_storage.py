@@ -16,15 +16,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from job.storage import (
-    BackgroundUploader,
-    CheckpointStore,
-    CorruptCheckpoint,
-    RunStore,
-    S3Store,
-    StoreError,
-    open_store,
-)
+from job.store import CheckpointStore, StoreError, open_store
+from job.store.run_store import CorruptCheckpoint, RunStore
+from job.store.s3 import S3Store
+from job.store.uploader import BackgroundUploader
 from tests.s3server import FlakyProxy, s3_server, start_moto  # noqa: F401  (s3_server is a fixture)
 
 SECRET = "s3cr3t-MARKER-never-print-me"

@@ -1,0 +1,116 @@
+"""A local directory (a mounted volume, or the CPU demo's folder) as the checkpoint store."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from .blob import CheckpointStore, StoreError, check_key, check_prefix
+
+_TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
+
+
+class LocalStore(CheckpointStore):
+    """A directory, e.g. a mounted volume. Every write is a temp file, fsync, then os.replace."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.root = Path(path).expanduser().resolve()
+        self.uri = str(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(
+                f"CHECKPOINT_URI {self.uri}: cannot create the directory ({e.strerror}). "
+                "Check the path and its permissions."
+            ) from e
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _write(self, key: str, fill: Callable[[object], None]) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                fill(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        # The rename itself is durable only once the directory is synced; the manifest relies on it.
+        dir_fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def put_file(self, key: str, path: Path) -> None:
+        with open(path, "rb") as src:
+            self._write(key, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._write(key, lambda f: f.write(data))
+
+    def get_file(self, key: str, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            shutil.copyfile(self._path(key), tmp)
+            os.replace(tmp, path)
+        except (IsADirectoryError, NotADirectoryError):
+            tmp.unlink(missing_ok=True)
+            raise FileNotFoundError(f"{self.uri}/{key}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    def list(self, prefix: str) -> list[str]:
+        check_prefix(prefix)
+        # Same string-prefix semantics as S3: walk the deepest directory the prefix names, then filter.
+        base = self.root / prefix.rpartition("/")[0]
+        keys = []
+        for dirpath, _, filenames in os.walk(base):
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if _TMP_NAME.match(name):
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            # Drop directories emptied by this delete so deleted checkpoints leave no trace.
+            parent = path.parent
+            while parent != self.root:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+                parent = parent.parent
+
+    def probe(self) -> None:
+        try:
+            super().probe()
+        except OSError as e:
+            raise StoreError(
+                f"CHECKPOINT_URI {self.uri}: cannot write, read and delete a test file "
+                f"({e.strerror or type(e).__name__}). Check the path is a writable directory."
+            ) from e
+
