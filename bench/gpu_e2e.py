@@ -53,7 +53,7 @@ def numerics(model_dir: Path, report: Report) -> None:
 
     from job.config import from_env
     from job.model import add_lora, load_base_model, load_tokenizer, speed_plan
-    from job.speed import data_collator
+    from job.speed.attention import data_collator
 
     gen = torch.Generator().manual_seed(0)
     feats = []

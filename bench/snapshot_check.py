@@ -1,4 +1,4 @@
-"""On a GPU: job.trainer.HostSnapshot copies bitsandbytes' paged optimizer state (CUDA managed memory behind
+"""On a GPU: job.speed.snapshot.HostSnapshot copies bitsandbytes' paged optimizer state (CUDA managed memory behind
 CPU-typed tensors, nested in bnb's state_dict) exactly as it was when the snapshot was taken, even though the
 next optimizer step runs before the writer thread reads it; and how long the training thread spends on it, on an
 idle GPU and on one still busy with queued work (as in training, where the host runs ahead of the GPU).
@@ -36,7 +36,7 @@ def step(optimizer, params) -> None:
 def main() -> int:
     import bitsandbytes as bnb
 
-    from job.trainer import CheckpointWriter, HostSnapshot
+    from job.speed.snapshot import CheckpointWriter, HostSnapshot
 
     torch.manual_seed(0)
     # LoRA r64 on q_proj, v_proj of a 7B model: 64 matrices of 64 x 4096 (A) and 4096 x 64 (B), ~33.5M parameters.

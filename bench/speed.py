@@ -396,7 +396,7 @@ def run_job(model_dir: Path, rows, batch: int, steps: int, settings: dict, work:
     from job.config import from_env
     from job.log import Reporter
     from job.model import add_lora, load_base_model, load_tokenizer, speed_plan
-    from job.speed import data_collator
+    from job.speed.attention import data_collator
     from job.trainer import CheckpointCommitter, PersonaTrainer, training_arguments
 
     env = {k: v for k, v in settings.items() if k.isupper()}
@@ -409,7 +409,7 @@ def run_job(model_dir: Path, rows, batch: int, steps: int, settings: dict, work:
     plan = speed_plan(config, DEVICE, steps=DEFAULT_RECIPE_STEPS)
     model = add_lora(config, load_base_model(config, tokenizer, DEVICE, plan), tokenizer)
     if plan.torch_compile:
-        from job.speed import compile_layers
+        from job.speed.kernels import compile_layers
         compile_layers(model)
     args = training_arguments(config, work / "trainer", DEVICE, False, plan)
     saving = "SAVE_STEPS" in env

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from .config import Config
-from .data import render_prompt
+from .data import is_local_dataset, render_prompt
 from .plot import LOSS_CURVE
 
 EXAMPLE_PERSONA = ["I keep bees on my roof.", "I work as a night nurse.", "My favourite food is ramen."]
@@ -14,7 +14,7 @@ EXAMPLE_PERSONA = ["I keep bees on my roof.", "I work as a night nurse.", "My fa
 def model_card(config: Config, final_dir: Path, merged: bool = False) -> str:
     summary = json.loads((final_dir / "training_summary.json").read_text())
     settings = summary["config"]
-    dataset = config.dataset if "/" in config.dataset and not Path(config.dataset).exists() else None
+    dataset = None if is_local_dataset(config.dataset) else config.dataset
     meta = ["---", f"base_model: {config.base_model}"]
     if dataset:
         meta += ["datasets:", f"- {dataset}"]

@@ -9,7 +9,7 @@ import warnings
 
 import click
 
-from .config import Config, ConfigError, env_example, from_env
+from .config import Config, ConfigError, ExitCode, env_example, from_env
 
 
 def _config() -> Config:
@@ -18,7 +18,7 @@ def _config() -> Config:
     except ConfigError as exc:
         for line in exc.problems:
             click.echo(f"error: {line}", err=True)
-        sys.exit(2)
+        sys.exit(ExitCode.BAD_INPUT)
 
 
 def _topology():
@@ -82,7 +82,7 @@ def _launch_checked(config: Config) -> int:
     def stopped(signum, frame):
         # A preemption during the checks (dataset download, Hub calls) has nothing to save: retryable, exit 75.
         reporter.event("stopped", f"{signal.Signals(signum).name} during the preflight checks; nothing to save")
-        sys.exit(75)
+        sys.exit(ExitCode.STOPPED)
 
     previous = signal.signal(signal.SIGTERM, stopped)
     try:
@@ -93,16 +93,16 @@ def _launch_checked(config: Config) -> int:
     for problem in problems:
         reporter.error(problem)
     if problems:
-        return 2
+        return ExitCode.BAD_INPUT
     try:
         finished_training = checks.found.run_store.final_committed()
     except StoreError as exc:
         reporter.error(str(exc))
-        return 2
+        return ExitCode.BAD_INPUT
     if finished_training:
         # Publishing (or nothing, if done) is node 0's alone: it must not wait for peers that already left.
         if config.node_rank != 0:
-            return 0
+            return ExitCode.DONE
         from .train import main
         return main(config, reporter, Topology(launcher_checked=True))
     return launch(config)
@@ -129,7 +129,7 @@ def preflight() -> None:
     problems = report(results, reporter)
     for problem in problems:
         reporter.error(problem)
-    sys.exit(2 if problems else 0)
+    sys.exit(ExitCode.BAD_INPUT if problems else ExitCode.DONE)
 
 
 @cli.command()
@@ -160,10 +160,10 @@ def status(as_json: bool) -> None:
         found, committed = read_status(config.checkpoint_uri, config.resolved_run_id)
     except StoreError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(ExitCode.BAD_INPUT)
     if found is None:
         click.echo(f"no run {config.resolved_run_id!r} under {config.checkpoint_uri}", err=True)
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
     if as_json:
         text = json.dumps({**found, "committed_checkpoints": committed}, indent=2)
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import hashlib
 import json
 import math
@@ -32,12 +33,24 @@ FOREIGN_VARIABLES = {
 }
 
 
+class ExitCode(enum.IntEnum):
+    """What the job's exit status tells the orchestrator (DESIGN.md; k8s/job.yaml's podFailurePolicy)."""
+    DONE = 0         # done, also "already done"
+    FAILED = 1       # anything else
+    BAD_INPUT = 2    # bad configuration or input: a retry cannot fix it
+    STOPPED = 75     # stopped by a signal after committing a checkpoint: retry to resume
+
+
 class ConfigError(ValueError):
     """Bad configuration. Each entry of `problems` is one clear line."""
 
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class BadInput(Exception):
+    """Bad configuration or input that a retry cannot fix: exit 2. The message is one clear line."""
 
 
 def setting(default: Any, help: str, *, check: Callable[[Any], str | None] | None = None,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .config import Config
+
 PERSONA_OPEN, PERSONA_CLOSE = "<persona_b>", "</persona_b>"
 PERSONA_TOKENS = [PERSONA_OPEN, PERSONA_CLOSE]
 SYSTEM_PROMPT = "You are Persona B. Stay in character and reply as the persona described below."
@@ -38,13 +40,33 @@ class Splits:
     train: list[Row]
     eval: list[Row]
 
+    def fingerprint(self) -> str:
+        """What run.json records of the data, so that a restart on other rows is refused."""
+        return dataset_fingerprint(self.train + self.eval)
+
+
+def load_splits(config: Config) -> Splits:
+    """DATASET's rows, each checked, then NUM_SAMPLES of them drawn and split by conversation."""
+    rows = parse_rows(load_rows(config.dataset), config.dataset)
+    splits = sample_and_split(rows, config.num_samples, config.eval_fraction, config.seed)
+    if not splits.train:
+        raise DataError(f"DATASET={config.dataset!r}: no training rows left after the eval split; "
+                        f"lower EVAL_FRACTION or add rows")
+    return splits
+
+
+def is_local_dataset(dataset: str) -> bool:
+    """A local file (an accepted suffix, or anything that exists there), else a Hub id."""
+    path = Path(dataset)
+    return path.suffix in LOCAL_SUFFIXES or path.exists()
+
 
 def load_rows(dataset: str) -> list[dict[str, Any]]:
     """Rows as plain dicts, from the Hub or a local file, through the same `datasets` loader."""
     import datasets
 
     path = Path(dataset)
-    if path.suffix in LOCAL_SUFFIXES or path.exists():
+    if is_local_dataset(dataset):
         if not path.is_file():
             raise DataError(f"DATASET={dataset!r}: no such file; give a Hub id or a .jsonl/.json/.parquet file")
         if path.suffix not in LOCAL_SUFFIXES:

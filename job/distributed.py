@@ -8,10 +8,11 @@ same samples whatever the GPU count, and a checkpoint's step maps to the same da
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from typing import Mapping
 
-from .config import Config
+from .config import Config, ExitCode
 
 # Set by `launch` for its workers: their launcher passed the preflight checks. Internal, not a setting: the
 # leading underscore keeps it out of the config's misspelt-setting check.
@@ -86,7 +87,7 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-def launch(config: Config) -> int:
+def launch(config: Config) -> ExitCode:
     """Start `python -m job train` once per GPU under torchrun (PyTorch's own elastic launcher), once the
     preflight checks passed here (job/cli.py), and turn the workers' fate into the job's exit code: 2 if any got
     bad input, 75 if stopped by a signal, else 0 or 1."""
@@ -104,13 +105,13 @@ def launch(config: Config) -> int:
         f"--master-port={config.master_port}", "--max-restarts=0", "-m", "job", "train"])
     try:
         run(args)
-        return 0
+        return ExitCode.DONE
     except SignalException:
-        return 75   # the workers got the signal too: each finished its step and the checkpoint was committed
+        return ExitCode.STOPPED   # the workers got the signal too: each finished its step and committed
     except ChildFailedError as exc:
         codes = {failure.exitcode for failure in exc.failures.values()}
-        if 2 in codes:
-            return 2
-        if codes <= {75, -15, -2}:
-            return 75
-        return 1
+        if ExitCode.BAD_INPUT in codes:
+            return ExitCode.BAD_INPUT
+        if codes <= {ExitCode.STOPPED, -signal.SIGTERM, -signal.SIGINT}:
+            return ExitCode.STOPPED
+        return ExitCode.FAILED

@@ -253,7 +253,7 @@ class Evaluator:
     _base_result: dict | None = None
 
     def run(self, model, should_stop: Callable[[], Any] = lambda: False) -> dict[str, Any]:
-        from .speed import eager
+        from .speed.kernels import eager
 
         with eager():   # compiled decoder layers (TORCH_COMPILE) run eagerly for no-grad loss and generation
             return self._run(model, should_stop)

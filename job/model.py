@@ -7,16 +7,18 @@ from .config import Config
 from .data import PERSONA_TOKENS
 
 
-def choose_device(config: Config) -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def compute_dtype(config: Config, device: str) -> torch.dtype:
+    """The dtype the 4-bit layers compute in: COMPUTE_DTYPE, or this device's own (`device_dtype`)."""
     if config.compute_dtype != "auto":
         return getattr(torch, config.compute_dtype)
+    return device_dtype(device)
+
+
+def device_dtype(device: str) -> torch.dtype:
+    """bfloat16 on a GPU that has it, else float16; float32 on a CPU, where bnb's 4-bit path is exact and fastest."""
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # bnb's CPU 4-bit path is exact and fastest in float32
+    return torch.float32
 
 
 def load_tokenizer(config: Config):
@@ -34,16 +36,18 @@ def persona_token_ids(tokenizer) -> list[int]:
     return tokenizer.convert_tokens_to_ids(PERSONA_TOKENS)
 
 
-def speed_plan(config: Config, device: str, model=None, steps: int | None = None, world_size: int = 1):
-    """The speed levers for this device (job/speed.py), sized by the base model's shape and the run's length."""
-    from .speed import plan
+def base_shape(config: Config):
+    """BASE_MODEL's transformers config (layers, widths, vocabulary): what sizes the speed plan."""
+    from transformers import AutoConfig
 
-    if model is not None:
-        model_config = model.config
-    else:
-        from transformers import AutoConfig
-        model_config = AutoConfig.from_pretrained(config.base_model, token=config.hf_token or None)
-    return plan(config, device, model_config, steps, world_size)
+    return AutoConfig.from_pretrained(config.base_model, token=config.hf_token or None)
+
+
+def speed_plan(config: Config, device: str, steps: int | None = None, world_size: int = 1):
+    """The speed levers for this device (job/speed/plan.py), sized by the base model's shape and the run's length."""
+    from .speed.plan import plan
+
+    return plan(config, device, base_shape(config), steps, world_size)
 
 
 def load_base_model(config: Config, tokenizer, device: str, plan=None):
@@ -51,7 +55,8 @@ def load_base_model(config: Config, tokenizer, device: str, plan=None):
     attention and fused kernels the speed plan asks for."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from .speed import apply_liger, register_attention
+    from .speed.attention import register_attention
+    from .speed.kernels import apply_liger
 
     plan = plan or speed_plan(config, device)
     dtype = compute_dtype(config, device)

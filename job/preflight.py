@@ -19,10 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from .config import FIELDS, Config
-from .distributed import Topology, split_batch
+from .config import FIELDS, BadInput, Config
+from .distributed import BatchSplitError, Topology, split_batch
 from .log import Reporter
-from .publish import describe_failure, http_status, with_retries
+from .hub import HubAccessError, check_read_access, describe_failure, with_retries
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 GiB = 2 ** 30
@@ -34,8 +34,6 @@ WEIGHT_LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
                   ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 # Room in OUTPUT_DIR beyond the checkpoints: tokenizer copies, logs, the loss curve, the datasets cache's scratch.
 DISK_MARGIN = GiB // 2
-# CUDA context, cuBLAS workspace and allocator fragmentation on a GPU; the interpreter and libraries on a CPU.
-RUNTIME_OVERHEAD = GiB
 
 
 class CheckFailed(Exception):
@@ -74,7 +72,6 @@ class Findings:
     device: str | None = None         # "cuda" or "cpu"
     run_store: Any = None             # storage.RunStore
     splits: Any = None                # data.Splits
-    data_fingerprint: str | None = None
     model_shape: Any = None           # the base model's transformers config (its text part)
     downloads: dict[str, int] = field(default_factory=dict)   # variable -> bytes still to fetch into the HF cache
 
@@ -103,10 +100,8 @@ def check_config(f: Findings) -> str:
 
 
 def check_gpu(f: Findings) -> str:
-    """The GPUs the settings ask for (job/train.py check_machine), and bitsandbytes' 4-bit NF4 kernels on one."""
+    """The GPUs the settings ask for (`check_machine`), and bitsandbytes' 4-bit NF4 kernels on one."""
     import torch
-
-    from .train import BadInput, check_machine
 
     config = f.config
     try:
@@ -125,6 +120,26 @@ def check_gpu(f: Findings) -> str:
     else:
         where = f"CPU (REQUIRE_GPU=false), torch {torch.__version__}"
     return f"{where}, {_matmul_4bit(config, f.device, where)}"
+
+
+def check_machine(config: Config) -> str:
+    """The GPUs the settings ask for are here, and the batch splits over them; returns "cuda" or "cpu".
+    Run by the launcher before it starts workers, and by every worker."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if config.require_gpu and device != "cuda":
+        raise BadInput("REQUIRE_GPU=true but no CUDA GPU is visible; run on a GPU node "
+                       "(docker: --gpus all; k8s: nvidia.com/gpu) or set REQUIRE_GPU=false to train on the CPU")
+    wanted = config.nproc_per_node
+    if device == "cuda" and wanted > torch.cuda.device_count():
+        raise BadInput(f"NPROC_PER_NODE={wanted} but this node has {torch.cuda.device_count()} GPU(s) visible; "
+                       f"ask for {wanted} GPUs (k8s: nvidia.com/gpu: {wanted}) or lower NPROC_PER_NODE")
+    try:
+        split_batch(config, config.nproc_per_node * config.nnodes)
+    except BatchSplitError as exc:
+        raise BadInput(str(exc)) from None
+    return device
 
 
 def check_base_model(f: Findings) -> str:
@@ -158,15 +173,14 @@ def check_dataset(f: Findings) -> str:
     """Access first (so a gated or missing Hub dataset gets its own clear line), then every row's schema."""
     from huggingface_hub import constants
 
-    from .data import LOCAL_SUFFIXES, DataError
-    from .train import _prepare_rows   # the rows and split that train uses, read once
+    from .data import DataError, is_local_dataset, load_splits
 
     name = f.config.dataset
-    local = Path(name).suffix in LOCAL_SUFFIXES or Path(name).exists()   # load_rows' own rule
+    local = is_local_dataset(name)
     if not local and f.topology.is_main and not f.topology.launcher_checked:
-        _check_hub_access("DATASET", name, "dataset", f.config)
+        _read_access("DATASET", name, "dataset", f.config)
     try:
-        f.splits, f.data_fingerprint = _prepare_rows(f.config)
+        f.splits = load_splits(f.config)
     except DataError as exc:
         raise CheckFailed(str(exc)) from None
     except Exception as exc:   # datasets raises many types for a Hub dataset it cannot fetch or read
@@ -209,7 +223,7 @@ def check_store(f: Findings) -> str:
 def check_hub_push(f: Findings) -> str:
     from huggingface_hub import constants
 
-    from .publish import HubAccessError, check_hub_access
+    from .hub import check_hub_access
 
     _unless_launcher_checked(f)
     config = f.config
@@ -244,6 +258,8 @@ def check_disk(f: Findings) -> str:
         _check_writable(variable, path)
     if f.model_shape is None:
         raise Skip(f"{_where(places)} writable; room not estimated: needs base model")
+    from .speed.plan import checkpoint_bytes
+
     checkpoint = checkpoint_bytes(config, f.model_shape)
     needs = [("OUTPUT_DIR", Path(config.output_dir), 3 * checkpoint + DISK_MARGIN,
               "checkpoints being written, uploaded and resumed from, the final adapter, scratch"),
@@ -277,7 +293,7 @@ def check_memory(f: Findings) -> str:
     import torch
 
     from .model import compute_dtype
-    from .speed import plan
+    from .speed.plan import host_memory, peak_memory, plan
 
     config = f.config
     if f.launcher and f.device == "cuda":
@@ -378,75 +394,6 @@ def report(results: list[CheckResult], reporter: Reporter) -> list[str]:
     return failure_lines(results)
 
 
-# ---------------------------------------------------------------- estimates
-
-def lora_parameters(config: Config, shape) -> int:
-    """Trainable parameters: r x (in + out) per adapted linear layer, plus the persona tokens' embedding and
-    output rows. Module shapes follow Llama's names; an unknown name counts as hidden x hidden."""
-    hidden = shape.hidden_size
-    heads = getattr(shape, "num_attention_heads", None) or 1
-    head_dim = getattr(shape, "head_dim", None) or hidden // heads
-    kv = (getattr(shape, "num_key_value_heads", None) or heads) * head_dim
-    inter = getattr(shape, "intermediate_size", None) or 4 * hidden
-    linear = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
-              "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-              "down_proj": (inter, hidden)}
-    targets = list(linear) if config.target_modules == "all-linear" else config.target_modules
-    per_layer = sum(config.lora_r * sum(linear.get(name, (hidden, hidden))) for name in targets)
-    return shape.num_hidden_layers * per_layer + 2 * 2 * hidden
-
-
-def checkpoint_bytes(config: Config, shape) -> int:
-    """One checkpoint: the float32 adapter and its two Adam moments, plus the tokenizer and trainer state."""
-    return lora_parameters(config, shape) * 12 + 64 * 2 ** 20
-
-
-def peak_memory(config: Config, shape, micro_batch: int, checkpointing: bool, fused: bool,
-                dtype_bytes: int = 2) -> dict[str, int]:
-    """Estimated peak memory of one training process, in bytes, by part:
-
-    - weights: job/speed.py `weight_bytes` (NF4 decoder weights, 16-bit embeddings and lm_head), the embeddings
-      at `dtype_bytes` instead of 2 where the compute dtype differs (float32 on a CPU);
-    - lora: trainable parameters (`lora_parameters`) x 16 bytes: float32 weight, gradient, and Adam's two moments;
-    - activations, for the longest micro-batch the data allows (micro_batch x MAX_SEQ_LENGTH tokens):
-      without gradient checkpointing, job/speed.py `activation_bytes` (measured per token, layer and hidden unit,
-      plus the logits); with it, each layer's input kept (layers x hidden x dtype_bytes per token) plus one
-      layer's activations recomputed and the logits (`activation_bytes` of a one-layer model); both scaled by
-      dtype_bytes / 2, as they were measured in bf16;
-    - overhead: `RUNTIME_OVERHEAD`.
-
-    For the defaults (Llama-2-7B, batch 4 x 1024 tokens, LoRA r=64 on q_proj,v_proj) on a 16 GB GPU, where the
-    auto rule turns checkpointing on, that is about 3.7 + 0.5 + 3.0 + 1.0 = 8.2 GiB (the GPU benchmark measured
-    5.5 GiB on persona-chat, whose sequences are shorter; docs/PERFORMANCE.md); without checkpointing the
-    activations alone are about 25 GiB.
-    """
-    from .speed import activation_bytes, weight_bytes
-
-    tokens = micro_batch * config.max_seq_length
-    hidden, layers = shape.hidden_size, shape.num_hidden_layers
-    weights = weight_bytes(shape) + 2 * shape.vocab_size * hidden * (dtype_bytes - 2)
-    if checkpointing:
-        one_layer = SimpleNamespace(num_hidden_layers=1, hidden_size=hidden, vocab_size=shape.vocab_size)
-        activations = tokens * layers * hidden * dtype_bytes + activation_bytes(one_layer, tokens, fused)
-    else:
-        activations = activation_bytes(shape, tokens, fused)
-    return {"weights": weights, "lora": lora_parameters(config, shape) * 16,
-            "activations": activations * dtype_bytes // 2, "overhead": RUNTIME_OVERHEAD}
-
-
-def host_memory() -> int:
-    """The host's memory, or the container's limit where a cgroup sets a lower one."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return total
-
-
 # ---------------------------------------------------------------- helpers
 
 def _check_model(variable: str, name: str, f: Findings) -> tuple[Any, str]:
@@ -488,7 +435,7 @@ def _hub_model(variable: str, name: str, f: Findings) -> tuple[dict[str, int], d
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
 
-    api = _check_hub_access(variable, name, "model", f.config)
+    api = _read_access(variable, name, "model", f.config)
     if api is None:   # HF_HUB_OFFLINE: what the cache holds is all there is
         cached = try_to_load_from_cache(name, "config.json")
         if not isinstance(cached, str):
@@ -518,50 +465,11 @@ def _hub_model(variable: str, name: str, f: Findings) -> tuple[dict[str, int], d
     return files, weights, Path(config_file).parent
 
 
-def _check_hub_access(variable: str, repo_id: str, repo_type: str, config: Config):
-    """May HF_TOKEN (or no token) read this repo? One line for each way it can't. Returns the HfApi, or None
-    under HF_HUB_OFFLINE=1 (only the id's form is checked then)."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
-    from huggingface_hub.utils import validate_repo_id
-
-
-    kind = "dataset" if repo_type == "dataset" else "model"
-    accepted = "a local .jsonl/.json/.parquet file" if kind == "dataset" else "a local model directory"
+def _read_access(variable: str, repo_id: str, repo_type: str, config: Config):
     try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise CheckFailed(f"{variable}={repo_id!r} is neither {accepted} nor a Hub {kind} id 'user/name'",
-                          "not a path or Hub id") from None
-    if constants.HF_HUB_OFFLINE:
-        return None
-    api = HfApi(token=config.hf_token or None)
-    url = f"{constants.ENDPOINT}/{'datasets/' if kind == 'dataset' else ''}{repo_id}"
-    try:
-        with_retries("access check", lambda: api.auth_check(repo_id, repo_type=repo_type), attempts=3)
-    except GatedRepoError:
-        if not config.hf_token:
-            raise CheckFailed(f"{variable}={repo_id!r} is gated and HF_TOKEN is empty; accept its license at {url} "
-                              f"and set HF_TOKEN to a token of that account", "gated, no token") from None
-        raise CheckFailed(f"{variable}={repo_id!r} is gated and the account of HF_TOKEN has no access; accept the "
-                          f"license at {url} with the account of HF_TOKEN", "gated, no access") from None
-    except RepositoryNotFoundError:
-        hint = "check the name, or set HF_TOKEN if it is private" if not config.hf_token else \
-            "check the name, and that HF_TOKEN's account can see it if it is private"
-        raise CheckFailed(f"{variable}={repo_id!r}: no such {kind} on the Hub ({constants.ENDPOINT}); {hint}",
-                          "not found on the Hub") from None
-    except Exception as exc:
-        if http_status(exc) == 401 and not config.hf_token:
-            raise CheckFailed(f"{variable}={repo_id!r}: the Hub at {constants.ENDPOINT} wants a token (401) and "
-                              f"HF_TOKEN is empty; set HF_TOKEN to a token that can read it", "token needed") from None
-        if http_status(exc) == 401:
-            raise CheckFailed(f"HF_TOKEN is not a valid Hugging Face token (the Hub answered 401 when reading "
-                              f"{variable}={repo_id!r}); create a new one at {constants.ENDPOINT}/settings/tokens",
-                              "HF_TOKEN rejected") from None
-        raise CheckFailed(f"{variable}={repo_id!r}: cannot check access on the Hub at {constants.ENDPOINT} "
-                          f"({describe_failure(exc)}); check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 with "
-                          f"the {kind} in the cache", "Hub unreachable") from None
-    return api
+        return check_read_access(variable, repo_id, repo_type, config)
+    except HubAccessError as exc:
+        raise CheckFailed(str(exc), exc.detail) from None
 
 
 def _unless_launcher_checked(f: Findings) -> None:

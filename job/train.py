@@ -18,20 +18,14 @@ from typing import Any
 
 import torch
 
-from .config import Config
-from .distributed import BatchSplitError, Topology, barrier, split_batch
-from .data import DataError, Splits, dataset_fingerprint, encode_rows, load_rows, parse_rows, sample_and_split
+from .config import BadInput, Config, ExitCode
+from .distributed import Topology, barrier, split_batch
+from .data import Splits, encode_rows
 from .log import Reporter
 from .store import StoreError, open_store
 from .store.run_store import RunStore
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 75
 DDP_TIMEOUT_SECONDS = 1800
-FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json", "training_summary.json")
-
-
-class BadInput(Exception):
-    """Bad configuration or input that a retry cannot fix: exit 2. The message is one clear line."""
 
 
 class Stopped(Exception):
@@ -53,7 +47,7 @@ class StopSignal:
         name = signal.Signals(signum).name
         if self.received:
             self.reporter.event("stop", f"second {name}: exiting now; the last committed checkpoint stands")
-            os._exit(EXIT_STOPPED)
+            os._exit(ExitCode.STOPPED)
         self.received = name
         self.reporter.event("stop", f"{name}: finishing this step, then saving and exiting")
 
@@ -81,38 +75,11 @@ def preflight(config: Config, reporter: Reporter, topology: Topology = Topology(
         raise BadInput("\n".join(problems))
     found = checks.found
     if topology.is_main:
-        _check_same_run(config, found.run_store, found.data_fingerprint)
+        _check_same_run(config, found.run_store, found.splits.fingerprint())
     reporter.event("preflight", "checks passed", device=found.device, run_id=config.resolved_run_id,
                    train_rows=len(found.splits.train), eval_rows=len(found.splits.eval))
     return Prepared(device=found.device, run_store=found.run_store, splits=found.splits,
-                    data_fingerprint=found.data_fingerprint, topology=topology)
-
-
-def check_machine(config: Config) -> str:
-    """The GPUs the settings ask for are here, and the batch splits over them; returns "cuda" or "cpu".
-    Run by the launcher before it starts workers, and by every worker."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if config.require_gpu and device != "cuda":
-        raise BadInput("REQUIRE_GPU=true but no CUDA GPU is visible; run on a GPU node "
-                       "(docker: --gpus all; k8s: nvidia.com/gpu) or set REQUIRE_GPU=false to train on the CPU")
-    wanted = config.nproc_per_node
-    if device == "cuda" and wanted > torch.cuda.device_count():
-        raise BadInput(f"NPROC_PER_NODE={wanted} but this node has {torch.cuda.device_count()} GPU(s) visible; "
-                       f"ask for {wanted} GPUs (k8s: nvidia.com/gpu: {wanted}) or lower NPROC_PER_NODE")
-    try:
-        split_batch(config, config.nproc_per_node * config.nnodes)
-    except BatchSplitError as exc:
-        raise BadInput(str(exc)) from None
-    return device
-
-
-def _prepare_rows(config: Config) -> tuple[Splits, str]:
-    rows = parse_rows(load_rows(config.dataset), config.dataset)
-    splits = sample_and_split(rows, config.num_samples, config.eval_fraction, config.seed)
-    if not splits.train:
-        raise DataError(f"DATASET={config.dataset!r}: no training rows left after the eval split; "
-                        f"lower EVAL_FRACTION or add rows")
-    return splits, dataset_fingerprint(splits.train + splits.eval)
+                    data_fingerprint=found.splits.fingerprint(), topology=topology)
 
 
 def _check_same_run(config: Config, run_store: RunStore, data_fp: str) -> None:
@@ -146,7 +113,7 @@ class Trained:
 def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: StopSignal) -> Trained:
     """Train (or resume) to the end and write the adapter to OUTPUT_DIR. Raises Stopped on a signal."""
     from .model import add_lora, load_base_model, load_tokenizer, speed_plan
-    from .speed import data_collator
+    from .speed.attention import data_collator
     from .trainer import (CheckpointCommitter, EvaluationCallback, PersonaTrainer, ReportCallback, StopCallback,
                           training_arguments)
 
@@ -177,7 +144,7 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
     model = load_base_model(config, tokenizer, prepared.device, plan)
     model = add_lora(config, model, tokenizer)
     if plan.torch_compile:
-        from .speed import compile_layers
+        from .speed.kernels import compile_layers
         layers = compile_layers(model)
         reporter.event("speed", f"torch.compile: {layers} decoder layers compile on the first step (one-time)",
                        layers=layers)
@@ -401,26 +368,26 @@ def main(config: Config, reporter: Reporter, topology: Topology = Topology()) ->
         if status.get("phase") == "done":
             reporter.event("done", "this run is already done; nothing to do", run_id=config.resolved_run_id,
                            hub_commit=status.get("hub_commit_url"))
-            return EXIT_OK
+            return ExitCode.DONE
         if run_store.final_committed():
             if not topology.is_main:
-                return EXIT_OK
+                return ExitCode.DONE
             reporter.event("final", "final adapter already committed; skipping training")
             run_store.download_final(Path(config.output_dir))
         else:
             summary = run_training(config, reporter, prepared, stop).summary
             if not topology.is_main:
-                return EXIT_OK
+                return ExitCode.DONE
             run_store.commit_final(Path(config.output_dir), config.fingerprint(), files=final_files(config))
             reporter.event("final", "final adapter committed", steps=summary["steps"],
                            final_eval_loss=summary["final_eval_loss"])
         return finish(config, reporter, run_store)
     except BadInput as exc:
         reporter.error(str(exc))
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     except Stopped as exc:
         reporter.event("stopped", str(exc))
-        return EXIT_STOPPED
+        return ExitCode.STOPPED
 
 
 def final_files(config: Config) -> list[str]:
@@ -437,9 +404,9 @@ def finish(config: Config, reporter: Reporter, run_store: RunStore) -> int:
         if refusal:
             run_store.write_status({**status, "phase": "failed", "error": refusal})
             reporter.error(refusal)
-            return EXIT_BAD_INPUT
+            return ExitCode.BAD_INPUT
     if config.hub_model_id:
-        from .publish import publish
+        from .hub import publish
         status = {**status, "phase": "publishing"}
         run_store.write_status(status)
         url = publish(config, reporter, Path(config.output_dir))
@@ -448,7 +415,7 @@ def finish(config: Config, reporter: Reporter, run_store: RunStore) -> int:
     run_store.write_status({**status, "phase": "done"})
     reporter.event("done", "run complete", run_id=config.resolved_run_id, output_dir=config.output_dir,
                    hub_commit_url=status.get("hub_commit_url"))
-    return EXIT_OK
+    return ExitCode.DONE
 
 
 def _not_improved(final_dir: Path) -> str | None:
@@ -470,7 +437,7 @@ def publish_only(config: Config, reporter: Reporter) -> int:
     try:
         prepared_store = _open_run_store(config)
         if config.hub_model_id:
-            from .publish import HubAccessError, check_hub_access
+            from .hub import HubAccessError, check_hub_access
             try:
                 check_hub_access(config)
             except HubAccessError as exc:
@@ -482,7 +449,7 @@ def publish_only(config: Config, reporter: Reporter) -> int:
         return finish(config, reporter, prepared_store)
     except BadInput as exc:
         reporter.error(str(exc))
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
 
 
 def _open_run_store(config: Config) -> RunStore:

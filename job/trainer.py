@@ -2,7 +2,6 @@
 committing checkpoints to the store in the background, and reporting progress."""
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import gc
 import json
@@ -19,7 +18,9 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .config import Config
 from .distributed import any_rank, barrier, split_batch
 from .log import Reporter
-from .speed import SpeedPlan, eager
+from .speed.kernels import eager, without_per_parameter_syncs
+from .speed.plan import SpeedPlan
+from .speed.snapshot import CheckpointWriter, HostSnapshot
 from .store.run_store import RunStore
 from .store.uploader import BackgroundUploader
 
@@ -73,7 +74,7 @@ def training_arguments(config: Config, output_dir: Path, device: str, has_eval: 
 
 class PersonaTrainer(Trainer):
     """Trainer whose checkpoints hold only the adapter (with the persona token rows), not the resized
-    embedding matrices that peft would otherwise add (half a gigabyte for a 7B model)."""
+    embedding matrices that peft would otherwise add to every checkpoint."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -89,7 +90,7 @@ class PersonaTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         # The loaded model is millions of long-lived Python objects; every full pass of the cyclic garbage
-        # collector over them stalled a 7B run for 0.3-0.4 s (docs/PERFORMANCE.md). Frozen, they are skipped.
+        # collector over them stalled training (docs/PERFORMANCE.md, "The levers"). Frozen, they are skipped.
         gc.collect()
         gc.freeze()
         try:
@@ -122,9 +123,9 @@ class PersonaTrainer(Trainer):
             self.snapshot.submit()   # the adapter and optimizer files, written once both snapshots are taken
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        # torch.save of the optimizer state (about 270 MB for LoRA r64 on a 7B model) was most of what a
-        # checkpoint cost the training thread. Snapshot it now, since the next step changes it, and write it from
-        # the checkpoint writer, which hands the folder to the uploader only once the file is complete.
+        # torch.save of the optimizer state was most of what a checkpoint cost the training thread. Snapshot it
+        # now, since the next step changes it, and write it from the checkpoint writer, which hands the folder to
+        # the uploader only once the file is complete.
         if not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
         self.snapshot.write("optimizer", self.optimizer.state_dict(), torch.save,
@@ -148,148 +149,6 @@ class PersonaTrainer(Trainer):
         adapter_config.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-
-
-def without_per_parameter_syncs(optimizer) -> None:
-    """bitsandbytes' optimizers wait for the GPU (torch.cuda.synchronize) after updating each parameter, and a
-    paged one once more at the end: 130 waits a step for LoRA r64 on q_proj,v_proj of a 7B model, each stalling
-    the host that has to queue the next step (docs/PERFORMANCE.md: 13% of the batch-4 step on an H100). The
-    same updates queued on the one stream in the same order compute the same thing without the waits."""
-    import types
-
-    try:
-        from bitsandbytes.optim.optimizer import Optimizer8bit
-    except ImportError:
-        return
-    if isinstance(optimizer, Optimizer8bit):
-        optimizer.step = types.MethodType(torch.optim.Optimizer.profile_hook_step(_bnb_step), optimizer)
-
-
-@torch.no_grad()
-def _bnb_step(self, closure=None):
-    # bitsandbytes 0.50's Optimizer8bit.step, less its sync_gpu calls.
-    loss = None
-    if closure is not None:
-        with torch.enable_grad():
-            loss = closure()
-    if not self.initialized:
-        self.check_overrides()
-        self.to_gpu()
-        self.initialized = True
-    for gindex, group in enumerate(self.param_groups):
-        for pindex, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            if len(self.state[p]) == 0:
-                self.init_state(group, p, gindex, pindex)
-            self.prefetch_state(p)
-            self.update_step(group, p, gindex, pindex)
-    return loss
-
-
-def _write_when_ready(ready, write, snapshot, *args) -> None:
-    ready()
-    write(snapshot, *args)
-
-
-class HostSnapshot:
-    """Copies of a checkpoint's tensors in host memory, taken without stalling the training thread.
-
-    GPU tensors are copied into pinned buffers on the current stream, so the copies are ordered before the next
-    step's updates, and `ready()` (called by the writer thread) waits for them. bitsandbytes' paged optimizer
-    state lives in CUDA managed memory behind CPU tensors: read on the CPU, its pages would migrate to the host
-    and fault back onto the GPU in the next step, so it is copied through a CUDA view instead. Each name has two
-    sets of buffers, used in turn by successive checkpoints, so a snapshot does not wait for the previous
-    checkpoint's file to be written (that once held the training thread 1.4-2 s)."""
-
-    def __init__(self, writer: CheckpointWriter):
-        self.writer = writer
-        self._buffers: dict[str, torch.Tensor] = {}
-        self._writing: dict[str, concurrent.futures.Future] = {}
-        self._pending: list[tuple[str, tuple]] = []
-        self._turns: dict[str, int] = {}
-        self._cuda = torch.cuda.is_available()
-
-    def write(self, name: str, tree, write, *args) -> None:
-        """Snapshot `tree` now; once submit() is called the writer thread calls write(snapshot, *args), after the
-        copies have landed. A checkpoint's snapshots are all taken before its files are written: the writer
-        thread holds the GIL for much of a write, and a snapshot taken beside it waited 0.1-0.25 s for it."""
-        # Two sets of buffers per name, used in turn: a snapshot waits only if the write before the previous one
-        # is still reading its set (at the default cadence, 100 steps earlier).
-        slot = f"{name}#{self._turns.get(name, 0) % 2}"
-        self._turns[name] = self._turns.get(name, 0) + 1
-        if slot in self._writing:
-            concurrent.futures.wait([self._writing[slot]])
-        copied = self._copy(slot, tree)
-        ready = lambda: None   # noqa: E731
-        if self._cuda:
-            done = torch.cuda.Event()
-            done.record()
-            ready = done.synchronize
-        self._pending.append((slot, (_write_when_ready, ready, write, copied, *args)))
-
-    def submit(self) -> None:
-        """Hand the snapshots taken so far to the writer thread, in order."""
-        for slot, job in self._pending:
-            self._writing[slot] = self.writer.submit(*job)
-        self._pending = []
-
-    def _copy(self, key: str, value):
-        if isinstance(value, torch.Tensor):
-            return self._tensor(key, value.detach())
-        if isinstance(value, dict):
-            return {k: self._copy(f"{key}/{k}", v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(self._copy(f"{key}/{i}", v) for i, v in enumerate(value))
-        return value
-
-    def _tensor(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        paged = getattr(tensor, "is_paged", False) and self._cuda and tensor.dtype in _TYPESTR
-        source = _cuda_view(tensor) if paged else tensor
-        if not source.is_cuda:
-            return tensor.clone(memory_format=torch.contiguous_format)
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            buffer = self._buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        buffer.copy_(source, non_blocking=True)
-        return buffer
-
-
-def _cuda_view(tensor: torch.Tensor) -> torch.Tensor:
-    """A CUDA tensor over the managed memory behind one of bitsandbytes' paged (CPU-typed) tensors."""
-    class Interface:
-        __cuda_array_interface__ = {"shape": tuple(tensor.shape), "typestr": _TYPESTR[tensor.dtype],
-                                    "data": (tensor.data_ptr(), False), "version": 2,
-                                    "strides": None}
-    return torch.as_tensor(Interface(), device=f"cuda:{getattr(tensor, 'page_deviceid', 0) or 0}")
-
-
-_TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.uint8: "|u1", torch.int32: "<i4",
-            torch.int64: "<i8"}
-
-
-class CheckpointWriter:
-    """One thread that finishes checkpoint files off the training thread, in the order they were asked for."""
-
-    def __init__(self):
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
-        self._futures: list[concurrent.futures.Future] = []
-
-    def submit(self, fn, *args) -> concurrent.futures.Future:
-        future = self._pool.submit(fn, *args)
-        self._futures.append(future)
-        return future
-
-    def wait(self, timeout: float | None) -> bool:
-        """True once everything submitted has run without error; False on timeout or error."""
-        _, pending = concurrent.futures.wait(self._futures, timeout)
-        return not pending and not self.errors()
-
-    def errors(self) -> list[BaseException]:
-        return [f.exception() for f in self._futures if f.done() and f.exception() is not None]
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
 
 
 class StopCallback(TrainerCallback):

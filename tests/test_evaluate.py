@@ -78,7 +78,8 @@ def test_generation_prompts_are_the_training_encoding_up_to_the_reply(tiny_parts
 
 
 def test_reply_loss_is_the_token_weighted_nll_of_the_labelled_tokens(tiny_parts):
-    from job.speed import data_collator, plan
+    from job.speed.attention import data_collator
+    from job.speed.plan import plan
     config, tokenizer, _, model, examples = tiny_parts
     collator = data_collator(plan(config, "cpu", model.config), tokenizer)
     got = reply_loss(model, examples, collator, batch_size=4, device="cpu")

@@ -22,8 +22,8 @@ from s3server import s3_server, start_moto  # noqa: F401  (fixture)
 
 from job.cli import cli
 from job.config import Config
-from job.preflight import CHECKS, peak_memory
-from job.speed import activation_bytes, weight_bytes
+from job.preflight import CHECKS
+from job.speed.plan import activation_bytes, peak_memory, weight_bytes
 
 CHECK_NAMES = [name for name, _, _ in CHECKS]
 GiB = 2 ** 30

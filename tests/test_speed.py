@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from job.config import from_env
-from job.speed import SpeedPlan, data_collator, plan
+from job.speed.attention import data_collator
+from job.speed.plan import SpeedPlan, plan
 
 LLAMA_7B = SimpleNamespace(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, vocab_size=32000)
 
@@ -55,7 +56,7 @@ def test_a_padding_free_batch_trains_like_the_padded_one(tiny_model):
 
 def test_no_sequence_attends_across_or_predicts_into_its_neighbour(tiny_model):
     from job.model import load_tokenizer
-    from job.speed import padding_free_attention
+    from job.speed.attention import padding_free_attention
 
     feats = sequences(5, 4, 6)
     config = from_env({"BASE_MODEL": str(tiny_model), "PADDING_FREE": "true"})
@@ -102,7 +103,7 @@ def test_gradient_checkpointing_is_chosen_from_the_gpus_memory(monkeypatch, gib,
 def test_checkpoint_files_finished_in_the_background_reach_the_uploader_complete_and_in_order(tmp_path):
     import time
 
-    from job.trainer import CheckpointWriter
+    from job.speed.snapshot import CheckpointWriter
 
     writer, seen = CheckpointWriter(), []
 
@@ -122,13 +123,13 @@ def test_checkpoint_files_finished_in_the_background_reach_the_uploader_complete
 
 
 def test_torch_compile_is_chosen_by_the_runs_length_on_a_modern_gpu(monkeypatch):
-    import job.speed
+    import job.speed.plan
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
-    monkeypatch.setattr(job.speed, "triton_available", lambda: True)
-    monkeypatch.setattr(job.speed, "liger_available", lambda: True)
-    repays = int(job.speed.COMPILE_SECONDS / job.speed.COMPILE_SAVING_PER_STEP)
+    monkeypatch.setattr(job.speed.plan, "triton_available", lambda: True)
+    monkeypatch.setattr(job.speed.plan, "liger_available", lambda: True)
+    repays = int(job.speed.plan.COMPILE_SECONDS / job.speed.plan.COMPILE_SAVING_PER_STEP)
 
     long = plan(from_env({}), "cuda", LLAMA_7B, steps=repays)
     assert long.torch_compile and not long.liger_kernel, long.reasons   # inductor fuses what Liger would
@@ -170,7 +171,7 @@ def test_the_optimizer_step_without_syncs_updates_exactly_as_bitsandbytes_does(m
     import bitsandbytes as bnb
     import bitsandbytes.optim.optimizer as bnb_optimizer
 
-    from job.trainer import without_per_parameter_syncs
+    from job.speed.kernels import without_per_parameter_syncs
 
     syncs = []
     monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: syncs.append(1))
@@ -239,7 +240,7 @@ def test_a_checkpoints_snapshots_are_all_taken_before_its_files_are_written_and_
     import threading
     import time
 
-    from job.trainer import CheckpointWriter, HostSnapshot
+    from job.speed.snapshot import CheckpointWriter, HostSnapshot
 
     writer, written, held = CheckpointWriter(), [], threading.Event()
     snapshot = HostSnapshot(writer)

@@ -1,4 +1,5 @@
-"""Publishing: the committed final adapter, tokenizer and a model card, pushed to the Hub in one commit.
+"""The Hugging Face Hub: may HF_TOKEN read a model or dataset and push to HUB_MODEL_ID, retries of transient
+failures, and publishing the committed final adapter, tokenizer and model card (job/card.py) in one commit.
 
 Publishing is its own phase: it starts from the store's final/ (never from a retrain), checks the Hub
 for a commit of this run before pushing (so a lost response or a restart never pushes twice), and
@@ -24,7 +25,12 @@ RETRY_ATTEMPTS = 6
 
 
 class HubAccessError(Exception):
-    """The token or repo name cannot work: exit 2 before training. One clear line, never the token."""
+    """The token or repo name cannot work: exit 2 before training. One clear line, never the token; `detail`,
+    where given, is the short text of preflight's row."""
+
+    def __init__(self, problem: str, detail: str | None = None):
+        super().__init__(problem)
+        self.detail = detail
 
 
 def _api(config: Config):
@@ -84,8 +90,7 @@ def check_hub_access(config: Config) -> None:
         who = with_retries("whoami", lambda: _api(config).whoami())
     except Exception as exc:
         if http_status(exc) == 401:
-            raise HubAccessError("HF_TOKEN is not a valid Hugging Face token (the Hub answered 401); "
-                                 "create a new write token") from None
+            raise _token_rejected("", "create a new write token") from None
         raise
     token = who.get("auth", {}).get("accessToken", {})
     namespace = repo.split("/")[0]
@@ -101,6 +106,58 @@ def check_hub_access(config: Config) -> None:
         raise HubAccessError(f"HF_TOKEN (user {who.get('name')!r}) cannot write to HUB_MODEL_ID={repo!r}: "
                              f"no write access to namespace {namespace!r}; use your own name or an org "
                              f"you can write to")
+
+
+def check_read_access(variable: str, repo_id: str, repo_type: str, config: Config):
+    """May HF_TOKEN (or no token) read this repo? One line for each way it can't. Returns the HfApi, or None
+    under HF_HUB_OFFLINE=1 (only the id's form is checked then)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    kind = "dataset" if repo_type == "dataset" else "model"
+    accepted = "a local .jsonl/.json/.parquet file" if kind == "dataset" else "a local model directory"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise HubAccessError(f"{variable}={repo_id!r} is neither {accepted} nor a Hub {kind} id 'user/name'",
+                             "not a path or Hub id") from None
+    if constants.HF_HUB_OFFLINE:
+        return None
+    api = HfApi(token=config.hf_token or None)
+    url = f"{constants.ENDPOINT}/{'datasets/' if kind == 'dataset' else ''}{repo_id}"
+    try:
+        with_retries("access check", lambda: api.auth_check(repo_id, repo_type=repo_type), attempts=3)
+    except GatedRepoError:
+        if not config.hf_token:
+            raise HubAccessError(f"{variable}={repo_id!r} is gated and HF_TOKEN is empty; accept its license at "
+                                 f"{url} and set HF_TOKEN to a token of that account", "gated, no token") from None
+        raise HubAccessError(f"{variable}={repo_id!r} is gated and the account of HF_TOKEN has no access; accept the "
+                             f"license at {url} with the account of HF_TOKEN", "gated, no access") from None
+    except RepositoryNotFoundError:
+        hint = "check the name, or set HF_TOKEN if it is private" if not config.hf_token else \
+            "check the name, and that HF_TOKEN's account can see it if it is private"
+        raise HubAccessError(f"{variable}={repo_id!r}: no such {kind} on the Hub ({constants.ENDPOINT}); {hint}",
+                             "not found on the Hub") from None
+    except Exception as exc:
+        if http_status(exc) == 401 and not config.hf_token:
+            raise HubAccessError(f"{variable}={repo_id!r}: the Hub at {constants.ENDPOINT} wants a token (401) and "
+                                 f"HF_TOKEN is empty; set HF_TOKEN to a token that can read it",
+                                 "token needed") from None
+        if http_status(exc) == 401:
+            raise _token_rejected(f" when reading {variable}={repo_id!r}",
+                                  f"create a new one at {constants.ENDPOINT}/settings/tokens",
+                                  "HF_TOKEN rejected") from None
+        raise HubAccessError(f"{variable}={repo_id!r}: cannot check access on the Hub at {constants.ENDPOINT} "
+                             f"({describe_failure(exc)}); check the network and HF_ENDPOINT, or set "
+                             f"HF_HUB_OFFLINE=1 with the {kind} in the cache", "Hub unreachable") from None
+    return api
+
+
+def _token_rejected(when: str, remedy: str, detail: str | None = None) -> HubAccessError:
+    """The Hub answered 401 to HF_TOKEN (for reading and for pushing alike)."""
+    return HubAccessError(f"HF_TOKEN is not a valid Hugging Face token (the Hub answered 401{when}); {remedy}",
+                          detail)
 
 
 def _fine_grained_writable(fine: dict[str, Any], who: dict[str, Any]) -> set[str]:
@@ -214,10 +271,9 @@ def _stage_merged(config: Config, final_dir: Path, stage: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import grow_vocabulary
+    from .model import device_dtype, grow_vocabulary
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else \
-        (torch.float16 if torch.cuda.is_available() else torch.float32)
+    dtype = device_dtype("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(final_dir)
     base = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=dtype, token=config.hf_token or None,
                                                 low_cpu_mem_usage=True)

@@ -1,0 +1,97 @@
+"""Faster code for the same computation, switched on by the plan: Liger's fused kernels, compiled decoder layers,
+and bitsandbytes' optimizer step without its per-parameter waits."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from pathlib import Path
+
+import torch
+
+
+def apply_liger(model) -> bool:
+    """Liger's Triton RMSNorm, SwiGLU and RoPE on a loaded Llama-family model. The loss keeps transformers'
+    own cross-entropy: the persona tokens' output rows live in peft's trainable-tokens wrapper on lm_head,
+    which Liger's fused linear cross-entropy would bypass."""
+    from liger_kernel.transformers import monkey_patch
+
+    apply = getattr(monkey_patch, f"apply_liger_kernel_to_{model.config.model_type}", None)
+    if apply is None:
+        return False
+    kwargs = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+                  model=model)
+    accepted = inspect.signature(apply).parameters
+    apply(**{k: v for k, v in kwargs.items() if k in accepted})
+    return True
+
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer of the (peft-wrapped) model in place, for sequence lengths that change
+    from batch to batch; returns how many. Every layer runs the same code, so one compiled graph serves them all.
+    The parameters and their names are untouched: checkpoints and the adapter are the same as eager ones.
+    On a GPU, inductor's kernels; on a CPU, `aot_eager` (the same captured forward and backward graphs, run by
+    eager kernels), which is what the CPU tests check."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None:
+        return 0
+    on_gpu = next(model.parameters()).is_cuda
+    if on_gpu:
+        _persistent_compile_cache()
+    for layer in layers:
+        layer.compile(dynamic=True, backend="inductor" if on_gpu else "aot_eager")
+    return len(layers)
+
+
+def _persistent_compile_cache() -> None:
+    # Inductor caches its kernels under /tmp by default, lost with the container; beside the Hub cache (a volume
+    # in compose and the Kubernetes Job) a restarted or resumed run reuses them and compiles in seconds.
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from huggingface_hub import constants
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(constants.HF_HOME) / "torch-compile")
+
+
+def eager():
+    """A context in which compiled layers run their eager code: evaluation and generation, whose shapes and
+    no-grad mode would otherwise each cost a compile of their own."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
+
+
+def without_per_parameter_syncs(optimizer) -> None:
+    """bitsandbytes' optimizers wait for the GPU (torch.cuda.synchronize) after updating each parameter, and a
+    paged one once more at the end, each wait stalling the host that has to queue the next step (what they cost:
+    docs/PERFORMANCE.md, "The levers"). The same updates queued on the one stream in the same order compute the
+    same thing without the waits."""
+    import types
+
+    try:
+        from bitsandbytes.optim.optimizer import Optimizer8bit
+    except ImportError:
+        return
+    if isinstance(optimizer, Optimizer8bit):
+        optimizer.step = types.MethodType(torch.optim.Optimizer.profile_hook_step(_bnb_step), optimizer)
+
+
+@torch.no_grad()
+def _bnb_step(self, closure=None):
+    # bitsandbytes 0.50's Optimizer8bit.step, less its sync_gpu calls.
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    if not self.initialized:
+        self.check_overrides()
+        self.to_gpu()
+        self.initialized = True
+    for gindex, group in enumerate(self.param_groups):
+        for pindex, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if len(self.state[p]) == 0:
+                self.init_state(group, p, gindex, pindex)
+            self.prefetch_state(p)
+            self.update_step(group, p, gindex, pindex)
+    return loss

@@ -1,0 +1,203 @@
+"""Which speed levers a run uses, and the memory model that sizes them: one estimate of what training keeps in
+memory, used for the gradient-checkpointing choice here and for preflight's memory and disk rows."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from ..config import Config
+from .attention import PADDING_FREE_ATTENTION
+
+GiB = 2 ** 30
+# Activation memory kept for the backward pass, in bytes per token per decoder layer per unit of hidden size, for
+# Llama-2-7B's shape in bf16 without recomputation; fused RMSNorm and SwiGLU keep no fp32 or intermediate copies.
+# Measured values, with a margin: docs/PERFORMANCE.md, "The memory model".
+_ACTIVATION_BYTES = {False: 48, True: 40}
+# Share of the GPU's memory the estimate may fill before recomputation is switched on.
+_MEMORY_HEADROOM = 0.8
+# torch.compile of the decoder layers: what the first step pays once (compiling with an empty cache) and what
+# every later step saves, for Llama-2-7B at batch 4 on an H100 (docs/PERFORMANCE.md). `auto` compiles when the
+# run's remaining steps repay the compile.
+COMPILE_SECONDS = 75.0
+COMPILE_SAVING_PER_STEP = 0.09
+# CUDA context, cuBLAS workspace and allocator fragmentation on a GPU; the interpreter and libraries on a CPU.
+RUNTIME_OVERHEAD = GiB
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """The speed levers of one run, as resolved for this device. `reasons` says why for each auto choice."""
+    padding_free: bool
+    liger_kernel: bool
+    tf32: bool
+    gradient_checkpointing: bool
+    reasons: tuple[str, ...] = ()
+    torch_compile: bool = False
+
+    @property
+    def attn_implementation(self) -> str:
+        return PADDING_FREE_ATTENTION if self.padding_free else "sdpa"
+
+    def describe(self) -> dict:
+        out = asdict(self)
+        out["reasons"] = list(self.reasons)
+        out["attn_implementation"] = self.attn_implementation
+        return out
+
+
+def _setting(value: str, auto: bool) -> bool:
+    return auto if value == "auto" else value == "true"
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def liger_available() -> bool:
+    return triton_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def plan(config: Config, device: str, model_config=None, steps: int | None = None,
+         world_size: int = 1) -> SpeedPlan:
+    """Resolve every auto setting for this device. `model_config` (the base's transformers config) sizes the
+    gradient-checkpointing choice; without it the choice falls back to a 7B-sized estimate. `steps` (the optimizer
+    steps this run has left) decides whether compiling pays; unknown, it does not."""
+    gpu = device == "cuda"
+    modern = gpu and torch.cuda.get_device_capability(0) >= (8, 0)
+    padding_free = _setting(config.padding_free, gpu)
+    compile_, compile_why = _torch_compile(config, modern, padding_free, steps, world_size)
+    eager_liger = _setting(config.use_liger_kernel, gpu and liger_available())
+    # Compiled or with Liger's kernels, RMSNorm and SwiGLU keep no intermediate copies.
+    checkpointing, why = _gradient_checkpointing(config, device, model_config, compile_ or eager_liger)
+    if compile_ and checkpointing and config.torch_compile == "auto":
+        # Recomputation wraps each layer in torch.utils.checkpoint; keep such runs on the measured eager path.
+        compile_, compile_why = False, "torch.compile off: gradient checkpointing is on"
+    # Compiled layers get inductor's fusions of RMSNorm, SwiGLU and RoPE, so Liger's kernels are for eager runs.
+    liger = eager_liger and (config.use_liger_kernel == "true" or not compile_)
+    reasons = []
+    if config.use_liger_kernel == "auto" and gpu and not compile_ and not liger:
+        reasons.append("liger-kernel not installed: unfused RMSNorm/SwiGLU/RoPE")
+    return SpeedPlan(padding_free=padding_free, liger_kernel=liger, tf32=_setting(config.tf32, modern),
+                     gradient_checkpointing=checkpointing, torch_compile=compile_,
+                     reasons=tuple(reasons + [why, compile_why]))
+
+
+def _torch_compile(config: Config, modern_gpu: bool, padding_free: bool, steps: int | None,
+                   world_size: int) -> tuple[bool, str]:
+    if config.torch_compile != "auto":
+        return config.torch_compile == "true", f"torch.compile {config.torch_compile} (set)"
+    if not modern_gpu or not padding_free or not triton_available():
+        return False, "torch.compile off: needs an Ampere or newer GPU, triton and padding-free batches"
+    if world_size > 1:   # measured on one GPU only; TORCH_COMPILE=true compiles under DDP too
+        return False, "torch.compile off: not measured with several GPUs (TORCH_COMPILE=true to compile)"
+    repays = int(COMPILE_SECONDS / COMPILE_SAVING_PER_STEP)
+    if steps is None or steps < repays:
+        return False, (f"torch.compile off: {steps if steps is not None else 'an unknown number of'} steps to run, "
+                       f"fewer than the ~{repays} that repay a ~{COMPILE_SECONDS:.0f} s compile")
+    return True, f"torch.compile on: {steps} steps to run repay a ~{COMPILE_SECONDS:.0f} s compile (>= {repays})"
+
+
+def activation_bytes(model_config, tokens: int, fused: bool) -> int:
+    """Bytes the forward pass keeps for the backward pass, for `tokens` tokens in one micro-batch."""
+    layers = getattr(model_config, "num_hidden_layers", 32)
+    hidden = getattr(model_config, "hidden_size", 4096)
+    vocab = getattr(model_config, "vocab_size", 32000)
+    # Logits in bf16, their float32 copy for the loss, and its gradient.
+    return tokens * (layers * hidden * _ACTIVATION_BYTES[fused] + vocab * 10)
+
+
+def weight_bytes(model_config) -> int:
+    """NF4 decoder weights (half a byte each plus scales) and the 16-bit embedding and output matrices."""
+    layers = getattr(model_config, "num_hidden_layers", 32)
+    hidden = getattr(model_config, "hidden_size", 4096)
+    inter = getattr(model_config, "intermediate_size", 11008)
+    vocab = getattr(model_config, "vocab_size", 32000)
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter
+    return int(layers * per_layer * 0.53) + 2 * vocab * hidden * 2
+
+
+def _gradient_checkpointing(config: Config, device: str, model_config, fused: bool) -> tuple[bool, str]:
+    if config.gradient_checkpointing != "auto":
+        return config.gradient_checkpointing == "true", f"gradient checkpointing {config.gradient_checkpointing} (set)"
+    if device != "cuda":
+        return False, "gradient checkpointing off: not a GPU"
+    total = torch.cuda.get_device_properties(0).total_memory
+    # The longest micro-batch the data allows: every sequence at MAX_SEQ_LENGTH.
+    tokens = config.per_device_train_batch_size * config.max_seq_length
+    need = weight_bytes(model_config) + activation_bytes(model_config, tokens, fused)
+    on = need > _MEMORY_HEADROOM * total
+    return on, (f"gradient checkpointing {'on' if on else 'off'}: ~{need / 2**30:.1f} GiB needed without it "
+                f"for {tokens} tokens per micro-batch, {'over' if on else 'within'} "
+                f"{_MEMORY_HEADROOM:.0%} of {total / 2**30:.0f} GiB")
+
+
+
+# ---------------------------------------------------------------- the memory model
+
+def lora_parameters(config: Config, shape) -> int:
+    """Trainable parameters: r x (in + out) per adapted linear layer, plus the persona tokens' embedding and
+    output rows. Module shapes follow Llama's names; an unknown name counts as hidden x hidden."""
+    hidden = shape.hidden_size
+    heads = getattr(shape, "num_attention_heads", None) or 1
+    head_dim = getattr(shape, "head_dim", None) or hidden // heads
+    kv = (getattr(shape, "num_key_value_heads", None) or heads) * head_dim
+    inter = getattr(shape, "intermediate_size", None) or 4 * hidden
+    linear = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+              "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+              "down_proj": (inter, hidden)}
+    targets = list(linear) if config.target_modules == "all-linear" else config.target_modules
+    per_layer = sum(config.lora_r * sum(linear.get(name, (hidden, hidden))) for name in targets)
+    return shape.num_hidden_layers * per_layer + 2 * 2 * hidden
+
+
+def checkpoint_bytes(config: Config, shape) -> int:
+    """One checkpoint: the float32 adapter and its two Adam moments, plus the tokenizer and trainer state."""
+    return lora_parameters(config, shape) * 12 + 64 * 2 ** 20
+
+
+def peak_memory(config: Config, shape, micro_batch: int, checkpointing: bool, fused: bool,
+                dtype_bytes: int = 2) -> dict[str, int]:
+    """Estimated peak memory of one training process, in bytes, by part:
+
+    - weights: `weight_bytes` (NF4 decoder weights, 16-bit embeddings and lm_head), the embeddings at
+      `dtype_bytes` instead of 2 where the compute dtype differs (float32 on a CPU);
+    - lora: trainable parameters (`lora_parameters`) x 16 bytes: float32 weight, gradient, and Adam's two moments;
+    - activations, for the longest micro-batch the data allows (micro_batch x MAX_SEQ_LENGTH tokens):
+      without gradient checkpointing, `activation_bytes` (measured per token, layer and hidden unit, plus the
+      logits); with it, each layer's input kept (layers x hidden x dtype_bytes per token) plus one layer's
+      activations recomputed and the logits (`activation_bytes` of a one-layer model); both scaled by
+      dtype_bytes / 2, as they were measured in bf16;
+    - overhead: `RUNTIME_OVERHEAD`.
+
+    It errs high: sequences rarely all reach MAX_SEQ_LENGTH. docs/PERFORMANCE.md ("The memory model") has the
+    estimate for the defaults beside what the GPU benchmark measured.
+    """
+    tokens = micro_batch * config.max_seq_length
+    hidden, layers = shape.hidden_size, shape.num_hidden_layers
+    weights = weight_bytes(shape) + 2 * shape.vocab_size * hidden * (dtype_bytes - 2)
+    if checkpointing:
+        one_layer = SimpleNamespace(num_hidden_layers=1, hidden_size=hidden, vocab_size=shape.vocab_size)
+        activations = tokens * layers * hidden * dtype_bytes + activation_bytes(one_layer, tokens, fused)
+    else:
+        activations = activation_bytes(shape, tokens, fused)
+    return {"weights": weights, "lora": lora_parameters(config, shape) * 16,
+            "activations": activations * dtype_bytes // 2, "overhead": RUNTIME_OVERHEAD}
+
+
+def host_memory() -> int:
+    """The host's memory, or the container's limit where a cgroup sets a lower one."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+

@@ -1,0 +1,111 @@
+"""A checkpoint's tensors copied to host memory and its files written off the training thread."""
+from __future__ import annotations
+
+import concurrent.futures
+
+import torch
+
+
+def _write_when_ready(ready, write, snapshot, *args) -> None:
+    ready()
+    write(snapshot, *args)
+
+
+class HostSnapshot:
+    """Copies of a checkpoint's tensors in host memory, taken without stalling the training thread.
+
+    GPU tensors are copied into pinned buffers on the current stream, so the copies are ordered before the next
+    step's updates, and `ready()` (called by the writer thread) waits for them. bitsandbytes' paged optimizer
+    state lives in CUDA managed memory behind CPU tensors: read on the CPU, its pages would migrate to the host
+    and fault back onto the GPU in the next step, so it is copied through a CUDA view instead. Each name has two
+    sets of buffers, used in turn by successive checkpoints, so a snapshot does not wait for the previous
+    checkpoint's file to be written (docs/PERFORMANCE.md, "Checkpoints on the H100")."""
+
+    def __init__(self, writer: CheckpointWriter):
+        self.writer = writer
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._writing: dict[str, concurrent.futures.Future] = {}
+        self._pending: list[tuple[str, tuple]] = []
+        self._turns: dict[str, int] = {}
+        self._cuda = torch.cuda.is_available()
+
+    def write(self, name: str, tree, write, *args) -> None:
+        """Snapshot `tree` now; once submit() is called the writer thread calls write(snapshot, *args), after the
+        copies have landed. A checkpoint's snapshots are all taken before its files are written: the writer
+        thread holds the GIL for much of a write, and a snapshot taken beside it waited for it."""
+        # Two sets of buffers per name, used in turn: a snapshot waits only if the write before the previous one
+        # is still reading its set (at the default cadence, 100 steps earlier).
+        slot = f"{name}#{self._turns.get(name, 0) % 2}"
+        self._turns[name] = self._turns.get(name, 0) + 1
+        if slot in self._writing:
+            concurrent.futures.wait([self._writing[slot]])
+        copied = self._copy(slot, tree)
+        ready = lambda: None   # noqa: E731
+        if self._cuda:
+            done = torch.cuda.Event()
+            done.record()
+            ready = done.synchronize
+        self._pending.append((slot, (_write_when_ready, ready, write, copied, *args)))
+
+    def submit(self) -> None:
+        """Hand the snapshots taken so far to the writer thread, in order."""
+        for slot, job in self._pending:
+            self._writing[slot] = self.writer.submit(*job)
+        self._pending = []
+
+    def _copy(self, key: str, value):
+        if isinstance(value, torch.Tensor):
+            return self._tensor(key, value.detach())
+        if isinstance(value, dict):
+            return {k: self._copy(f"{key}/{k}", v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(f"{key}/{i}", v) for i, v in enumerate(value))
+        return value
+
+    def _tensor(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        paged = getattr(tensor, "is_paged", False) and self._cuda and tensor.dtype in _TYPESTR
+        source = _cuda_view(tensor) if paged else tensor
+        if not source.is_cuda:
+            return tensor.clone(memory_format=torch.contiguous_format)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = self._buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        buffer.copy_(source, non_blocking=True)
+        return buffer
+
+
+def _cuda_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor over the managed memory behind one of bitsandbytes' paged (CPU-typed) tensors."""
+    class Interface:
+        __cuda_array_interface__ = {"shape": tuple(tensor.shape), "typestr": _TYPESTR[tensor.dtype],
+                                    "data": (tensor.data_ptr(), False), "version": 2,
+                                    "strides": None}
+    return torch.as_tensor(Interface(), device=f"cuda:{getattr(tensor, 'page_deviceid', 0) or 0}")
+
+
+_TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.uint8: "|u1", torch.int32: "<i4",
+            torch.int64: "<i8"}
+
+
+class CheckpointWriter:
+    """One thread that finishes checkpoint files off the training thread, in the order they were asked for."""
+
+    def __init__(self):
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self._futures: list[concurrent.futures.Future] = []
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        future = self._pool.submit(fn, *args)
+        self._futures.append(future)
+        return future
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once everything submitted has run without error; False on timeout or error."""
+        _, pending = concurrent.futures.wait(self._futures, timeout)
+        return not pending and not self.errors()
+
+    def errors(self) -> list[BaseException]:
+        return [f.exception() for f in self._futures if f.done() and f.exception() is not None]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
