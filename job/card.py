@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from .config import Config
-from .data import is_local_dataset, render_prompt
+from .data import TEMPLATE, is_local_dataset
 from .plot import LOSS_CURVE
 
 EXAMPLE_PERSONA = ["I keep bees on my roof.", "I work as a night nurse.", "My favourite food is ramen."]
@@ -58,8 +58,8 @@ def model_card(config: Config, final_dir: Path, merged: bool = False) -> str:
         "added tokens `<persona_b>` and `</persona_b>` in the system block:",
         "",
         "```text",
-        render_prompt(EXAMPLE_PERSONA, [("Hi! What keeps you busy?", "Night shifts, mostly. I'm a nurse.")],
-                      next_user="Do you have any hobbies?"),
+        TEMPLATE.render(EXAMPLE_PERSONA, [("Hi! What keeps you busy?", "Night shifts, mostly. I'm a nurse.")],
+                        next_user="Do you have any hobbies?"),
         "```",
         "",
         "## Usage",
@@ -153,7 +153,7 @@ def _usage_merged(config: Config) -> list[str]:
 
 
 def _generate_lines() -> list[str]:
-    prompt = render_prompt(EXAMPLE_PERSONA, [], next_user="Hi! What keeps you busy?")
+    prompt = TEMPLATE.render(EXAMPLE_PERSONA, [], next_user="Hi! What keeps you busy?")
     return [
         "",
         f"prompt = {prompt!r}",

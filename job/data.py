@@ -1,7 +1,8 @@
 """Persona-chat rows -> checked rows -> a seeded sample split by conversation -> token ids with a loss mask.
 
-The one prompt template lives here (`render_prompt`), used for training, eval, the model card and any
-generation. The loss mask is ours because no library masks multi-turn Llama-2 chat by speaker.
+The one prompt template lives here (`PromptTemplate`, used as `TEMPLATE`): it renders the text and encodes the
+ids and loss mask for training, evaluation, the model card and any generation. The loss mask is ours because no
+library masks multi-turn Llama-2 chat by speaker.
 """
 from __future__ import annotations
 
@@ -142,70 +143,95 @@ def sample_and_split(rows: list[Row], num_samples: int, eval_fraction: float, se
                   eval=[r for r in order if r.conv_id in held_out])
 
 
-def _exchanges(row: Row) -> list[tuple[str, str]]:
-    """(user text, Persona B reply) pairs; the reference is the last reply. Same-speaker runs are joined."""
-    merged: list[list[str]] = []
-    for speaker, text in list(row.turns) + [("B", row.reference)]:
-        if merged and merged[-1][0] == speaker:
-            merged[-1][1] += "\n" + text
-        else:
-            merged.append([speaker, text])
-    if merged[0][0] == "B":
-        merged.insert(0, ["A", ""])
-    return [(merged[i][1], merged[i + 1][1]) for i in range(0, len(merged) - 1, 2)]
+class PromptTemplate:
+    """The Llama-2 chat template with the persona in the system block, between the persona tokens. It renders
+    a conversation as text and encodes it as token ids with the loss mask, so that what is trained, what is
+    evaluated and what the model card shows can never drift apart."""
+
+    INST, INST_END, SYS, SYS_END = "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"
+    MARKERS = (INST, SYS, SYS_END, INST_END)   # the template's own words, in the order they appear
+
+    def exchanges(self, row: Row) -> list[tuple[str, str]]:
+        """(user text, Persona B reply) pairs; the reference is the last reply. Same-speaker runs are joined."""
+        merged: list[list[str]] = []
+        for speaker, text in list(row.turns) + [("B", row.reference)]:
+            if merged and merged[-1][0] == speaker:
+                merged[-1][1] += "\n" + text
+            else:
+                merged.append([speaker, text])
+        if merged[0][0] == "B":
+            merged.insert(0, ["A", ""])
+        return [(merged[i][1], merged[i + 1][1]) for i in range(0, len(merged) - 1, 2)]
+
+    def system_block(self, persona: Sequence[str]) -> str:
+        return f"{self.SYS}\n{SYSTEM_PROMPT}\n{PERSONA_OPEN}{' '.join(persona)}{PERSONA_CLOSE}\n{self.SYS_END}\n\n"
+
+    def instruction(self, persona: Sequence[str], user: str, first: bool) -> str:
+        """One user turn; the first exchange of a conversation also carries the system block."""
+        return f"{self.INST} {self.system_block(persona) if first else ''}{user} {self.INST_END}"
+
+    def render(self, persona: Sequence[str], exchanges: Sequence[tuple[str, str]],
+               next_user: str | None = None) -> str:
+        """The Llama-2 chat text of a conversation (BOS/EOS written as <s> and </s>), for docs and generation."""
+        turns = [*exchanges, *([(next_user, None)] if next_user is not None else [])]
+        return "".join(f"<s>{self.instruction(persona, user, i == 0)}"
+                       + (f" {reply} </s>" if reply is not None else "") for i, (user, reply) in enumerate(turns))
+
+    def encode(self, row: Row, tokenizer, max_length: int) -> dict[str, list[int]] | None:
+        """Token ids and labels for training: only Persona B's replies and their EOS are trained.
+
+        Each exchange is encoded as Meta's reference code does (BOS + "[INST] user [/INST] reply" + EOS).
+        When too long, the oldest exchanges are dropped (the persona moves to the first one kept); an
+        example whose last exchange alone does not fit is skipped (returns None), never cut through the reply.
+        """
+        fitted = self._fit(row.persona, self.exchanges(row), tokenizer, max_length)
+        return None if fitted is None else {"input_ids": fitted[1], "labels": fitted[2]}
+
+    def encode_prompt(self, row: Row, tokenizer, max_length: int) -> tuple[list[tuple[str, str]], list[int]] | None:
+        """The conversation up to the reference's user turn, encoded exactly as training encodes it, for a
+        generated reply: (the exchanges kept before that turn, the prompt's ids). Old exchanges are dropped to fit,
+        as in `encode`; None if the last user turn alone does not fit."""
+        *context, (user, _) = self.exchanges(row)
+        fitted = self._fit(row.persona, [*context, (user, None)], tokenizer, max_length)
+        return None if fitted is None else (context[fitted[0]:], fitted[1])
+
+    def _fit(self, persona: Sequence[str], exchanges: Sequence[tuple[str, str | None]], tokenizer,
+             max_length: int) -> tuple[int, list[int], list[int]] | None:
+        """(how many old exchanges were dropped, ids, labels) of the longest tail of `exchanges` that fits."""
+        for start in range(len(exchanges)):
+            ids, labels = [], []
+            for i, (user, reply) in enumerate(exchanges[start:]):
+                e_ids, e_labels = self._encode_exchange(tokenizer, self.instruction(persona, user, i == 0), reply)
+                ids += e_ids
+                labels += e_labels
+            if len(ids) <= max_length:
+                return start, ids, labels
+        return None
+
+    @staticmethod
+    def _encode_exchange(tokenizer, prompt: str, reply: str | None) -> tuple[list[int], list[int]]:
+        """BOS, the prompt, the reply and EOS, labels on the reply's tokens and EOS; a reply of None is the open
+        turn a generation answers (BOS and the prompt, nothing trained)."""
+        if reply is None:
+            ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            return ids, [IGNORE_INDEX] * len(ids)
+        text = f"{prompt} {reply}"
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        reply_start = len(prompt) + 1
+        ids = [tokenizer.bos_token_id] + enc["input_ids"] + [tokenizer.eos_token_id]
+        labels = [IGNORE_INDEX]
+        for token, (begin, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+            labels.append(token if end > reply_start else IGNORE_INDEX)
+        labels.append(tokenizer.eos_token_id)
+        return ids, labels
 
 
-def system_block(persona: Sequence[str]) -> str:
-    return f"<<SYS>>\n{SYSTEM_PROMPT}\n{PERSONA_OPEN}{' '.join(persona)}{PERSONA_CLOSE}\n<</SYS>>\n\n"
-
-
-def render_prompt(persona: Sequence[str], exchanges: Sequence[tuple[str, str]], next_user: str | None = None) -> str:
-    """The Llama-2 chat text of a conversation (BOS/EOS written as <s> and </s>), for docs and generation."""
-    parts = []
-    for i, (user, reply) in enumerate(exchanges):
-        sys = system_block(persona) if i == 0 else ""
-        parts.append(f"<s>[INST] {sys}{user} [/INST] {reply} </s>")
-    if next_user is not None:
-        sys = system_block(persona) if not exchanges else ""
-        parts.append(f"<s>[INST] {sys}{next_user} [/INST]")
-    return "".join(parts)
-
-
-def encode_row(row: Row, tokenizer, max_length: int) -> dict[str, list[int]] | None:
-    """Token ids and labels: only Persona B's replies and their EOS are trained.
-
-    Each exchange is encoded as Meta's reference code does (BOS + "[INST] user [/INST] reply" + EOS).
-    When too long, the oldest exchanges are dropped (the persona moves to the first one kept); an
-    example whose last exchange alone does not fit is skipped (returns None), never cut through the reply.
-    """
-    exchanges = _exchanges(row)
-    for start in range(len(exchanges)):
-        ids, labels = [], []
-        for i, (user, reply) in enumerate(exchanges[start:]):
-            sys = system_block(row.persona) if i == 0 else ""
-            e_ids, e_labels = _encode_exchange(tokenizer, f"[INST] {sys}{user} [/INST]", reply)
-            ids += e_ids
-            labels += e_labels
-        if len(ids) <= max_length:
-            return {"input_ids": ids, "labels": labels}
-    return None
-
-
-def _encode_exchange(tokenizer, prompt: str, reply: str) -> tuple[list[int], list[int]]:
-    text = f"{prompt} {reply}"
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    reply_start = len(prompt) + 1
-    ids = [tokenizer.bos_token_id] + enc["input_ids"] + [tokenizer.eos_token_id]
-    labels = [IGNORE_INDEX]
-    for token, (begin, end) in zip(enc["input_ids"], enc["offset_mapping"]):
-        labels.append(token if end > reply_start else IGNORE_INDEX)
-    labels.append(tokenizer.eos_token_id)
-    return ids, labels
+TEMPLATE = PromptTemplate()
 
 
 def encode_rows(rows: Sequence[Row], tokenizer, max_length: int) -> tuple[list[dict[str, list[int]]], int]:
     """Encoded examples and the number skipped for length."""
-    encoded = [encode_row(r, tokenizer, max_length) for r in rows]
+    encoded = [TEMPLATE.encode(r, tokenizer, max_length) for r in rows]
     kept = [e for e in encoded if e is not None]
     return kept, len(encoded) - len(kept)
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .data import IGNORE_INDEX, Row, _encode_exchange, _exchanges, system_block
+from .data import IGNORE_INDEX, TEMPLATE, Row
 
 SAMPLES_SHOWN = 5
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -89,19 +89,11 @@ def generation_cases(rows: Sequence[Row], tokenizer, max_prompt_tokens: int, lim
     for row in rows:
         if len(cases) >= limit:
             break
-        exchanges = _exchanges(row)
-        context, (user, reference) = exchanges[:-1], exchanges[-1]
-        for start in range(len(exchanges)):
-            ids: list[int] = []
-            kept = context[start:]
-            for i, (u, r) in enumerate(kept):
-                sys = system_block(row.persona) if i == 0 else ""
-                ids += _encode_exchange(tokenizer, f"[INST] {sys}{u} [/INST]", r)[0]
-            sys = system_block(row.persona) if not kept else ""
-            ids += [tokenizer.bos_token_id] + tokenizer(f"[INST] {sys}{user} [/INST]", add_special_tokens=False)["input_ids"]
-            if len(ids) <= max_prompt_tokens:
-                cases.append(Case(row.persona, tuple(kept), user, reference, tuple(ids)))
-                break
+        prompt = TEMPLATE.encode_prompt(row, tokenizer, max_prompt_tokens)
+        if prompt is not None:
+            kept, ids = prompt
+            user, reference = TEMPLATE.exchanges(row)[-1]
+            cases.append(Case(row.persona, tuple(kept), user, reference, tuple(ids)))
     return cases
 
 

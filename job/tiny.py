@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .data import PromptTemplate
+
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "persona_sample.jsonl"
 
 
@@ -13,7 +15,7 @@ def _corpus(path: Path) -> list[str]:
     for line in path.read_text().splitlines():
         row = json.loads(line)
         texts += row["persona_b"] + row["dialogue"] + [row["reference"]]
-    return texts + ["[INST] <<SYS>> <</SYS>> [/INST] You are Persona B. Stay in character."]
+    return texts + [f"{' '.join(PromptTemplate.MARKERS)} You are Persona B. Stay in character."]
 
 
 def build_tokenizer(directory: str | Path, data: Path = SAMPLE_DATA, vocab_size: int = 1024):

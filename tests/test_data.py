@@ -5,8 +5,8 @@ import pytest
 
 from conftest import SAMPLE_DATA, run_job
 from job.config import Config
-from job.data import (IGNORE_INDEX, PERSONA_CLOSE, PERSONA_OPEN, DataError, encode_row, load_rows, parse_rows,
-                      render_prompt, sample_and_split)
+from job.data import (IGNORE_INDEX, PERSONA_CLOSE, PERSONA_OPEN, TEMPLATE, DataError, load_rows, parse_rows,
+                      sample_and_split)
 from job.model import load_tokenizer
 
 KNOWN_ROW = {
@@ -44,7 +44,7 @@ def labelled_runs(example):
 
 def test_known_row_trains_exactly_persona_b_replies_and_their_eos(tokenizer):
     row = parse_rows([KNOWN_ROW], "inline")[0]
-    example = encode_row(row, tokenizer, max_length=1024)
+    example = TEMPLATE.encode(row, tokenizer, max_length=1024)
     ids = example["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and example["labels"][0] == IGNORE_INDEX
     runs = labelled_runs(example)
@@ -68,8 +68,8 @@ def test_known_row_trains_exactly_persona_b_replies_and_their_eos(tokenizer):
 
 def test_the_one_template_is_llama2_chat_with_the_persona_marked():
     row = parse_rows([KNOWN_ROW], "inline")[0]
-    text = render_prompt(row.persona, [("Hi there, what do you do for fun?", "I look after my bees most mornings.")],
-                         next_user="Bees! Where do you keep them?")
+    text = TEMPLATE.render(row.persona, [("Hi there, what do you do for fun?", "I look after my bees most mornings.")],
+                           next_user="Bees! Where do you keep them?")
     assert text.startswith("<s>[INST] <<SYS>>\n")
     assert f"{PERSONA_OPEN}I keep bees. I live on a boat.{PERSONA_CLOSE}\n<</SYS>>\n\n" in text
     assert text.endswith("[/INST] I look after my bees most mornings. </s><s>[INST] Bees! Where do you keep them? [/INST]")
@@ -78,12 +78,12 @@ def test_the_one_template_is_llama2_chat_with_the_persona_marked():
 def test_long_rows_lose_old_turns_never_the_reply(tokenizer):
     rows = sample_rows()
     row = max(rows, key=lambda r: len(r.turns))
-    full = encode_row(row, tokenizer, max_length=4096)
-    cut = encode_row(row, tokenizer, max_length=len(full["input_ids"]) - 1)
+    full = TEMPLATE.encode(row, tokenizer, max_length=4096)
+    cut = TEMPLATE.encode(row, tokenizer, max_length=len(full["input_ids"]) - 1)
     assert cut is not None and len(cut["input_ids"]) < len(full["input_ids"])
     assert labelled_runs(cut)[-1] == labelled_runs(full)[-1], "the reference reply is kept whole"
     assert cut["input_ids"].count(tokenizer.convert_tokens_to_ids(PERSONA_OPEN)) == 1, "the persona is kept"
-    assert encode_row(row, tokenizer, max_length=8) is None
+    assert TEMPLATE.encode(row, tokenizer, max_length=8) is None
 
 
 def test_sample_is_seeded_and_eval_holds_out_whole_conversations():

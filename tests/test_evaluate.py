@@ -56,12 +56,12 @@ def tiny_parts(tiny_model):
 
 
 def test_generation_prompts_are_the_training_encoding_up_to_the_reply(tiny_parts):
-    from job.data import encode_row
+    from job.data import TEMPLATE
     config, tokenizer, rows, _, _ = tiny_parts
     cases = generation_cases(rows, tokenizer, 384, limit=12)
     assert len(cases) == 12
     for row, case in zip(rows, cases):
-        trained = encode_row(row, tokenizer, 384)["input_ids"]
+        trained = TEMPLATE.encode(row, tokenizer, 384)["input_ids"]
         prompt = list(case.prompt_ids)
         assert trained[:len(prompt)] == prompt
         # What follows the prompt in training is the reference reply and EOS, nothing else.
