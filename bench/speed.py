@@ -18,8 +18,9 @@ What it does, in order:
 Configurations: `seed` is the seed's recipe written plainly (transformers Trainer + peft + bitsandbytes,
 prepare_model_for_kbit_training, fp16 compute without autocast, gradient checkpointing, batch 4,
 paged_adamw_32bit, LoRA r64/alpha16/dropout .1 on q_proj,v_proj). `job*` run the job's own path: job.model's
-loading, LoRA and speed plan, job.trainer's TrainingArguments and PersonaTrainer, job.speed's collator, with
-the job's defaults unless the configuration overrides a setting (by its environment name).
+loading, LoRA and speed plan, job.trainer's TrainingArguments and PersonaTrainer, job.speed's collator, all built
+by job.run's Run.setup, with the job's defaults unless the configuration overrides a setting (by its environment
+name).
 """
 from __future__ import annotations
 
@@ -388,43 +389,57 @@ def run_seed(model_dir: Path, rows, batch: int, steps: int, settings: dict, work
 
 
 def run_job(model_dir: Path, rows, batch: int, steps: int, settings: dict, work: Path, meter):
-    """The job's path: its Config (defaults + overrides), loading, LoRA, speed plan, arguments and collator."""
+    """The job's path: its Config (defaults + overrides) and its Run's setup (job/run.py): loading, LoRA, speed
+    plan, arguments, collator and PersonaTrainer, on this bench's token stream."""
     import dataclasses
-
-    import datasets
 
     from job.config import from_env
     from job.log import Reporter
-    from job.model import add_lora, load_base_model, load_tokenizer, speed_plan
-    from job.speed.attention import data_collator
-    from job.trainer import CheckpointCommitter, PersonaTrainer, training_arguments
+    from job.run import Run
+    from job.trainer import CheckpointCommitter
 
     env = {k: v for k, v in settings.items() if k.isupper()}
     config = from_env({"BASE_MODEL": str(model_dir), "MAX_STEPS": str(steps), "LOGGING_STEPS": "1",
                        "OUTPUT_DIR": str(work / "out"), "CHECKPOINT_URI": str(work / "store"), **env})
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps == batch
-    tokenizer = load_tokenizer(config)
-    # The plan for the seed's run: 1000 rows, 250 steps of 4 (what `auto` weighs a compile against), not the
-    # bench's few steps.
-    plan = speed_plan(config, DEVICE, steps=DEFAULT_RECIPE_STEPS)
-    model = add_lora(config, load_base_model(config, tokenizer, DEVICE, plan), tokenizer)
-    if plan.torch_compile:
-        from job.speed.kernels import compile_layers
-        compile_layers(model)
-    args = training_arguments(config, work / "trainer", DEVICE, False, plan)
     saving = "SAVE_STEPS" in env
-    args = dataclasses.replace(args, train_sampling_strategy="sequential",
-                               bf16=settings.get("autocast") == "bf16",
-                               save_strategy="steps" if saving else "no")
-    callbacks = [meter]
     uri = None
-    if saving:
-        store, uri = _checkpoint_store(config, work)
-        callbacks.append(CheckpointCommitter(config, store, Reporter("json"), protect=None))
-    trainer = PersonaTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             data_collator=data_collator(plan, tokenizer), processing_class=tokenizer,
-                             callbacks=callbacks)
-    return trainer, {"recipe": "job", "plan": plan.describe(), "checkpoint_store": uri}
+
+    class BenchRun(Run):
+        """Run.setup on the bench's rows: no preflight, no resume, no status.json or evaluation; sequential batches;
+        the meter (and, when saving, the checkpoint committer) as the only callbacks."""
+
+        def seed(self):
+            pass   # the bench's figures were always taken without it: the LoRA init stays what it was
+
+        def examples(self):
+            return rows, []
+
+        def resume_point(self):
+            return None
+
+        def steps_to_run(self):
+            # The plan for the seed's run: 1000 rows, 250 steps of 4 (what `auto` weighs a compile against), not
+            # the bench's few steps.
+            return DEFAULT_RECIPE_STEPS
+
+        def arguments(self):
+            return dataclasses.replace(super().arguments(), train_sampling_strategy="sequential",
+                                       bf16=settings.get("autocast") == "bf16",
+                                       save_strategy="steps" if saving else "no")
+
+        def callbacks(self):
+            nonlocal uri
+            if not saving:
+                return [meter]
+            self.store, uri = _checkpoint_store(config, work)
+            self.committer = CheckpointCommitter(config, self.store, self.reporter, self.writer, protect=None)
+            return [meter, self.committer]
+
+    run = BenchRun(config, Reporter("json"))
+    run.device = DEVICE
+    run.setup()
+    return run.trainer, {"recipe": "job", "plan": run.plan.describe(), "checkpoint_store": uri}
 
 
 def _checkpoint_store(config, work: Path):

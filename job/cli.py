@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import warnings
+from typing import Callable
 
 import click
 
-from .config import Config, ConfigError, ExitCode, env_example, from_env
+from .config import BadInput, Config, ConfigError, ExitCode, env_example, from_env
 
 
 def _config() -> Config:
@@ -65,47 +65,24 @@ def train() -> None:
     config = _config()
     _quiet_libraries()
     from .distributed import wants_launch
-    if wants_launch(config, _topology()):
-        sys.exit(_launch_checked(config))
-    from .train import main
-    sys.exit(main(config, _reporter(config), _topology()))
+    from .run import Run, launch_workers
+    topology, reporter = _topology(), _reporter(config)
+    if wants_launch(config, topology):
+        sys.exit(_outcome(reporter, lambda: launch_workers(config, reporter, topology)))
+    sys.exit(_outcome(reporter, Run(config, reporter, topology).main))
 
 
-def _launch_checked(config: Config) -> int:
-    """Run the preflight checks once, before starting the workers under torchrun, and show their table: what a
-    retry can't fix fails here, not once per worker. The workers check again only their own GPU."""
-    from .distributed import Topology, launch
-    from .preflight import report, run_checks
-    from .store import StoreError
-    reporter = _reporter(config)
-
-    def stopped(signum, frame):
-        # A preemption during the checks (dataset download, Hub calls) has nothing to save: retryable, exit 75.
-        reporter.event("stopped", f"{signal.Signals(signum).name} during the preflight checks; nothing to save")
-        sys.exit(ExitCode.STOPPED)
-
-    previous = signal.signal(signal.SIGTERM, stopped)
+def _outcome(reporter, command: Callable[[], ExitCode | None]) -> ExitCode:
+    """The exit code of a command: 2 for bad input (one `error:` line per problem), 75 when a signal stopped it."""
+    from .run import Stopped
     try:
-        checks = run_checks(config, _topology(), launcher=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    problems = report(checks.results, reporter)
-    for problem in problems:
-        reporter.error(problem)
-    if problems:
-        return ExitCode.BAD_INPUT
-    try:
-        finished_training = checks.found.run_store.final_committed()
-    except StoreError as exc:
+        return command() or ExitCode.DONE
+    except BadInput as exc:
         reporter.error(str(exc))
         return ExitCode.BAD_INPUT
-    if finished_training:
-        # Publishing (or nothing, if done) is node 0's alone: it must not wait for peers that already left.
-        if config.node_rank != 0:
-            return ExitCode.DONE
-        from .train import main
-        return main(config, reporter, Topology(launcher_checked=True))
-    return launch(config)
+    except Stopped as exc:
+        reporter.event("stopped", str(exc))
+        return ExitCode.STOPPED
 
 
 @cli.command()
@@ -113,8 +90,8 @@ def preflight() -> None:
     """Check the settings, GPU and 4-bit kernels, model and dataset access, the checkpoint store, Hub push
     access, disk space and the memory estimate, in seconds and without loading the model. Prints a table (JSON
     events in a pod's log) and one `error:` line per failure; exit 2 if any check fails."""
+    from .checks import config_failed, report, run_checks
     from .log import Reporter
-    from .preflight import config_failed, report, run_checks
     try:
         config = from_env(os.environ)
     except ConfigError as exc:   # no Config, so no LOG_FORMAT or secrets from it: take what the environment says
@@ -125,7 +102,7 @@ def preflight() -> None:
     else:
         _quiet_libraries()
         reporter = _reporter(config)
-        results = run_checks(config, _topology()).results
+        results, _ = run_checks(config, _topology())
     problems = report(results, reporter)
     for problem in problems:
         reporter.error(problem)
@@ -137,8 +114,9 @@ def publish() -> None:
     """Push this run's committed final adapter to HUB_MODEL_ID (no training); a no-op if already pushed."""
     config = _config()
     _quiet_libraries()
-    from .train import publish_only
-    sys.exit(publish_only(config, _reporter(config)))
+    from .run import Run
+    reporter = _reporter(config)
+    sys.exit(_outcome(reporter, Run(config, reporter).publish_only))
 
 
 @cli.command("config")

@@ -17,6 +17,9 @@ from .config import Config, ExitCode
 # Set by `launch` for its workers: their launcher passed the preflight checks. Internal, not a setting: the
 # leading underscore keeps it out of the config's misspelt-setting check.
 LAUNCHER_CHECKED = "_JOB_LAUNCHER_CHECKED"
+# The Trainer's ddp_timeout (30 min), not NCCL's 10: the other ranks wait in a barrier while rank 0 evaluates a
+# checkpoint (EVAL_AT_CHECKPOINTS) or uploads.
+DDP_TIMEOUT_SECONDS = 1800
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,24 @@ def split_batch(config: Config, world_size: int) -> tuple[int, int]:
         f"PER_DEVICE_TRAIN_BATCH_SIZE={batch} x GRADIENT_ACCUMULATION_STEPS={accumulation} sequences per step "
         f"cannot be split evenly over {world_size} GPUs; make one of them a multiple of {world_size}, or set "
         f"SCALE_BATCH_WITH_GPUS=true to train {batch} sequences per GPU per micro-step")
+
+
+def pin_gpu(topology: Topology) -> None:
+    """A worker keeps to its own GPU (its local rank), for the 4-bit base and every CUDA call after."""
+    import torch
+    if topology.is_worker and torch.cuda.is_available():
+        torch.cuda.set_device(topology.local_rank)
+
+
+def init_process_group() -> None:
+    """Join the workers' process group (NCCL on GPUs, gloo on CPUs), once."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(seconds=DDP_TIMEOUT_SECONDS))
 
 
 def _initialized() -> bool:

@@ -1,7 +1,67 @@
-"""`python -m job status` in words: status.json as a short aligned block a person reads at a glance."""
+"""status.json: the run's phase and progress, written as the run goes (`StatusWriter`) and read back in words by
+`python -m job status` (`render_status`), a short aligned block a person reads at a glance."""
 from __future__ import annotations
 
+import enum
+import threading
 from datetime import datetime, timezone
+from typing import Any, Callable
+
+
+class Phase(enum.StrEnum):
+    """The run's state machine, as status.json records it: training -> evaluating -> finalizing -> publishing ->
+    done. Every other failure leaves the phase where it was, so a restart continues from there."""
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    FINALIZING = "finalizing"
+    PUBLISHING = "publishing"
+    DONE = "done"
+    FAILED = "failed"   # only the publish gate (PUBLISH_ONLY_IF_IMPROVED) leads here
+
+
+class StatusWriter:
+    """status.json, kept current from a background thread (a PUT per logging step must not stall training; the
+    newest fields win). A failed write is reported, never fatal: status is advisory, the manifests are the truth."""
+
+    def __init__(self, run_id: str, run_store, reporter, newest: Callable[[], int | None], enabled: bool = True):
+        self.run_store, self.reporter, self.newest, self.enabled = run_store, reporter, newest, enabled
+        self.fields: dict[str, Any] = {"run_id": run_id}
+        previous = run_store.read_status() or {}
+        self.fields["attempt"] = int(previous.get("attempt", 0)) + 1
+        self._pending: dict[str, Any] | None = None
+        self._changed = threading.Condition()
+        self._writing = False
+        if enabled:
+            threading.Thread(target=self._work, name="status-writer", daemon=True).start()
+
+    def write(self, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        with self._changed:
+            self.fields.update(fields)
+            if self.fields.get("phase") != Phase.TRAINING:
+                self.fields.pop("eta_seconds", None)   # an estimate of the training left; none is left
+            self.fields["newest_checkpoint"] = self.newest()
+            self._pending = dict(self.fields)
+            self._changed.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until the newest fields are written (bounded: a hung store must not hold up an exit)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._pending is None and not self._writing, timeout)
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending is not None)
+                snapshot, self._pending, self._writing = self._pending, None, True
+            try:
+                self.run_store.write_status(snapshot)
+            except Exception as exc:
+                self.reporter.event("status", f"could not write status.json: {type(exc).__name__}")
+            with self._changed:
+                self._writing = False
+                self._changed.notify_all()
 
 
 def render_status(status: dict, committed: list[int]) -> str:
@@ -28,7 +88,7 @@ def status_lines(status: dict, committed: list[int]) -> list[tuple[str, str]]:
         loss += f" (eval {_number(status['eval_loss'], 4)})"
     rows.append(("loss", loss))
     speed = f"{_number(status.get('tokens_per_second'), 0)} tokens/s" if status.get("tokens_per_second") else "-"
-    if status.get("phase") == "training" and status.get("eta_seconds") is not None and not status.get("stopped_by"):
+    if status.get("phase") == Phase.TRAINING and status.get("eta_seconds") is not None and not status.get("stopped_by"):
         speed += f", ETA {_duration(status['eta_seconds'])}"
     rows.append(("speed", speed))
     if committed:

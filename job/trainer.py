@@ -1,10 +1,11 @@
-"""The pieces we add to transformers.Trainer: arguments from our Config, and callbacks for stopping,
-committing checkpoints to the store in the background, and reporting progress."""
+"""The pieces we add to transformers.Trainer: arguments from our Config, the Trainer subclass, and callbacks for
+stopping, committing checkpoints to the store in the background, and reporting progress."""
 from __future__ import annotations
 
 import copy
 import gc
 import json
+import math
 import os
 import shutil
 import time
@@ -18,6 +19,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .config import Config
 from .distributed import any_rank, barrier, split_batch
 from .log import Reporter
+from .status import Phase
 from .speed.kernels import eager, without_per_parameter_syncs
 from .speed.plan import SpeedPlan
 from .speed.snapshot import CheckpointWriter, HostSnapshot
@@ -72,21 +74,31 @@ def training_arguments(config: Config, output_dir: Path, device: str, has_eval: 
     return args
 
 
+def planned_steps(config: Config, rows: int, world_size: int) -> int:
+    """The optimizer steps the whole run takes, as the Trainer will count them: MAX_STEPS, or the epochs over the
+    batches each process reads (its share of the rows, in micro-batches, grouped by gradient accumulation). The
+    speed plan needs the number before the Trainer exists (it decides how the model is loaded); a test holds the
+    two to the same count."""
+    if config.max_steps > 0:
+        return config.max_steps
+    batch, accumulation = split_batch(config, world_size)
+    micro_batches = math.ceil(math.ceil(rows / world_size) / batch)
+    return math.ceil(config.num_train_epochs * max(math.ceil(micro_batches / accumulation), 1))
+
+
 class PersonaTrainer(Trainer):
     """Trainer whose checkpoints hold only the adapter (with the persona token rows), not the resized
-    embedding matrices that peft would otherwise add to every checkpoint."""
+    embedding matrices that peft would otherwise add to every checkpoint. `checkpoint_writer` finishes their
+    files off the training thread; the CheckpointCommitter that uploads them must be given the same one."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, checkpoint_writer: CheckpointWriter | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)
         self.remove_callback(ProgressCallback)
         self._flops_per_token: int | None = None
         self._in_checkpoint = False
-        self.checkpoint_writer = CheckpointWriter()
+        self.checkpoint_writer = checkpoint_writer or CheckpointWriter()
         self.snapshot = HostSnapshot(self.checkpoint_writer)
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, CheckpointCommitter):
-                callback.writer = self.checkpoint_writer
 
     def train(self, *args, **kwargs):
         # The loaded model is millions of long-lived Python objects; every full pass of the cyclic garbage
@@ -169,16 +181,17 @@ class StopCallback(TrainerCallback):
 
 
 class EvaluationCallback(TrainerCallback):
-    """EVAL_AT_CHECKPOINTS: the persona evaluation of each checkpoint (rank 0), stored in it as evaluation.json.
-    Skipped for the checkpoint a stop signal asks for: that one must be committed within the budget."""
+    """EVAL_AT_CHECKPOINTS: the persona evaluation of each checkpoint (rank 0's alone, which holds the evaluator),
+    stored in it as evaluation.json. Skipped for the checkpoint a stop signal asks for: that one must be committed
+    within the budget."""
 
-    def __init__(self, evaluator, stop, reporter: Reporter, status, is_main: bool = True):
-        self.evaluator, self.stop, self.reporter, self.status, self.is_main = evaluator, stop, reporter, status, is_main
+    def __init__(self, evaluator, stop, reporter: Reporter, status):
+        self.evaluator, self.stop, self.reporter, self.status = evaluator, stop, reporter, status
 
     def on_save(self, args, state, control, model=None, **kwargs):
         from .evaluate import EvaluationStopped, brief
 
-        if not self.is_main or self.stop.received:
+        if self.stop.received:
             return control
         try:
             result = self.evaluator.run(model, should_stop=lambda: self.stop.received)
@@ -193,16 +206,17 @@ class EvaluationCallback(TrainerCallback):
 
 
 class CheckpointCommitter(TrainerCallback):
-    """Hands each checkpoint the Trainer writes to the background uploader; prunes after each commit."""
+    """Hands each checkpoint the Trainer writes to the background uploader, once `writer` (PersonaTrainer's) has
+    finished its files; prunes after each commit."""
 
-    def __init__(self, config: Config, run_store: RunStore, reporter: Reporter, protect: int | None,
-                 is_main: bool = True):
+    def __init__(self, config: Config, run_store: RunStore, reporter: Reporter, writer: CheckpointWriter,
+                 protect: int | None, is_main: bool = True):
         self.config, self.run_store, self.reporter, self.protect = config, run_store, reporter, protect
+        self.writer = writer
         # Only rank 0 commits; the other ranks' part of a checkpoint (their RNG state) is in the same folder.
         self.uploader = (BackgroundUploader(run_store, on_committed=self._committed, isolate=True)
                          if is_main else None)
         self.local_dirs: dict[int, Path] = {}
-        self.writer: CheckpointWriter | None = None   # set by PersonaTrainer: files it finishes in the background
 
     @property
     def last_committed(self) -> int | None:
@@ -222,15 +236,9 @@ class CheckpointCommitter(TrainerCallback):
             return control
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
-        # The data position, explicit: the Trainer resumes by skipping this many batches of the epoch.
-        (local / "data_position.json").write_text(json.dumps({
-            "global_step": step, "epoch": state.epoch, "num_input_tokens_seen": state.num_input_tokens_seen,
-            "batches_consumed": step * args.gradient_accumulation_steps}))
         self.local_dirs[step] = local
-        if self.writer is not None:   # after the writer has finished this checkpoint's files
-            self.writer.submit(self.uploader.submit, step, local, self.config.fingerprint())
-        else:
-            self.uploader.submit(step, local, self.config.fingerprint())
+        # After the writer has finished this checkpoint's files.
+        self.writer.submit(self.uploader.submit, step, local, self.config.fingerprint())
         return control
 
     def _committed(self, step: int) -> None:
@@ -244,17 +252,16 @@ class CheckpointCommitter(TrainerCallback):
 
     def wait(self, timeout: float | None) -> bool:
         started = time.monotonic()
-        if self.writer is not None and not self.writer.wait(timeout):
+        if not self.writer.wait(timeout):
             return False
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
         return self.uploader.wait(left) if self.uploader else True
 
     def errors(self):
-        return (self.writer.errors() if self.writer else []) + (self.uploader.errors() if self.uploader else [])
+        return self.writer.errors() + (self.uploader.errors() if self.uploader else [])
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.writer.close()
         if self.uploader:
             self.uploader.close()
 
@@ -271,7 +278,7 @@ class ReportCallback(TrainerCallback):
         self.start_time, self.start_step = time.time(), state.global_step
         self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen
         self.reporter.start_progress(state.max_steps, initial=state.global_step)
-        self.status.write(phase="training", step=state.global_step, max_steps=state.max_steps)
+        self.status.write(phase=Phase.TRAINING, step=state.global_step, max_steps=state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.reporter.advance(state.global_step)
@@ -293,6 +300,6 @@ class ReportCallback(TrainerCallback):
                   "tokens_per_second": round(tokens_per_second, 1),
                   "eta_seconds": round(eta, 1) if eta is not None else None}
         self.reporter.progress(state.global_step, state.max_steps, **fields)
-        self.status.write(phase="training", step=state.global_step, max_steps=state.max_steps,
+        self.status.write(phase=Phase.TRAINING, step=state.global_step, max_steps=state.max_steps,
                           last_loss=fields["loss"], tokens_per_second=fields["tokens_per_second"],
                           eta_seconds=fields["eta_seconds"])

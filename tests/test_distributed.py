@@ -23,7 +23,7 @@ from conftest import ROOT, run_job
 from hubserver import hub_server  # noqa: F401  (fixture)
 from test_resume import Running, committed
 
-from job.preflight import CHECKS
+from job.checks import CHECKS
 
 
 def free_port() -> str:

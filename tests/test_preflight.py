@@ -22,7 +22,7 @@ from s3server import s3_server, start_moto  # noqa: F401  (fixture)
 
 from job.cli import cli
 from job.config import Config
-from job.preflight import CHECKS
+from job.checks import CHECKS
 from job.speed.plan import activation_bytes, peak_memory, weight_bytes
 
 CHECK_NAMES = [name for name, _, _ in CHECKS]

@@ -162,7 +162,7 @@ def test_torch_compile_is_chosen_by_the_runs_length_on_a_modern_gpu(monkeypatch)
     ({"MAX_STEPS": "40"}, 900, 2, 40),
 ])
 def test_the_planned_steps_are_the_trainers(env, rows, world, expected):
-    from job.train import planned_steps
+    from job.trainer import planned_steps
 
     assert planned_steps(from_env(env), rows, world) == expected
 

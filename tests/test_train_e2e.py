@@ -38,23 +38,28 @@ def test_stock_peft_reload_gives_the_logits_of_the_trained_model(tiny_model, tmp
     from job.config import from_env
     from job.log import Reporter
     from job.model import load_base_model
-    from job.train import StopSignal, preflight, run_training
+    from job.run import Run
     from conftest import CPU_SETTINGS
 
     config = from_env({**CPU_SETTINGS, "BASE_MODEL": str(tiny_model), "DATASET": str(SAMPLE_DATA),
                        "CHECKPOINT_URI": str(tmp_path / "store"), "OUTPUT_DIR": str(tmp_path / "out"),
                        "LORA_TARGET_MODULES": "q_proj,v_proj", "MAX_STEPS": "6"})
-    reporter = Reporter("json")
-    trained = run_training(config, reporter, preflight(config, reporter), StopSignal(reporter))
-    batch = trained.tokenizer(["<persona_b>I keep bees.</persona_b> [INST] Hello there [/INST] Hi"],
+    run = Run(config, Reporter("json"))
+    run.check()
+    run.setup()
+    run.train()
+    run.evaluate()
+    run.finalize()
+    trained_model, trained_tokenizer = run.trainer.model, run.tokenizer
+    batch = trained_tokenizer(["<persona_b>I keep bees.</persona_b> [INST] Hello there [/INST] Hi"],
                               return_tensors="pt")
-    trained.model.eval()
+    trained_model.eval()
     with torch.no_grad():
-        expected = trained.model(**batch).logits
+        expected = trained_model(**batch).logits
 
     # What a user does with the adapter: stock transformers + peft, tokenizer from the adapter folder.
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
-    assert tokenizer.convert_tokens_to_ids("<persona_b>") == trained.tokenizer.convert_tokens_to_ids("<persona_b>")
+    assert tokenizer.convert_tokens_to_ids("<persona_b>") == trained_tokenizer.convert_tokens_to_ids("<persona_b>")
     base = load_base_model(config, tokenizer, "cpu")
     reloaded = PeftModel.from_pretrained(base, tmp_path / "out").eval()
     with torch.no_grad():
@@ -138,7 +143,7 @@ def test_a_signal_while_a_line_is_being_written_does_not_hang():
     import signal
 
     from job.log import Reporter
-    from job.train import StopSignal
+    from job.run import StopSignal
 
     reporter = Reporter("json", stream=io.StringIO())
     stop = StopSignal(reporter)

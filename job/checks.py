@@ -1,11 +1,14 @@
-"""Preflight: every check that can fail before any GPU time, each a small function with one result.
+"""Preflight: every check that can fail before any GPU time, each a small function with one row of the table.
 
 `run_checks` runs them all, in the order of `CHECKS`. A failed check does not stop the others; a check that needs
 what an earlier one failed to find is skipped, saying which. `report` shows the results: a table on a terminal,
 one JSON event per check in a pod's log. Each failure carries one actionable line naming the variable to change.
-`python -m job preflight` is this and nothing else; `train` runs it first (job/train.py `preflight`). With
-several GPUs the launcher runs them before starting torchrun's workers (job/cli.py), and the workers check again
-only their own GPU.
+
+The checks only look: what they open or read on the way (the device, the run's store, the rows, the base model's
+shape) goes back to the caller in `Found`, which the run goes on with (job/run.py `Run.check`), so nothing is read
+twice. `python -m job preflight` is this and nothing else; `train` runs it first. With several GPUs the launcher
+runs them before starting torchrun's workers (job/run.py `launch_workers`), and the workers check again only their
+own GPU.
 """
 from __future__ import annotations
 
@@ -20,9 +23,11 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from .config import FIELDS, BadInput, Config
+from .data import Splits
 from .distributed import BatchSplitError, Topology, split_batch
-from .log import Reporter
 from .hub import HubAccessError, check_read_access, describe_failure, with_retries
+from .log import Reporter
+from .store.run_store import RunStore
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 GiB = 2 ** 30
@@ -64,26 +69,16 @@ class CheckResult:
 
 
 @dataclass
-class Findings:
-    """What the checks are given, and what they find on the way: the run needs it next, and later checks use it."""
+class Found:
+    """What the checks are given, and what they find on the way: later checks read it, and the run goes on with it."""
     config: Config
     topology: Topology
-    launcher: bool = False            # the process that starts torchrun's workers: it keeps off the GPUs
-    device: str | None = None         # "cuda" or "cpu"
-    run_store: Any = None             # storage.RunStore
-    splits: Any = None                # data.Splits
-    model_shape: Any = None           # the base model's transformers config (its text part)
+    launcher: bool = False                  # the process that starts torchrun's workers: it keeps off the GPUs
+    device: str | None = None               # "cuda" or "cpu"
+    run_store: RunStore | None = None
+    splits: Splits | None = None
+    model_shape: Any = None                 # the base model's transformers config (its text part)
     downloads: dict[str, int] = field(default_factory=dict)   # variable -> bytes still to fetch into the HF cache
-
-
-@dataclass
-class Preflight:
-    results: list[CheckResult]
-    found: Findings
-
-    @property
-    def problems(self) -> list[str]:
-        return failure_lines(self.results)
 
 
 def failure_lines(results: list[CheckResult]) -> list[str]:
@@ -92,14 +87,14 @@ def failure_lines(results: list[CheckResult]) -> list[str]:
 
 # ---------------------------------------------------------------- the checks
 
-def check_config(f: Findings) -> str:
+def check_config(f: Found) -> str:
     # A Config exists only once every setting parsed and passed its check (job/config.py); `config_failed`
     # shows the other case.
     _unless_launcher_checked(f)
     return f"{len(FIELDS)} settings valid; RUN_ID {f.config.resolved_run_id}"
 
 
-def check_gpu(f: Findings) -> str:
+def check_gpu(f: Found) -> str:
     """The GPUs the settings ask for (`check_machine`), and bitsandbytes' 4-bit NF4 kernels on one."""
     import torch
 
@@ -142,7 +137,7 @@ def check_machine(config: Config) -> str:
     return device
 
 
-def check_base_model(f: Findings) -> str:
+def check_base_model(f: Found) -> str:
     if f.topology.launcher_checked:
         if f.device == "cuda":   # each worker's memory check needs the shape; its launcher fetched config.json
             f.model_shape = _model_shape("BASE_MODEL", f.config.base_model, _config_folder(f.config))
@@ -154,7 +149,7 @@ def check_base_model(f: Findings) -> str:
     return detail
 
 
-def check_nli_model(f: Findings) -> str:
+def check_nli_model(f: Found) -> str:
     _unless_launcher_checked(f)
     if not f.config.nli_model:
         raise Skip("NLI_MODEL empty: replies are scored by word overlap")
@@ -169,7 +164,7 @@ def check_nli_model(f: Findings) -> str:
     return detail
 
 
-def check_dataset(f: Findings) -> str:
+def check_dataset(f: Found) -> str:
     """Access first (so a gated or missing Hub dataset gets its own clear line), then every row's schema."""
     from huggingface_hub import constants
 
@@ -195,7 +190,7 @@ def check_dataset(f: Findings) -> str:
             f"{len(f.splits.eval)} eval rows")
 
 
-def check_store(f: Findings) -> str:
+def check_store(f: Found) -> str:
     """CHECKPOINT_URI: write, read back and delete a probe object (rank 0; the others only open the store)."""
     import botocore.exceptions
 
@@ -220,7 +215,7 @@ def check_store(f: Findings) -> str:
     return f"{store.uri}: wrote, read back and deleted a probe object"
 
 
-def check_hub_push(f: Findings) -> str:
+def check_hub_push(f: Found) -> str:
     from huggingface_hub import constants
 
     from .hub import check_hub_access
@@ -245,7 +240,7 @@ def check_hub_push(f: Findings) -> str:
     return f"HF_TOKEN may push to {config.hub_model_id} (branch {config.hub_revision})"
 
 
-def check_disk(f: Findings) -> str:
+def check_disk(f: Found) -> str:
     """OUTPUT_DIR and the HF cache are writable and their disks have room; a local CHECKPOINT_URI on the same disk
     counts too. Without the base model's shape only writability is checked."""
     from huggingface_hub import constants
@@ -288,7 +283,7 @@ def check_disk(f: Findings) -> str:
     return f"{_where(places)} writable; " + ", ".join(shown)
 
 
-def check_memory(f: Findings) -> str:
+def check_memory(f: Found) -> str:
     """The estimated peak (see `peak_memory`) against the GPU's memory, or the host's on a CPU."""
     import torch
 
@@ -325,7 +320,7 @@ def check_memory(f: Findings) -> str:
 
 
 # (row name, check, the rows it needs): the table's order.
-CHECKS: list[tuple[str, Callable[[Findings], str], tuple[str, ...]]] = [
+CHECKS: list[tuple[str, Callable[[Found], str], tuple[str, ...]]] = [
     ("config", check_config, ()),
     ("gpu", check_gpu, ()),
     ("base model", check_base_model, ()),
@@ -338,12 +333,13 @@ CHECKS: list[tuple[str, Callable[[Findings], str], tuple[str, ...]]] = [
 ]
 
 
-def run_checks(config: Config, topology: Topology = Topology(), launcher: bool = False) -> Preflight:
+def run_checks(config: Config, topology: Topology = Topology(),
+               launcher: bool = False) -> tuple[list[CheckResult], Found]:
     """Every check, in order; a check whose needs did not pass is skipped. `launcher`: this process is about to
     start torchrun's workers, so the checks keep off the GPUs, which the workers take next. A worker whose
     launcher ran them (`topology.launcher_checked`) checks only its own GPU (on a CPU, nothing) and shows
     only those rows."""
-    found = Findings(config, topology, launcher)
+    found = Found(config, topology, launcher)
     results: list[CheckResult] = []
     for name, check, needs in CHECKS:
         missing = [r.name for r in results if r.name in needs and r.status != PASSED]
@@ -358,7 +354,7 @@ def run_checks(config: Config, topology: Topology = Topology(), launcher: bool =
             results.append(CheckResult(name, SKIPPED, str(exc)))
         except CheckFailed as exc:
             results.append(CheckResult(name, FAILED, exc.detail, tuple(exc.problems)))
-    return Preflight(results, found)
+    return results, found
 
 
 def config_failed(config_problems: list[str]) -> list[CheckResult]:
@@ -396,7 +392,7 @@ def report(results: list[CheckResult], reporter: Reporter) -> list[str]:
 
 # ---------------------------------------------------------------- helpers
 
-def _check_model(variable: str, name: str, f: Findings) -> tuple[Any, str]:
+def _check_model(variable: str, name: str, f: Found) -> tuple[Any, str]:
     """A model the job will load: a local directory or a Hub id it may read, with config, tokenizer and weights.
     Never downloads weights: their sizes come from the Hub's listing. Returns (its shape, the row's detail)."""
     if _looks_local(name):
@@ -429,7 +425,7 @@ def _check_model(variable: str, name: str, f: Findings) -> tuple[Any, str]:
                    f"{_gb(size)} of weights{fetched}")
 
 
-def _hub_model(variable: str, name: str, f: Findings) -> tuple[dict[str, int], dict[str, int], Path]:
+def _hub_model(variable: str, name: str, f: Found) -> tuple[dict[str, int], dict[str, int], Path]:
     """The repo's file sizes, those of the weights from_pretrained would fetch, and the folder of its config.json.
     config.json and a shard index are downloaded (small JSON); records how much of the weights is still to fetch."""
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
@@ -472,7 +468,7 @@ def _read_access(variable: str, repo_id: str, repo_type: str, config: Config):
         raise CheckFailed(str(exc), exc.detail) from None
 
 
-def _unless_launcher_checked(f: Findings) -> None:
+def _unless_launcher_checked(f: Found) -> None:
     if f.topology.launcher_checked:
         raise CheckedByLauncher()
 

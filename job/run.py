@@ -1,0 +1,449 @@
+"""One run of this configuration, read top to bottom: `Run.main` continues it from the phase its status.json
+shows, through the lifecycle check -> setup -> train -> evaluate -> finalize -> publish.
+
+Each phase can be repeated safely: a restart with the same RUN_ID resumes training from the newest committed
+checkpoint, evaluates again, publishes from the committed final/ without retraining, or does nothing if done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checks import report, run_checks
+from .config import BadInput, Config, ExitCode
+from .data import Splits, encode_rows
+from .distributed import Topology, barrier, init_process_group, launch, pin_gpu
+from .log import Reporter
+from .status import Phase, StatusWriter
+from .store import StoreError, open_store
+from .store.run_store import RunStore
+
+
+class Stopped(Exception):
+    """Stopped by a signal; the newest checkpoint is committed (or none was due): exit 75."""
+
+
+class StopSignal:
+    """First SIGTERM/SIGINT: finish the step, save, exit 75. Second: exit at once."""
+
+    def __init__(self, reporter: Reporter):
+        self.reporter = reporter
+        self.received: str | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received:
+            self.reporter.event("stop", f"second {name}: exiting now; the last committed checkpoint stands")
+            os._exit(ExitCode.STOPPED)
+        self.received = name
+        self.reporter.event("stop", f"{name}: finishing this step, then saving and exiting")
+
+
+class Run:
+    """The job's recipe. `main` is the whole run; bench/speed.py reuses `setup` and the Trainer it builds."""
+
+    def __init__(self, config: Config, reporter: Reporter, topology: Topology = Topology()):
+        self.config, self.reporter, self.topology = config, reporter, topology
+        self.stop = StopSignal(reporter)
+        self.out = Path(config.output_dir)      # the finished adapter, tokenizer, summary and card
+        self.work = self.out / "work"           # scratch: the Trainer's checkpoints, downloads to resume from
+        # Found by check(): the device, the run's store, the rows, the base model's shape.
+        self.device: str = "cpu"
+        self.store: RunStore | None = None
+        self.splits: Splits | None = None
+        self.model_shape = None
+        self.committer = None   # set up with the callbacks
+
+    # ---------------------------------------------------------------- the whole run
+
+    def main(self) -> None:
+        """The job: continue this RUN_ID's run from the phase its status.json shows. Raises BadInput (exit 2)
+        or Stopped (exit 75)."""
+        self.stop.install()
+        pin_gpu(self.topology)
+        self.check()
+        status = self.store.read_status() or {}
+        if status.get("phase") == Phase.DONE:
+            self.reporter.event("done", "this run is already done; nothing to do", run_id=self.config.resolved_run_id,
+                                hub_commit=status.get("hub_commit_url"))
+            return
+        if self.store.final_committed():
+            if not self.topology.is_main:
+                return
+            self.reporter.event("final", "final adapter already committed; skipping training")
+            self.store.download_final(self.out)
+        else:
+            self.setup()
+            self.train()
+            if not self.topology.is_main:   # rank 0 alone evaluates, commits final/ and publishes
+                return
+            self.evaluate()
+            self.finalize()
+        self.publish()
+
+    def publish_only(self) -> None:
+        """`python -m job publish`: push the committed final/ of this run, without training."""
+        try:
+            store = open_store(self.config.checkpoint_uri)
+            store.probe()
+        except StoreError as exc:
+            raise BadInput(str(exc)) from None
+        self.store = RunStore(store, self.config.resolved_run_id)
+        if self.config.hub_model_id:
+            from .hub import HubAccessError, check_hub_access
+            try:
+                check_hub_access(self.config)
+            except HubAccessError as exc:
+                raise BadInput(str(exc)) from None
+        if not self.store.final_committed():
+            raise BadInput(f"RUN_ID={self.config.resolved_run_id!r} has no committed final adapter in "
+                           f"{self.config.checkpoint_uri}; run `train` first")
+        self.store.download_final(self.out)
+        self.publish()
+
+    # ---------------------------------------------------------------- check
+
+    def check(self) -> None:
+        """Every preflight check (job/checks.py), before a byte of the model is loaded. All of them run; BadInput
+        carries every failure, one line each. What they find on the way is the run's: nothing is read twice."""
+        results, found = run_checks(self.config, self.topology)
+        problems = report(results, self.reporter)
+        if problems:
+            raise BadInput("\n".join(problems))
+        self.device, self.store, self.splits, self.model_shape = \
+            found.device, found.run_store, found.splits, found.model_shape
+        if self.topology.is_main:
+            self._same_run()
+        self.reporter.event("preflight", "checks passed", device=self.device, run_id=self.config.resolved_run_id,
+                            train_rows=len(self.splits.train), eval_rows=len(self.splits.eval))
+
+    def _same_run(self) -> None:
+        """A restart must train the same thing, or it would mix two runs' checkpoints."""
+        config, data_fp = self.config, self.splits.fingerprint()
+        wanted = {"settings": config.result_settings(), "data_fingerprint": data_fp,
+                  "fingerprint": config.fingerprint()}
+        found = self.store.read_run()
+        if found is None:
+            self.store.write_run({**wanted, "run_id": config.resolved_run_id, "created_at": time.time()})
+            return
+        differ = [k for k in sorted(set(wanted["settings"]) | set(found.get("settings", {})))
+                  if wanted["settings"].get(k) != found.get("settings", {}).get(k)]
+        changes = [f"{k} (stored {found.get('settings', {}).get(k)!r}, now {wanted['settings'].get(k)!r})"
+                   for k in differ]
+        if found.get("data_fingerprint") != data_fp:
+            changes.append("DATASET content (the sampled rows differ)")
+        if changes:
+            raise BadInput(f"RUN_ID={config.resolved_run_id!r} was started with other settings: {'; '.join(changes)}. "
+                           f"Restore them, or use a new RUN_ID for a new run")
+
+    # ---------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        """Everything training needs, in order: the tokenized rows, the checkpoint to resume from, the speed plan
+        for this device and run length, the 4-bit base with LoRA, and the Trainer with the job's callbacks."""
+        from .model import add_lora, load_base_model, load_tokenizer
+        from .speed.attention import data_collator
+        from .speed.snapshot import CheckpointWriter
+        from .trainer import PersonaTrainer
+
+        self.started = time.time()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.seed()
+        self.tokenizer = load_tokenizer(self.config)
+        self.train_examples, self.eval_examples = self.examples()
+        self.resume = self.resume_point()
+        if self.stop.received:
+            raise Stopped("stopped before training started; nothing new to save")
+        self.plan = self.speed_plan()
+        self.reporter.event("speed", "speed settings for this device", **self.plan.describe())
+        model = add_lora(self.config, load_base_model(self.config, self.tokenizer, self.device, self.plan),
+                         self.tokenizer)
+        if self.plan.torch_compile:
+            from .speed.kernels import compile_layers
+            layers = compile_layers(model)
+            self.reporter.event("speed", f"torch.compile: {layers} decoder layers compile on the first step "
+                                         f"(one-time)", layers=layers)
+        self.reporter.event("model", "4-bit base with LoRA ready", base=self.config.base_model,
+                            trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+        import datasets
+        self.writer = CheckpointWriter()   # finishes checkpoint files off the training thread
+        arguments = self.arguments()
+        callbacks = self.callbacks()
+        self.trainer = PersonaTrainer(
+            model=model, args=arguments,
+            train_dataset=datasets.Dataset.from_list(self.train_examples),
+            eval_dataset=datasets.Dataset.from_list(self.eval_examples) if self.eval_examples else None,
+            data_collator=data_collator(self.plan, self.tokenizer),
+            processing_class=self.tokenizer,
+            callbacks=callbacks,
+            checkpoint_writer=self.writer,
+        )
+        if self.committer is not None:
+            self.committer.clean_leftovers()
+
+    def seed(self) -> None:
+        """One seed for the LoRA init and dropout (the Trainer seeds again before its first step)."""
+        torch.manual_seed(self.config.seed)
+
+    def examples(self) -> tuple[list[dict], list[dict]]:
+        """The train and eval rows as token ids with the loss mask."""
+        max_length = self.config.max_seq_length
+        train, skipped = encode_rows(self.splits.train, self.tokenizer, max_length)
+        held_out, _ = encode_rows(self.splits.eval, self.tokenizer, max_length)
+        if not train:
+            raise BadInput(f"MAX_SEQ_LENGTH={max_length}: every training row is longer than this even "
+                           f"with old turns dropped; raise MAX_SEQ_LENGTH")
+        if skipped:
+            self.reporter.event("data", f"{skipped} rows skipped: their last exchange alone exceeds MAX_SEQ_LENGTH")
+        return train, held_out
+
+    def resume_point(self) -> tuple[int, Path] | None:
+        """The newest verified checkpoint, downloaded once per node (by its local rank 0) for all its ranks."""
+        topology = self.topology
+        choice = self.work / "resume" / "chosen.json"
+        if topology.local_rank == 0:
+            choice.unlink(missing_ok=True)
+            found = self.store.latest_verified_checkpoint(self.work / "resume",
+                                                          log=lambda m: self.reporter.event("resume", m))
+            if topology.is_worker:
+                choice.parent.mkdir(parents=True, exist_ok=True)
+                choice.write_text(json.dumps([found[0], str(found[1])] if found else None))
+        if topology.is_worker:
+            init_process_group()
+            barrier()
+            chosen = json.loads(choice.read_text())
+            found = (chosen[0], Path(chosen[1])) if chosen else None
+        return found
+
+    def speed_plan(self):
+        """The levers for this device, sized by the base model's shape and the run's length."""
+        from .model import base_shape
+        from .speed.plan import plan
+
+        shape = self.model_shape if self.model_shape is not None else base_shape(self.config)
+        return plan(self.config, self.device, shape, self.steps_to_run(), self.topology.world_size)
+
+    def steps_to_run(self) -> int:
+        """The optimizer steps left: the whole run's, less those of the checkpoint it resumes from."""
+        from .trainer import planned_steps
+
+        planned = planned_steps(self.config, len(self.train_examples), self.topology.world_size)
+        return planned - (self.resume[0] if self.resume else 0)
+
+    def arguments(self):
+        """The Trainer's arguments: the config's, on this device, with the plan's levers."""
+        from .trainer import training_arguments
+
+        return training_arguments(self.config, self.work / "trainer", self.device, bool(self.eval_examples),
+                                  self.plan, world_size=self.topology.world_size)
+
+    def callbacks(self) -> list:
+        """The job's part of the Trainer's loop: stop at a signal, commit each checkpoint in the background,
+        report progress and status.json, and (EVAL_AT_CHECKPOINTS) evaluate each checkpoint."""
+        from .trainer import CheckpointCommitter, EvaluationCallback, ReportCallback, StopCallback
+
+        config, is_main = self.config, self.topology.is_main
+        self.committer = CheckpointCommitter(config, self.store, self.reporter, self.writer,
+                                             protect=self.resume[0] if self.resume else None, is_main=is_main)
+        self.status = StatusWriter(config.resolved_run_id, self.store, self.reporter,
+                                   newest=lambda: self.committer.last_committed, enabled=is_main)
+        self.evaluator = None
+        if self.eval_examples and is_main:
+            from .evaluate import build_evaluator
+            from .speed.attention import data_collator
+            try:
+                self.evaluator = build_evaluator(config, self.tokenizer, self.splits.eval, self.eval_examples,
+                                                 data_collator(self.plan, self.tokenizer), self.device)
+            except ValueError as exc:   # an NLI_MODEL without entailment/contradiction labels
+                raise BadInput(str(exc)) from None
+        callbacks = [StopCallback(self.stop)]
+        if self.evaluator and config.eval_at_checkpoints:
+            callbacks.append(EvaluationCallback(self.evaluator, self.stop, self.reporter, self.status))
+        return callbacks + [self.committer, ReportCallback(self.reporter, self.status)]
+
+    # ---------------------------------------------------------------- train
+
+    def train(self) -> None:
+        """Train (or resume) to the last step; every rank, each of its checkpoints committed. Raises Stopped on a
+        signal, once the checkpoint of the step in flight is committed (or the budget ran out)."""
+        if self.resume:
+            self.reporter.event("resume", f"resuming from committed checkpoint step {self.resume[0]}",
+                                step=self.resume[0])
+        self.status.write(phase=Phase.TRAINING, step=self.resume[0] if self.resume else 0)
+        try:
+            self.result = self.trainer.train(resume_from_checkpoint=str(self.resume[1]) if self.resume else None)
+        finally:
+            self.reporter.close_progress()
+        if self.stop.received:
+            committed = self.committer.wait(self.config.shutdown_budget_seconds)
+            self.status.write(phase=Phase.TRAINING, stopped_by=self.stop.received)
+            self.status.flush()
+            barrier()
+            raise Stopped(f"stopped by {self.stop.received} at step {self.trainer.state.global_step}; "
+                          f"checkpoint {'committed' if committed else 'not committed in time'}; "
+                          f"newest committed step {self.committer.last_committed}")
+        if not self.committer.wait(None):
+            raise RuntimeError(f"checkpoint upload failed: {self.committer.errors()}")
+        self.final_eval = self._final_eval_loss() if self.eval_examples else {}
+
+    def _final_eval_loss(self) -> dict[str, float]:
+        """The Trainer's eval loss at the last step: the one it logged there (EVAL_STEPS dividing the steps), else a
+        pass now. Every rank sees the same log history, so all of them take the same branch."""
+        state = self.trainer.state
+        last = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
+        if last is not None and last.get("step") == state.global_step:
+            return {"eval_loss": last["eval_loss"]}
+        return self.trainer.evaluate()
+
+    # ---------------------------------------------------------------- evaluate
+
+    def evaluate(self) -> None:
+        """The persona evaluation of the finished adapter against the base (job/evaluate.py). A stop signal here
+        means exit 75: the last step is committed, so the restart only evaluates again."""
+        step = self.trainer.state.global_step
+        self.status.write(phase=Phase.EVALUATING, step=step)
+        self.evaluation = None
+        if self.evaluator is None:
+            return
+        from .evaluate import EvaluationStopped, brief
+
+        self.reporter.event("evaluation", f"evaluating base and tuned model on {len(self.evaluator.examples)} "
+                                          f"held-out rows ({len(self.evaluator.cases)} answered greedily)")
+        try:
+            self.evaluation = self.evaluator.run(self.trainer.model, should_stop=lambda: self.stop.received)
+        except EvaluationStopped:
+            self.status.write(stopped_by=self.stop.received)
+            self.status.flush()
+            raise Stopped(f"stopped by {self.stop.received} during the final evaluation; step {step} is "
+                          f"committed") from None
+        self.reporter.event("evaluation", "persona evaluation of the final adapter", step=step,
+                            **brief(self.evaluation))
+        self.status.write(evaluation={"step": step, **brief(self.evaluation)})
+
+    # ---------------------------------------------------------------- finalize
+
+    def finalize(self) -> None:
+        """The finished adapter, tokenizer, training_summary.json, loss curve and model card in OUTPUT_DIR,
+        committed to the store's final/."""
+        from .card import model_card
+
+        summary = {**self.summary(), "evaluation": self.evaluation}
+        self.status.write(phase=Phase.FINALIZING, step=self.trainer.state.global_step)
+        self.status.flush()
+        self.trainer.model.save_pretrained(self.out, save_embedding_layers=False)
+        self.tokenizer.save_pretrained(self.out)
+        (self.out / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        self._plot(summary)
+        (self.out / "README.md").write_text(model_card(self.config, self.out))  # ours, in place of peft's template
+        self.committer.close()
+        # The finished files only, not the scratch under work/.
+        files = sorted(p.name for p in self.out.iterdir() if p.is_file())
+        self.store.commit_final(self.out, self.config.fingerprint(), files=files)
+        self.reporter.event("final", "final adapter committed", steps=summary["steps"],
+                            final_eval_loss=summary["final_eval_loss"])
+
+    def summary(self) -> dict[str, Any]:
+        state, config = self.trainer.state, self.config
+        history = state.log_history
+        seconds = time.time() - self.started
+        tokens = state.num_input_tokens_seen
+        train_seconds = self.result.metrics.get("train_runtime") or seconds
+        return {
+            "run_id": config.resolved_run_id,
+            "config": config.redacted(),
+            "device": torch.cuda.get_device_name(0) if self.device == "cuda" else "cpu",
+            "steps": state.global_step,
+            "train_rows": len(self.train_examples),
+            "eval_rows": len(self.eval_examples),
+            "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+            "eval_loss": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+            "final_eval_loss": self.final_eval.get("eval_loss"),
+            "wall_time_seconds": round(seconds, 2),
+            "train_tokens": tokens,
+            "tokens_per_second": round(tokens / train_seconds, 2) if train_seconds else None,
+            "data_fingerprint": self.splits.fingerprint(),
+        }
+
+    def _plot(self, summary: dict[str, Any]) -> None:
+        from .plot import LOSS_CURVE, loss_curve
+        try:
+            loss_curve(summary, self.out / LOSS_CURVE)
+        except ImportError as exc:   # a cosmetic file is not worth failing a finished run for
+            self.reporter.event("plot", f"no loss curve: {exc}")
+
+    # ---------------------------------------------------------------- publish
+
+    def publish(self) -> None:
+        """After final/ is committed: push it if HUB_MODEL_ID is set (unless the publish gate refuses), then mark
+        the run done."""
+        config, store = self.config, self.store
+        status = {k: v for k, v in (store.read_status() or {}).items() if k != "error"}   # a refusal before
+        if config.hub_model_id and config.publish_only_if_improved:
+            refusal = _not_improved(self.out)
+            if refusal:
+                store.write_status({**status, "phase": Phase.FAILED, "error": refusal})
+                raise BadInput(refusal)
+        if config.hub_model_id:
+            from .hub import publish
+            status = {**status, "phase": Phase.PUBLISHING}
+            store.write_status(status)
+            url = publish(config, self.reporter, self.out)
+            status = {**status, "hub_commit_url": url, "hub_model_id": config.hub_model_id,
+                      "hub_revision": config.hub_revision}
+        store.write_status({**status, "phase": Phase.DONE})
+        self.reporter.event("done", "run complete", run_id=config.resolved_run_id, output_dir=config.output_dir,
+                            hub_commit_url=status.get("hub_commit_url"))
+
+
+def _not_improved(final_dir: Path) -> str | None:
+    """PUBLISH_ONLY_IF_IMPROVED: why the adapter may not be pushed, or None."""
+    evaluation = json.loads((final_dir / "training_summary.json").read_text()).get("evaluation")
+    if not evaluation:
+        return ("PUBLISH_ONLY_IF_IMPROVED=true but this run has no held-out evaluation; not pushing "
+                "(set EVAL_FRACTION > 0 for a new run, or PUBLISH_ONLY_IF_IMPROVED=false)")
+    base, tuned = evaluation["base"]["loss"], evaluation["tuned"]["loss"]
+    if tuned < base:
+        return None
+    return (f"PUBLISH_ONLY_IF_IMPROVED=true: the tuned adapter's held-out reply loss {tuned:.4f} is not below the "
+            f"base model's {base:.4f}; not pushing. The adapter is committed in final/ of the run; push it anyway "
+            f"with PUBLISH_ONLY_IF_IMPROVED=false python -m job publish")
+
+
+def launch_workers(config: Config, reporter: Reporter, topology: Topology) -> ExitCode:
+    """Several GPUs: run the preflight checks once, here, and show their table, so that what a retry can't fix
+    fails once, not once per worker; then start the workers under torchrun (job/distributed.py). The workers check
+    again only their own GPU. A finished training is published by node 0 alone, without workers."""
+    def stopped(signum, frame):
+        # A preemption during the checks (dataset download, Hub calls) has nothing to save: retryable, exit 75.
+        reporter.event("stopped", f"{signal.Signals(signum).name} during the preflight checks; nothing to save")
+        raise SystemExit(ExitCode.STOPPED)
+
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        results, found = run_checks(config, topology, launcher=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    problems = report(results, reporter)
+    if problems:
+        raise BadInput("\n".join(problems))
+    try:
+        finished_training = found.run_store.final_committed()
+    except StoreError as exc:
+        raise BadInput(str(exc)) from None
+    if finished_training:
+        # Publishing (or nothing, if done) is node 0's alone: it must not wait for peers that already left.
+        if config.node_rank == 0:
+            Run(config, reporter, Topology(launcher_checked=True)).main()
+        return ExitCode.DONE
+    return launch(config)
