@@ -55,10 +55,13 @@ class BadInput(Exception):
 
 def setting(default: Any, help: str, *, check: Callable[[Any], str | None] | None = None,
             choices: Callable[[], list[str]] | None = None, secret: bool = False,
-            affects_result: bool = True) -> Any:
-    """A config field: its default, one help line, an optional check, and whether it changes the trained weights."""
+            affects_result: bool = True, left_out_at_default: bool = False) -> Any:
+    """A config field: its default, one help line, an optional check, and whether it changes the trained weights.
+    `left_out_at_default`, for a setting added once runs exist: at its default it stays out of the fingerprint, so
+    those runs keep their RUN_ID and resume."""
     return field(default=default, metadata=dict(help=help, check=check, choices=choices, secret=secret,
-                                                affects_result=affects_result))
+                                                affects_result=affects_result,
+                                                left_out_at_default=left_out_at_default))
 
 
 def _at_least(low: float) -> Callable[[Any], str | None]:
@@ -216,7 +219,8 @@ class Config:
     def result_settings(self) -> dict[str, Any]:
         """The settings that change the trained weights, by environment variable name."""
         settings = {f.name.upper(): getattr(self, f.name) for f in dataclasses.fields(self)
-                    if f.metadata["affects_result"]}
+                    if f.metadata["affects_result"]
+                    and not (f.metadata["left_out_at_default"] and getattr(self, f.name) == f.default)}
         if self.scale_batch_with_gpus:   # then the GPU count sets the effective batch
             settings["GPUS"] = self.nproc_per_node * self.nnodes
         return settings

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from conftest import ROOT, job_env, run_job
-from job.config import FIELDS, Config, ConfigError, env_example, from_env
+from job.config import FIELDS, Config, ConfigError, env_example, from_env, setting
 
 
 def test_defaults_are_the_seed_recipe():
@@ -99,3 +99,13 @@ def test_run_id_follows_the_settings_that_change_the_result():
     assert from_env({"LORA_R": "8"}).resolved_run_id != base.resolved_run_id
     assert from_env({"SAVE_STEPS": "5", "LOGGING_STEPS": "1", "HF_TOKEN": "x"}).resolved_run_id == base.resolved_run_id
     assert from_env({"RUN_ID": "my-run"}).resolved_run_id == "my-run"
+
+
+def test_a_setting_added_later_leaves_the_runs_before_it_alone_while_at_its_default():
+    # Runs started before the setting existed keep their fingerprint (so their RUN_ID and run.json) and resume.
+    later = dataclasses.make_dataclass(
+        "Later", [("new_knob", int, setting(0, "a setting added later", left_out_at_default=True))],
+        bases=(Config,), frozen=True)
+    assert later().fingerprint() == Config().fingerprint() and "NEW_KNOB" not in later().result_settings()
+    assert later(new_knob=1).fingerprint() != Config().fingerprint()
+    assert later(new_knob=1).result_settings()["NEW_KNOB"] == 1
