@@ -70,12 +70,13 @@ def _job_services(compose: dict) -> dict[str, dict]:
 
 
 def _configmap() -> dict:
-    (doc,) = _load_all(K8S / "configmap.yaml")
+    """The job's settings: the ConfigMap in job.yaml, beside the Job, so that `kubectl apply -f` of it is complete."""
+    (doc,) = [d for d in _load_all(K8S / "job.yaml") if d["kind"] == "ConfigMap"]
     return doc
 
 
 def _job(source: str = "job.yaml") -> dict:
-    (doc,) = _load_all(K8S / source)
+    (doc,) = [d for d in _load_all(K8S / source) if d["kind"] == "Job"]
     return doc
 
 
@@ -436,11 +437,29 @@ def test_kubectl_kustomize_renders_the_multinode_job_and_its_service():
     assert main == multi, "both Jobs run the same image"
 
 
-def test_the_multinode_kustomization_leaves_out_the_configmap_and_says_where_it_comes_from():
+def test_the_multinode_kustomization_leaves_out_the_configmap_and_says_how_to_apply_it_alone():
     text = (MULTINODE / "kustomization.yaml").read_text()
     kustomization = yaml.safe_load(text)
     assert sorted(kustomization["resources"]) == ["job.yaml", "service.yaml"]
-    assert "kubectl apply -f k8s/configmap.yaml" in text
+    # `kubectl apply -f k8s/job.yaml -l SELECTOR` applies only the documents whose labels match: the ConfigMap.
+    (selector,) = re.findall(r"kubectl apply -f k8s/job\.yaml -l (\S+)", text)
+    key, value = selector.split("=")
+    chosen = [d["kind"] for d in _load_all(K8S / "job.yaml") if d["metadata"].get("labels", {}).get(key) == value]
+    assert chosen == ["ConfigMap"]
+    assert selector in (MULTINODE / "job.yaml").read_text() and selector in (K8S / "README.md").read_text()
+
+
+def test_kubectl_apply_f_job_yaml_alone_brings_everything_the_pod_needs_but_the_secret():
+    docs = _load_all(K8S / "job.yaml")
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Job"], "the ConfigMap first: it exists before the pod starts"
+    container = _train_container(docs[1])
+    (source,) = container["envFrom"]
+    assert source["configMapRef"] == {"name": docs[0]["metadata"]["name"]}, "required, and in this file"
+    # The Secret is the only object from outside, and every key of it is optional (the job says when one is needed).
+    refs = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+    assert refs and all(ref["optional"] is True for ref in refs)
+    volumes = docs[1]["spec"]["template"]["spec"]["volumes"]
+    assert all("configMap" not in v and "secret" not in v and "persistentVolumeClaim" not in v for v in volumes)
 
 
 def _pod_failure_action(job: dict, exit_code: int, conditions: tuple[str, ...] = ()) -> str:
@@ -593,7 +612,7 @@ def test_a_failed_node_costs_retries_per_index_and_the_job_ends_with_pod_0():
                                          ("minio.yaml", "persona-minio-bucket"),
                                          ("multinode/job.yaml", "persona-qlora-multinode")])
 def test_pods_run_restricted(source, name):
-    (workload,) = [d for d in _load_all(K8S / source) if d["metadata"]["name"] == name and "template" in d["spec"]]
+    (workload,) = [d for d in _load_all(K8S / source) if d["metadata"]["name"] == name and "template" in d.get("spec", {})]
     pod = workload["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
