@@ -192,7 +192,7 @@ in_image() {
     grep -q "C compiler" "$LOGS/parity-no-compiler.log" || fail "the failing parity check does not name the C compiler"
 
     set +e
-    podman run --rm "${LOCKED[@]}" --entrypoint python "$IMAGE" -m pip --version >"$LOGS/pip.log" 2>&1
+    podman run --rm "${LOCKED[@]}" "${mounts[@]}" --entrypoint python "$IMAGE" -m pip --version >"$LOGS/pip.log" 2>&1
     rc=$?; set -e
     if [ "$rc" = 0 ] || ! grep -q "No module named pip" "$LOGS/pip.log"; then
         fail "pip is in the runtime venv: $(cat "$LOGS/pip.log")"
