@@ -163,6 +163,9 @@ class Config:
     run_id: str = setting("", "name under which checkpoints are stored; empty = derived from the settings",
                           check=_run_id, affects_result=False)
     checkpoint_uri: str = setting("./checkpoints", "s3://bucket/prefix or a local path", affects_result=False)
+    allow_pod_local_checkpoints: bool = setting(False, "in a Kubernetes pod, accept a local CHECKPOINT_URI on the "
+                                                "pod's own disk (root filesystem, emptyDir, tmpfs), which is lost "
+                                                "with the pod", affects_result=False)
     output_dir: str = setting("./output", "local scratch; the final adapter lands here too", affects_result=False)
     shutdown_budget_seconds: float = setting(20.0, "on SIGTERM: seconds to save and upload before exit 75 "
                                              "(keep below the pod's terminationGracePeriodSeconds)",

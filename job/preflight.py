@@ -124,7 +124,14 @@ def check_gpu(f: Findings) -> str:
                  f"CUDA {torch.version.cuda}")
     else:
         where = f"CPU (REQUIRE_GPU=false), torch {torch.__version__}"
-    return f"{where}, {_matmul_4bit(config, f.device, where)}"
+    detail = f"{where}, {_matmul_4bit(config, f.device, where)}"
+    if f.device == "cuda":   # Liger's kernels and torch.compile build Triton kernels with the C compiler
+        from .toolchain import ToolchainMissing, gpu_toolchain
+        try:
+            detail += gpu_toolchain(config, f.topology.world_size)
+        except ToolchainMissing as exc:
+            raise CheckFailed(exc.line, exc.detail) from None
+    return detail
 
 
 def check_base_model(f: Findings) -> str:
@@ -185,9 +192,13 @@ def check_store(f: Findings) -> str:
     """CHECKPOINT_URI: write, read back and delete a probe object (rank 0; the others only open the store)."""
     import botocore.exceptions
 
+    from .pod import local_checkpoints_problem
     from .storage import RunStore, StoreError, open_store
 
     uri = f.config.checkpoint_uri
+    lost = local_checkpoints_problem(uri, f.config.allow_pod_local_checkpoints, os.environ)
+    if lost:
+        raise CheckFailed(lost, "local, lost with the pod")
     try:
         store = open_store(uri)
         if f.topology.is_main and not f.topology.launcher_checked:
