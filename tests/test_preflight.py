@@ -3,7 +3,7 @@ its 4-bit kernels, model and dataset access, the checkpoint store, Hub push acce
 passes on a good setup, and each one fails on its own bad input with exit 2, its row marked failed and one line
 naming the variable to change.
 
-The Hub is tests/hubserver.py behind the real huggingface_hub client, S3 is moto's server. Most failing cases run
+The Hub is tests/fakes/hub.py behind the real huggingface_hub client, S3 is moto's server. Most failing cases run
 the same click command in this process (`preflight_here`): a new interpreter would spend seconds importing torch
 and bitsandbytes for each.
 """
@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import SAMPLE_DATA, JobResult, run_job
-from hubserver import DEFAULT_TOKENS, hub_server  # noqa: F401  (fixture)
-from s3server import s3_server, start_moto  # noqa: F401  (fixture)
+from fakes.hub import DEFAULT_TOKENS
+from fakes.s3 import start_moto
 
 from job.cli import cli
 from job.config import Config
@@ -32,7 +32,7 @@ AWS_SECRET = "AwsSecretThatMustNeverBePrinted0123456789"
 
 
 @pytest.fixture
-def hub(hub_server):  # noqa: F811
+def hub(hub_server):
     """The fake Hub, with the client of this process pointed at it and an HF cache of its own."""
     return hub_server(tokens={**DEFAULT_TOKENS, TOKEN_SECRET: {"user": "carol", "role": "read", "orgs": []}})
 
@@ -248,7 +248,7 @@ def test_a_local_checkpoint_uri_that_cannot_be_a_directory_fails_the_store_row(s
                 f"CHECKPOINT_URI {tmp_path / 'a-file' / 'ckpt'}: cannot create the directory")
 
 
-def test_a_missing_bucket_fails_the_store_row(settings, s3_server):  # noqa: F811
+def test_a_missing_bucket_fails_the_store_row(settings, s3_server):
     env = settings(**{**s3_server.env(), "CHECKPOINT_URI": "s3://no-such-bucket/runs"})
     fails_alone(preflight_here(env), "checkpoint store", "s3://no-such-bucket/runs", "NoSuchBucket")
 
