@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import yaml
+from fakes.hub import REGULAR_FILE_LIMIT
 
 from conftest import ROOT, run_job
 
@@ -96,6 +97,43 @@ def test_a_restart_after_success_pushes_nothing(publish_job, hub):
     on_demand = run_job("publish", env=publish_job())
     assert on_demand.returncode == 0, on_demand.stderr
     assert hub.count("commit") == before and len(run_commits(hub)) == 1
+    assert on_demand.events("hub")[-1]["message"] == "this run is already on the Hub; not pushing again"
+
+
+def test_a_different_adapter_under_the_same_run_id_is_pushed_again(publish_job, hub, tmp_path):
+    # Publish recognises its earlier push by RUN_ID and the adapter's sha256, not by the commit title: a run
+    # trained anew under the same RUN_ID (its store wiped, another learning rate) is a different adapter.
+    first = run_job("train", env=publish_job(RUN_ID="same-name"))
+    assert first.returncode == 0, first.stderr
+    shutil.rmtree(tmp_path / "store")
+    shutil.rmtree(tmp_path / "out")
+    again = run_job("train", env=publish_job(RUN_ID="same-name", LEARNING_RATE="5e-3"))
+    assert again.returncode == 0, again.stderr
+    commits = run_commits(hub)
+    assert len(commits) == 2 and commits[0]["message"] == commits[1]["message"]   # same title, same RUN_ID
+    assert hub.files(REPO)["adapter_model.safetensors"] == (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
+
+
+def test_an_adapter_above_the_10_mib_inline_limit_goes_up_through_lfs(publish_job, hub, tmp_path):
+    result = run_job("train", env=publish_job(LORA_R="1280", MAX_STEPS="2", EVAL_STEPS="2"))
+    assert result.returncode == 0, result.stderr
+    adapter = (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
+    assert len(adapter) > REGULAR_FILE_LIMIT
+    assert hub.files(REPO)["adapter_model.safetensors"] == adapter
+    assert uploaded_through_lfs(hub, "adapter_model.safetensors")
+    put = [r for r in hub.request_log if r.endpoint == "lfs_upload" and r.status == 200]
+    assert any(r.body == adapter for r in put) and all(r.header("Authorization") is None for r in put)
+
+
+def test_a_commit_whose_answer_is_lost_is_found_and_not_pushed_again(publish_job, hub):
+    hub.lose_commit_responses(1)              # the commit lands; the connection closes without an answer
+    result = run_job("train", env=publish_job())
+    assert result.returncode == 0, result.stderr
+    commits = run_commits(hub)
+    assert len(commits) == 1
+    assert hub.count("commit") == 1 and hub.count("preupload") == 1, "the job must not push a second time"
+    status = json.loads(run_job("status", "--json", env=publish_job()).stdout)
+    assert status["hub_commit_url"].endswith(commits[0]["oid"])
 
 
 @pytest.mark.parametrize("token,expect", [
@@ -120,10 +158,14 @@ def test_a_repo_name_the_hub_forbids_stops_before_training(publish_job):
 
 
 def test_a_hub_500_is_retried(publish_job, hub):
-    hub.fail_next_commits(1, status=500)
+    # huggingface_hub's create_commit sends a commit once (its pipelined upload_folder, taken with hf_xet, would
+    # retry it 5 times by itself): these failures reach the job, and only the job's own retry gets past them.
+    hub.fail_next_commits(2, status=500)
     result = run_job("train", env=publish_job())
     assert result.returncode == 0, result.stderr
-    assert hub.count("commit") >= 2 and len(run_commits(hub)) == 1
+    assert hub.count("commit") == 3 and len(run_commits(hub)) == 1
+    retries = [e["message"] for e in result.events("hub") if "retry" in e["message"]]
+    assert [m.split(";")[0] for m in retries] == ["push failed (HTTP 500)"] * 2, retries
 
 
 def test_a_crash_during_the_push_publishes_on_restart_without_training(publish_job, hub):
