@@ -237,10 +237,10 @@ REPO = "alice/persona-adapter"
 
 
 def _run_commits(hub):
-    try:
-        return [c for c in hub.commits(REPO, "main") if c["message"].startswith("persona-qlora run ")]
-    except Exception:   # no such repo (yet)
+    """The job's commits on the repo's main branch; none while the repo does not exist."""
+    if REPO not in hub.repos:
         return []
+    return [c for c in hub.commits(REPO, "main") if c["message"].startswith("persona-qlora run ")]
 
 
 def _hub_env(hub, settings):
@@ -261,7 +261,7 @@ def test_the_publish_gate_refuses_an_adapter_no_better_than_the_base(cpu_job, hu
     assert line.startswith("error: PUBLISH_ONLY_IF_IMPROVED=true: the tuned adapter's held-out reply loss") and \
         "is not below the base model's" in line
     assert "hf_alice_write" not in still.stdout + still.stderr
-    assert _run_commits(hub) == []
+    assert hub.count("preupload") == hub.count("commit") == 0 and _run_commits(hub) == []
     status = json.loads(run_job("status", "--json", env=env(LEARNING_RATE="1e-12")).stdout)
     assert status["phase"] == "failed" and "not below" in status["error"]
     # The user decides to push it anyway: same run, gate off, nothing retrained.

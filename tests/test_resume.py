@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -210,19 +211,37 @@ def test_sigterm_commits_the_step_in_flight_and_exits_75(job, store, tmp_path, u
     assert_bit_identical(final_adapter(tmp_path), uninterrupted)
 
 
-def test_a_second_signal_exits_at_once_and_the_last_commit_stays_intact(job, store, tmp_path):
-    run = Running(job(MAX_STEPS="200", SAVE_STEPS="4"), tmp_path / "first.log")
-    run.until(committed(4))
-    run.proc.send_signal(signal.SIGTERM)
-    run.proc.send_signal(signal.SIGTERM)
-    assert run.finish() == 75
+def test_a_second_signal_exits_at_once_and_the_last_commit_stays_intact(s3_job, s3_store, tmp_path, s3_server):
+    # The first SIGTERM saves the step in flight; its upload is held (a slow store), and the job would wait for
+    # it up to SHUTDOWN_BUDGET_SECONDS (60 s here). The second SIGTERM, sent once the first is acknowledged, must
+    # end the job at once, before that checkpoint is committed, leaving the last committed one intact.
+    job, store = s3_job, s3_store
+    with FlakyProxy(s3_server.endpoint) as proxy:
+        run = Running(job(MAX_STEPS="200", SAVE_STEPS="4", SHUTDOWN_BUDGET_SECONDS="60",
+                          AWS_ENDPOINT_URL_S3=proxy.endpoint), tmp_path / "first.log")
+        run.until(committed(4))
+        held = proxy.hold(f"/{RUN_ID}/checkpoints/")      # every checkpoint upload from here on hangs
+        committed_before = store.committed_steps()
+        run.proc.send_signal(signal.SIGTERM)
+        run.until(lambda e: e["event"] == "stop")          # acknowledged: finishing the step, then saving
+        assert held.wait(120), "the stop checkpoint's upload never started"
+        run.proc.send_signal(signal.SIGTERM)
+        second = time.monotonic()
+        code = run.finish()
+        exited_after = time.monotonic() - second
+        proxy.release()
+    assert code == 75
+    assert exited_after < 15, f"the second signal took {exited_after:.0f} s to end the job"
+    stops = [e["message"] for e in run.events if e["event"] == "stop"]
+    assert stops[-1] == "second SIGTERM: exiting now; the last committed checkpoint stands", stops
+    assert not [e for e in run.events if e["event"] == "stopped"], "it went on to the orderly stop"
+    assert store.committed_steps() == committed_before and committed_before[-1] >= 4
     from job.storage import RunStore, open_store
     saved = {k: os.environ.get(k) for k in store.env}
     os.environ.update(store.env)
     try:
         run_store = RunStore(open_store(store.uri), RUN_ID)
-        newest = run_store.committed_steps()[-1]
-        run_store.download_checkpoint(newest, tmp_path / "verify")   # raises if anything is off
+        run_store.download_checkpoint(committed_before[-1], tmp_path / "verify")   # raises if anything is off
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -286,14 +305,23 @@ def test_the_store_never_holds_credentials(s3_job, s3_store, tmp_path):
         assert store.secret.encode() not in store.read(key), key
 
 
-def test_transient_s3_errors_during_training_are_retried(s3_job, tmp_path, s3_server):
-    job = s3_job
+def test_transient_s3_errors_during_training_are_retried(s3_job, s3_store, tmp_path, s3_server, uninterrupted):
+    # Faults injected before training would be spent on the preflight probe: these come after the first commit,
+    # on the uploads of the checkpoints that follow, and the run must still end as if nothing had happened.
+    job, store = s3_job, s3_store
     with FlakyProxy(s3_server.endpoint) as proxy:
-        proxy.fail_next(2, "503")
-        proxy.fail_next(1, "reset")
-        result = run_job("train", env=job(MAX_STEPS="8", AWS_ENDPOINT_URL_S3=proxy.endpoint))
-        assert result.returncode == 0, result.stderr
-        assert proxy.outcomes().count("503") == 2 and proxy.outcomes().count("reset") == 1
+        run = Running(job(AWS_ENDPOINT_URL_S3=proxy.endpoint), tmp_path / "run.log")
+        run.until(committed(4))
+        step_8 = f"/{RUN_ID}/checkpoints/step-00000008/"
+        proxy.fail_next(2, "503", step_8)
+        proxy.fail_next(1, "reset", step_8)
+        proxy.fail_next(2, "500", step_8)
+        assert run.finish() == 0, (tmp_path / "run.log").read_text()[-3000:]
+        faulted = [r for r in proxy.records if r.outcome != "forwarded"]
+    assert [r.outcome for r in faulted] == ["503", "503", "reset", "500", "500"]
+    assert all(step_8 in r.path for r in faulted)
+    assert store.committed_steps()[-1] == 12
+    assert_bit_identical(final_adapter(tmp_path), uninterrupted)
 
 
 def test_a_missing_bucket_stops_before_loading(cpu_job, moto_server, tmp_path):
