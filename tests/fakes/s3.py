@@ -200,7 +200,8 @@ def start_seaweedfs(timeout: float = 60.0) -> S3Server:
         log.close()
         # weed puts its gRPC sockets in /tmp whatever -dir says.
         sockets = [f"/tmp/seaweedfs-{kind}-grpc-{port}.sock"
-                   for kind, port in (("master", master_grpc), ("volume", volume_grpc), ("s3", s3_grpc))]
+                   for kind, port in (("master", master_grpc), ("volume", volume_grpc), ("filer", filer_grpc),
+                                      ("s3", s3_grpc))]
         server = S3Server("seaweedfs", f"http://127.0.0.1:{s3}", proc, access_key, secret_key, workdir=workdir,
                           checks_signatures=True, leftovers=sockets)
         client = server.client()
