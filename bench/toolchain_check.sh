@@ -13,6 +13,9 @@
 #      `import torch`, then bitsandbytes' CUDA library loads and a 4-bit NF4 matmul runs; /proc/self/maps says
 #      which libcudart and libcublas served it. If the namespace cannot be made, it says so and runs with
 #      LD_LIBRARY_PATH unset only (weaker evidence).
+#   c2. the same hidden namespace, the whole training path: `train` with TORCH_COMPILE=true and USE_LIGER_KERNEL=true
+#      (bitsandbytes, Liger's Triton kernels and inductor's), as on a `-base` image with no CUDA toolkit in it.
+# TOOLCHAIN_STEPS=a,b,b2,c,c2 (the default) picks the steps.
 # Logs: OUT_DIR/*.log; a summary table at the end (OUT_DIR/summary.txt). Exit 1 if any expectation failed.
 set -uo pipefail
 out=${1:?output folder}
@@ -28,6 +31,7 @@ fi
 python=$(command -v python3)
 rows=()
 failed=0
+want() { [[ ",${TOOLCHAIN_STEPS:-a,b,b2,c,c2}," == *",$1,"* ]]; }
 row() { rows+=("$(printf '%-4s %-7s %6s  %s' "$1" "$2" "$3" "$4")"); [ "$2" = ok ] || [ "$2" = info ] || failed=1; }
 elapsed() { echo "$(( $(date +%s%N) / 1000000 - $1 ))" | awk '{printf "%.1f", $1 / 1000}'; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
@@ -44,6 +48,7 @@ settings=(BASE_MODEL="$work/tiny" DATASET="$PWD/data/persona_sample.jsonl" NUM_S
           OUTPUT_DIR="$work/out" HF_HOME="$work/hf" PYTHONPATH="$PWD:${PYTHONPATH:-}")
 
 # ---- a. no C compiler on PATH
+if want a; then
 prefix=$("$python" -c 'import sys; print(sys.prefix if sys.prefix != sys.base_prefix else "")')
 if [ -n "$prefix" ] && ! PATH="$prefix/bin" command -v gcc clang cc >/dev/null 2>&1; then
     bare="$prefix/bin"
@@ -64,9 +69,11 @@ for command in preflight train; do
     row a "$status" "${seconds}s" "$command without a compiler: exit $rc (want 2), $errors error line(s), model loaded: $([ "$loaded" = 0 ] && echo no || echo YES); $line"
 done
 grep -m1 'no C compiler' "$out/a-train.log" | cut -c1-400 | sed 's/^/   the line: /'
+fi
 
 # ---- b. with the compiler
 for variant in b b2; do
+    want "$variant" || continue
     extra=(); [ "$variant" = b2 ] && extra=(TORCH_COMPILE=true)
     t0=$(now_ms)
     env "${settings[@]}" "${extra[@]}" CHECKPOINT_URI="$work/store-$variant" timeout 200 "$python" -m job train \
@@ -110,19 +117,34 @@ ldconfig -p | awk '/libcudart|libcublas/ {print $NF}' | while read -r f; do
 done
 echo "left in ldconfig's cache: $(ldconfig -p | awk '/libcudart|libcublas/ {print $NF}' | paste -sd' ' || true)"
 SH
-t0=$(now_ms)
-if unshare -m true 2>/dev/null; then
-    how="unshare -m, tmpfs over /usr/local/cuda*"
-    unshare -m bash -c "source '$work/hide.sh' && env -u LD_LIBRARY_PATH '$python' '$work/bnb.py'" >"$out/c-bnb.log" 2>&1
+hidden() {   # hidden LOG COMMAND...: run COMMAND with the system's CUDA libraries out of sight
+    local log=$1; shift
+    if unshare -m true 2>/dev/null; then
+        how="unshare -m, tmpfs over /usr/local/cuda*"
+        unshare -m bash -c "source '$work/hide.sh' && env -u LD_LIBRARY_PATH \"\$@\"" hidden "$@" >"$log" 2>&1
+    else
+        how="unshare -m NOT permitted here: LD_LIBRARY_PATH unset only, /usr/local/cuda still visible (weaker evidence)"
+        env -u LD_LIBRARY_PATH "$@" >"$log" 2>&1
+    fi
+}
+if want c; then
+    t0=$(now_ms)
+    hidden "$out/c-bnb.log" "$python" "$work/bnb.py"
     rc=$?
-else
-    how="unshare -m NOT permitted here: LD_LIBRARY_PATH unset only, /usr/local/cuda still visible (weaker evidence)"
-    env -u LD_LIBRARY_PATH "$python" "$work/bnb.py" >"$out/c-bnb.log" 2>&1
-    rc=$?
+    seconds=$(elapsed "$t0")
+    sed 's/^/   /' "$out/c-bnb.log"
+    row c "$([ "$rc" = 0 ] && echo ok || echo FAILED)" "${seconds}s" "bitsandbytes 4-bit matmul after import torch, system CUDA hidden ($how): exit $rc; $(grep -m1 -o 'system CUDA libraries used: .*' "$out/c-bnb.log")"
 fi
-seconds=$(elapsed "$t0")
-sed 's/^/   /' "$out/c-bnb.log"
-row c "$([ "$rc" = 0 ] && echo ok || echo FAILED)" "${seconds}s" "bitsandbytes 4-bit matmul after import torch, system CUDA hidden ($how): exit $rc; $(grep -m1 -o 'system CUDA libraries used: .*' "$out/c-bnb.log")"
+if want c2; then
+    t0=$(now_ms)
+    hidden "$out/c2-train.log" env "${settings[@]}" TORCH_COMPILE=true USE_LIGER_KERNEL=true \
+        CHECKPOINT_URI="$work/store-c2" timeout 200 "$python" -m job train
+    rc=$?
+    seconds=$(elapsed "$t0")
+    grep '^hidden:' "$out/c2-train.log" | sed 's/^/   /'
+    speed=$(grep -m1 '"event": "speed", "message": "speed settings' "$out/c2-train.log" | grep -o '"liger_kernel": [a-z]*\|"torch_compile": [a-z]*' | paste -sd' ')
+    row c2 "$([ "$rc" = 0 ] && echo ok || echo FAILED)" "${seconds}s" "train, system CUDA hidden ($how), TORCH_COMPILE=true USE_LIGER_KERNEL=true: exit $rc (want 0); $speed"
+fi
 
 { echo; echo "step status   time  what"; printf '%s\n' "${rows[@]}"; } | tee "$out/summary.txt"
 rm -rf "$work"
