@@ -114,7 +114,14 @@ def check_gpu(f: Found) -> str:
                  f"CUDA {torch.version.cuda}")
     else:
         where = f"CPU (REQUIRE_GPU=false), torch {torch.__version__}"
-    return f"{where}, {_matmul_4bit(config, f.device, where)}"
+    detail = f"{where}, {_matmul_4bit(config, f.device, where)}"
+    if f.device == "cuda":   # Liger's kernels and torch.compile build Triton kernels with the C compiler
+        from .toolchain import ToolchainMissing, gpu_toolchain
+        try:
+            detail += gpu_toolchain(config, f.topology.world_size)
+        except ToolchainMissing as exc:
+            raise CheckFailed(exc.line, exc.detail) from None
+    return detail
 
 
 def check_machine(config: Config) -> str:
@@ -194,10 +201,14 @@ def check_store(f: Found) -> str:
     """CHECKPOINT_URI: write, read back and delete a probe object (rank 0; the others only open the store)."""
     import botocore.exceptions
 
+    from .pod import local_checkpoints_problem
     from .store import StoreError, open_store
     from .store.run_store import RunStore
 
     uri = f.config.checkpoint_uri
+    lost = local_checkpoints_problem(uri, f.config.allow_pod_local_checkpoints, os.environ)
+    if lost:
+        raise CheckFailed(lost, "local, lost with the pod")
     try:
         store = open_store(uri)
         if f.topology.is_main and not f.topology.launcher_checked:
