@@ -7,7 +7,6 @@ retries Hub 5xx and timeouts with backoff.
 """
 from __future__ import annotations
 
-import hashlib
 import random
 import shutil
 import tempfile
@@ -17,6 +16,7 @@ from typing import Any, Callable, TypeVar
 
 from .config import Config
 from .log import Reporter
+from .store.run_store import hash_file
 
 T = TypeVar("T")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -192,7 +192,7 @@ def publish(config: Config, reporter: Reporter, final_dir: Path) -> str:
     if config.hub_revision != "main":
         with_retries("create branch",
                      lambda: api.create_branch(repo, branch=config.hub_revision, exist_ok=True), reporter)
-    adapter = file_sha256(final_dir / ADAPTER_FILES[0])
+    _, adapter = hash_file(final_dir / ADAPTER_FILES[0])
     url = _push_once(config, reporter, repo, config.hub_revision, adapter,
                      lambda stage: _stage_adapter(config, final_dir, stage))
     if config.push_merged:
@@ -200,14 +200,6 @@ def publish(config: Config, reporter: Reporter, final_dir: Path) -> str:
                                 lambda stage: _stage_merged(config, final_dir, stage), merged=True)
         reporter.event("hub", "merged 16-bit weights pushed", revision=config.hub_merged_revision, url=url_merged)
     return url
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _push_once(config: Config, reporter: Reporter, repo: str, revision: str, adapter_sha256: str,
