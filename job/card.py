@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import Config
+from .config import Config, is_hub_id, is_local_model
 from .data import TEMPLATE, is_local_dataset
 from .plot import LOSS_CURVE
 
@@ -80,23 +80,14 @@ def model_card(config: Config, final_dir: Path, merged: bool = False) -> str:
 def hub_base_model(config: Config) -> str | None:
     """The Hub id the adapter was trained from: BASE_MODEL when it is one, else the `_name_or_path` a local
     copy's config.json remembers when that is one; None when neither is (a model built or converted locally)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    candidates = [config.base_model]
-    local = Path(config.base_model)
+    name = config.base_model
+    local = Path(name)
     if local.exists():
         try:
-            candidates = [json.loads((local / "config.json").read_text()).get("_name_or_path")]
+            name = json.loads((local / "config.json").read_text()).get("_name_or_path")
         except (OSError, ValueError, AttributeError):
             return None
-    for name in candidates:
-        if not isinstance(name, str) or not name or Path(name).exists() or name.startswith((".", "/", "~")):
-            continue
-        try:
-            validate_repo_id(name)
-        except HFValidationError:
-            continue
+    if isinstance(name, str) and name and not is_local_model(name) and is_hub_id(name):
         return name
     return None
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from .config import FIELDS, BadInput, Config
+from .config import FIELDS, BadInput, Config, is_local_model
 from .data import Splits
 from .distributed import BatchSplitError, Topology, split_batch
 from .hub import HubAccessError, check_read_access, describe_failure, with_retries
@@ -406,7 +406,7 @@ def report(results: list[CheckResult], reporter: Reporter) -> list[str]:
 def _check_model(variable: str, name: str, f: Found) -> tuple[Any, str]:
     """A model the job will load: a local directory or a Hub id it may read, with config, tokenizer and weights.
     Never downloads weights: their sizes come from the Hub's listing. Returns (its shape, the row's detail)."""
-    if _looks_local(name):
+    if is_local_model(name):
         path = Path(name).expanduser()
         if not path.is_dir():
             raise CheckFailed(f"{variable}={name!r}: no such directory; give a local model directory (with "
@@ -489,7 +489,7 @@ def _config_folder(config: Config) -> Path:
     from huggingface_hub import hf_hub_download
 
     name = config.base_model
-    if _looks_local(name):
+    if is_local_model(name):
         return Path(name).expanduser()
     try:
         return Path(with_retries("config.json", lambda: hf_hub_download(name, "config.json",
@@ -498,11 +498,6 @@ def _config_folder(config: Config) -> Path:
     except Exception as exc:
         raise CheckFailed(f"BASE_MODEL={name!r}: cannot read its config.json ({describe_failure(exc)}); check "
                           f"HF_ENDPOINT and try again", "config.json unreadable") from None
-
-
-def _looks_local(name: str) -> bool:
-    # What transformers loads from disk: an existing directory; anything path-like is meant as one too.
-    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
 def _weight_files(variable: str, name: str, files: dict[str, int], read: Callable[[str], str]) -> dict[str, int]:

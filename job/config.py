@@ -14,6 +14,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 SECRET_MARK = "***"
@@ -97,16 +98,27 @@ def _hub_id(v: str) -> str | None:
     return None if v == "" or HUB_ID_PATTERN.fullmatch(v) else "must be empty (no push) or 'user/name'"
 
 
-def _model_id(v: str) -> str | None:
-    """A Hub model id by huggingface_hub's own rules ('name' or 'namespace/name'), as a card's base_model needs."""
-    if v == "":
-        return None
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+def is_hub_id(name: str) -> bool:
+    """A repo id by huggingface_hub's own rules: 'name' or 'namespace/name'."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
     try:
-        validate_repo_id(v)
+        validate_repo_id(name)
     except HFValidationError:
-        return "must be empty or a Hub model id such as NousResearch/Llama-2-7b-chat-hf (not a local path)"
-    return None
+        return False
+    return True
+
+
+def is_local_model(name: str) -> bool:
+    """A model setting (BASE_MODEL, NLI_MODEL) that names a directory, not a Hub id: what transformers loads from
+    disk (an existing path), and anything path-like, which is meant as one."""
+    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def _model_id(v: str) -> str | None:
+    """A Hub model id ('name' or 'namespace/name'), as a card's base_model needs."""
+    return None if v == "" or is_hub_id(v) else \
+        "must be empty or a Hub model id such as NousResearch/Llama-2-7b-chat-hf (not a local path)"
 
 
 def _branch(v: str) -> str | None:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from .config import Config
+from .config import Config, is_hub_id
 from .log import Reporter
 from .store.run_store import hash_file
 
@@ -76,15 +76,10 @@ def describe_failure(exc: BaseException) -> str:
 
 def check_hub_access(config: Config) -> None:
     """Before training: a token that exists, can write, and may write to HUB_MODEL_ID's namespace."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     repo = config.hub_model_id
-    try:
-        validate_repo_id(repo)
-    except HFValidationError:
+    if not is_hub_id(repo):
         raise HubAccessError(f"HUB_MODEL_ID={repo!r} is not an allowed Hub repo name (letters, digits, '-', '_', "
-                             f"'.'; no '--' or '..'; at most 96 characters per part)") from None
+                             f"'.'; no '--' or '..'; at most 96 characters per part)")
     if not config.hf_token:
         raise HubAccessError(f"HUB_MODEL_ID={repo!r} is set but HF_TOKEN is empty; give a token with write "
                              f"access (https://huggingface.co/settings/tokens), or unset HUB_MODEL_ID")
@@ -114,16 +109,13 @@ def check_read_access(variable: str, repo_id: str, repo_type: str, config: Confi
     """May HF_TOKEN (or no token) read this repo? One line for each way it can't. Returns the HfApi, or None
     under HF_HUB_OFFLINE=1 (only the id's form is checked then)."""
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     kind = "dataset" if repo_type == "dataset" else "model"
     accepted = "a local .jsonl/.json/.parquet file" if kind == "dataset" else "a local model directory"
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
+    if not is_hub_id(repo_id):
         raise HubAccessError(f"{variable}={repo_id!r} is neither {accepted} nor a Hub {kind} id 'user/name'",
-                             "not a path or Hub id") from None
+                             "not a path or Hub id")
     if constants.HF_HUB_OFFLINE:
         return None
     api = HfApi(token=config.hf_token or None)
