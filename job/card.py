@@ -78,8 +78,11 @@ def model_card(config: Config, final_dir: Path, merged: bool = False) -> str:
 
 
 def hub_base_model(config: Config) -> str | None:
-    """The Hub id the adapter was trained from: BASE_MODEL when it is one, else the `_name_or_path` a local
-    copy's config.json remembers when that is one; None when neither is (a model built or converted locally)."""
+    """The Hub id the adapter was trained from: BASE_MODEL_ID when set; else BASE_MODEL when it is one, else the
+    `_name_or_path` a local copy's config.json remembers when that is one; None when neither is (a model built or
+    converted locally)."""
+    if config.base_model_id:   # a Hub id: the config checked it
+        return config.base_model_id
     name = config.base_model
     local = Path(name)
     if local.exists():

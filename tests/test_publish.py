@@ -238,7 +238,7 @@ def test_model_card_names_the_hub_dataset(tmp_path):
 
 def test_the_card_names_a_base_model_only_by_its_hub_id(tmp_path, tiny_model):
     # The Hub refuses a card whose base_model is a path (tests/fakes/hub.py refuses it the same way): a local base
-    # is named by the Hub id its config.json remembers, or left out.
+    # is named by BASE_MODEL_ID when set, else by the Hub id its config.json remembers, or left out.
     from fakes.hub import metadata_errors
 
     from job.card import model_card
@@ -256,3 +256,8 @@ def test_the_card_names_a_base_model_only_by_its_hub_id(tmp_path, tiny_model):
         (local / "config.json").write_text(json.dumps({**config, "_name_or_path": name_or_path}))
         card = model_card(from_env({"HUB_MODEL_ID": "alice/x", "BASE_MODEL": str(local)}), tmp_path)
         assert yaml.safe_load(card.split("---")[1]).get("base_model") == expected and metadata_errors(card) == []
+        named = model_card(from_env({"HUB_MODEL_ID": "alice/x", "BASE_MODEL": str(local),
+                                     "BASE_MODEL_ID": "acme/llama-2-7b-persona-base"}), tmp_path)
+        assert yaml.safe_load(named.split("---")[1])["base_model"] == "acme/llama-2-7b-persona-base"
+        assert metadata_errors(named) == []
+
