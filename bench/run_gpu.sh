@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: install the carried wheels, record the machine, then run the benchmark and the GPU e2e.
 #   bash bench/run_gpu.sh OUT_DIR [speed.py configs] [configs to profile] [e2e|numerics|no-e2e]
+# Carry .whl (the job's stack, bench/fetch_wheels.sh); .whl-extra for checkpointing configurations, e2e and PYSPY;
+# .whl-unsloth (bench/fetch_unsloth_wheels.sh) for the unsloth* configurations.
 # Environment: PYSPY=configs to sample with py-spy, SKIP_SNAPSHOT=1 to skip bench/snapshot_check.py,
 # SPEED_TIMEOUT / CONFIG_TIMEOUT / E2E_TIMEOUT seconds.
 # Wheels: bench/fetch_wheels.sh puts them in .whl/ here; the device tool carries .whl (README.md, Notes).
@@ -19,9 +21,18 @@ date -u +"%Y-%m-%d %H:%M:%S UTC" | tee "$out/gpu.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee -a "$out/gpu.txt"
 python3 -m pip list 2>/dev/null > "$out/pip-list-image.txt"
 if [ -d .whl ]; then
+    # .whl-extra (moto's S3 server, py-spy), where carried, goes into the same site.
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl 2>&1 | grep -v "^WARNING: Target directory" | tail -3
+        .whl/*.whl $(ls .whl-extra/*.whl 2>/dev/null) 2>&1 | grep -v "^WARNING: Target directory" | tail -3
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
+fi
+if [ -d .whl-unsloth ]; then
+    # Unsloth's own site (bench/unsloth_bench.py): its wheels, with the job's bitsandbytes and peft, over the image's
+    # transformers 5.17.0; the Unsloth configurations run with it in place of /tmp/site.
+    PYTHONPATH= python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site-unsloth .whl-unsloth/*.whl .whl/bitsandbytes-*.whl .whl/peft-*.whl 2>&1 \
+        | grep -v "^WARNING: Target directory" | tail -3
+    export UNSLOTH_SITE=/tmp/site-unsloth
 fi
 python3 - <<'PY' | tee "$out/versions.txt"
 import importlib.metadata as md, sys

@@ -76,6 +76,21 @@ CONFIGS = {
                                         "TORCH_COMPILE": "true"}),
     "job-b32-compile": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32", "GRADIENT_CHECKPOINTING": "false",
                                         "TORCH_COMPILE": "true"}),
+    # Issue 17. Unsloth 2026.10.9 in its own process and site directory (bench/unsloth_bench.py): the seed's math
+    # (dropout 0.1), its dropout-0 best, and that padding-free.
+    "unsloth": ("unsloth", 4, 30, {}),
+    "unsloth-d0": ("unsloth", 4, 30, {}),
+    "unsloth-d0-pf": ("unsloth", 4, 30, {}),
+    # The 16 GB mode (job/recompute.py): selective recomputation, and activation offload to pinned host memory.
+    "job-gc-selective": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "selective"}),
+    "job-gc-offload": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "offload"}),
+    "job-gc-selective-compile": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "selective", "TORCH_COMPILE": "true"}),
+    # >= 50% MFU: batch 32 compiled with selective recomputation (room for the batch), and batch 24/32 compiled
+    # with Liger's fused cross-entropy-free kernels off (inductor fuses them).
+    "job-b32-selective-compile": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32",
+                                                  "GRADIENT_CHECKPOINTING": "selective", "TORCH_COMPILE": "true"}),
+    "job-b48-selective-compile": ("job", 48, 12, {"PER_DEVICE_TRAIN_BATCH_SIZE": "48",
+                                                  "GRADIENT_CHECKPOINTING": "selective", "TORCH_COMPILE": "true"}),
 }
 WARMUP_STEPS = 5
 DEFAULT_RECIPE_STEPS = 250   # the seed's 1000 rows at 4 a step, one epoch
@@ -123,6 +138,25 @@ def build_model(directory: Path, layers: int, words: tuple[str, ...] = ()) -> No
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     print(f"built {layers}-layer Llama-2-7B-shaped model in {time.time() - started:.0f} s", flush=True)
+
+
+STREAM_FILE = "work/token_stream.json"   # under work/, which the logs tarball leaves out
+
+
+def stream_digest(rows: list[dict]) -> str:
+    """A short hash of a token stream's ids and labels: equal in every configuration's result, or they differ."""
+    import hashlib
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps([row["input_ids"], row["labels"]]).encode())
+    return h.hexdigest()[:16]
+
+
+def shared_token_stream(out: Path) -> list[dict]:
+    """The stream the bench process wrote for this run (every configuration reads the same file, whatever its
+    transformers), or one drawn here."""
+    path = out / STREAM_FILE
+    return json.loads(path.read_text()) if path.exists() else token_stream()
 
 
 def token_stream(n: int = 2400, seed: int = 0) -> list[dict]:
@@ -447,14 +481,18 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
     import torch
 
     recipe, batch, steps, settings = CONFIGS[name]
-    rows = token_stream()[: batch * steps]
+    rows = shared_token_stream(out)[: batch * steps]
     work = out / "work" / name
     work.mkdir(parents=True, exist_ok=True)
     meter = make_meter(profile)
     started = time.time()
-    runner = run_seed if recipe == "seed" else run_job
     apply_patches(settings.get("patch", []))
-    trainer, info = runner(model_dir, rows, batch, steps, settings, work, meter)
+    if recipe == "unsloth":
+        from unsloth_bench import run_unsloth
+        trainer, info = run_unsloth(name, model_dir, rows, batch, steps, work, meter)
+    else:
+        runner = run_seed if recipe == "seed" else run_job
+        trainer, info = runner(model_dir, rows, batch, steps, settings, work, meter)
     save_timings = time_saves(trainer) if "SAVE_STEPS" in settings else None
     meter.phases = PhaseTimer()
     trainer.compute_loss = meter.phases.wrap("forward+loss", trainer.compute_loss)
@@ -479,6 +517,7 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
     measured_tokens = sum(tokens[i] for i in window)
     result = {
         "config": name, **info, "settings": settings, "sequences_per_step": batch, "steps": steps,
+        "token_stream": stream_digest(rows),
         "measured_steps": len(window), "tokens_per_second": measured_tokens / seconds,
         "seconds_per_step": seconds / len(window), "tokens_per_step": measured_tokens / len(window),
         "peak_gib": max(load_peak, train_peak) / 2**30, "train_peak_gib": train_peak / 2**30,
@@ -678,6 +717,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.run_one:
+        if CONFIGS[args.run_one][0] == "unsloth":
+            import unsloth_bench     # before anything imports transformers
+            unsloth_bench.import_unsloth()
         result = run_one(args.run_one, model_dir, args.out, args.run_one in args.profile.split(","))
         (args.out / f"result-{args.run_one}.json").write_text(json.dumps(result, indent=2))
         return 0
@@ -686,6 +728,8 @@ def main() -> int:
     # One compile cache for this bench run, empty at its start: the first compiling configuration pays a cold
     # compile, the ones after it find its kernels.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.out / "inductor-cache"))
+    (args.out / STREAM_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (args.out / STREAM_FILE).write_text(json.dumps(token_stream()))
     os.sync()   # the freshly written shards would otherwise be flushed during the first configuration's steps
     results = []
     env = environment()
@@ -695,6 +739,9 @@ def main() -> int:
         log = args.out / f"log-{name}.txt"
         try:
             child_env = {**os.environ, **CONFIGS[name][3].get("os_env", {})}
+            if CONFIGS[name][0] == "unsloth":
+                from unsloth_bench import child_environment
+                child_env = child_environment(child_env)
             spy = shutil.which("py-spy") if name in args.pyspy.split(",") else None
             raw = args.out / f"pyspy-{name}.txt"
             prefix = [spy, "record", "--nonblocking", "--threads", "-r", "200", "-f", "raw", "-o", str(raw),
@@ -708,6 +755,8 @@ def main() -> int:
             else:
                 tail = log.read_text().strip().splitlines()[-1:] or ["?"]
                 result = {"config": name, "error": f"exit {proc.returncode}: {tail[0]}"}
+        except RuntimeError as exc:   # unsloth_bench.UnslothUnavailable: no site directory for it
+            result = {"config": name, "error": str(exc)}
         except subprocess.TimeoutExpired:
             result = {"config": name, "error": f"timed out after {args.timeout:.0f} s"}
         result["wall_seconds"] = time.time() - started
@@ -722,6 +771,9 @@ def main() -> int:
         (args.out / "results.json").write_text(json.dumps({"environment": env, "model": args.model,
                                                            "results": results}, indent=2))
     print(table(results), flush=True)
+    streams = {r["config"]: r.get("token_stream") for r in results if "error" not in r}
+    if len(set(streams.values())) > 1:
+        print(f"WARNING: the configurations read different token streams: {streams}", flush=True)
     print(checkpoint_summary(results), flush=True)
     return 0
 
