@@ -72,6 +72,12 @@ CONFIGS = {
     "job-gc-compile": ("job", 4, 30, {"TORCH_COMPILE": "true", "GRADIENT_CHECKPOINTING": "true"}),
     "job-ckpt-compile": ("job", 4, 110, {"SAVE_STEPS": "50", "TORCH_COMPILE": "true"}),
     "job-110-compile": ("job", 4, 110, {"TORCH_COMPILE": "true"}),
+    # The portable compile cache (job/compile_cache.py): cold saves it, cached loads it into an empty inductor cache
+    # (a fresh machine's), so its first step is what a resumed or later run pays.
+    "job-compile-cold": ("job", 4, 30, {"TORCH_COMPILE": "true", "compile_cache": True,
+                                        "os_env": {"TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor-cold"}}),
+    "job-compile-cached": ("job", 4, 30, {"TORCH_COMPILE": "true", "compile_cache": True,
+                                          "os_env": {"TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor-cached"}}),
     "job-b24-compile": ("job", 24, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false",
                                         "TORCH_COMPILE": "true"}),
     "job-b32-compile": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32", "GRADIENT_CHECKPOINTING": "false",
@@ -426,6 +432,7 @@ def run_job(model_dir: Path, rows, batch: int, steps: int, settings: dict, work:
     import dataclasses
 
     import datasets
+    import torch
 
     from job.config import from_env
     from job.log import Reporter
@@ -442,15 +449,22 @@ def run_job(model_dir: Path, rows, batch: int, steps: int, settings: dict, work:
     # bench's few steps.
     plan = speed_plan(config, DEVICE, steps=DEFAULT_RECIPE_STEPS)
     model = add_lora(config, load_base_model(config, tokenizer, DEVICE, plan), tokenizer)
+    callbacks = [meter]
     if plan.torch_compile:
         from job.speed import compile_layers
         compile_layers(model)
+        if settings.get("compile_cache"):   # the job's portable compile cache, in a store shared by this bench run
+            from job import compile_cache
+            from job.storage import open_store
+            cache = compile_cache.for_run(config, open_store(str(work.parent / "compile-store")), model.config,
+                                          torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu")
+            cache.find()
+            callbacks += compile_cache.attach(cache, Reporter("json"), True)
     args = training_arguments(config, work / "trainer", DEVICE, False, plan)
     saving = "SAVE_STEPS" in env
     args = dataclasses.replace(args, train_sampling_strategy="sequential",
                                bf16=settings.get("autocast") == "bf16",
                                save_strategy="steps" if saving else "no")
-    callbacks = [meter]
     uri = None
     if saving:
         store, uri = _checkpoint_store(config, work)

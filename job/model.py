@@ -34,7 +34,8 @@ def persona_token_ids(tokenizer) -> list[int]:
     return tokenizer.convert_tokens_to_ids(PERSONA_TOKENS)
 
 
-def speed_plan(config: Config, device: str, model=None, steps: int | None = None, world_size: int = 1):
+def speed_plan(config: Config, device: str, model=None, steps: int | None = None, world_size: int = 1,
+               compile_seconds: float | None = None):
     """The speed levers for this device (job/speed.py), sized by the base model's shape and the run's length."""
     from .speed import plan
 
@@ -43,7 +44,7 @@ def speed_plan(config: Config, device: str, model=None, steps: int | None = None
     else:
         from transformers import AutoConfig
         model_config = AutoConfig.from_pretrained(config.base_model, token=config.hf_token or None)
-    return plan(config, device, model_config, steps, world_size)
+    return plan(config, device, model_config, steps, world_size, compile_seconds)
 
 
 def load_base_model(config: Config, tokenizer, device: str, plan=None):

@@ -69,14 +69,16 @@ def liger_available() -> bool:
 
 
 def plan(config: Config, device: str, model_config=None, steps: int | None = None,
-         world_size: int = 1) -> SpeedPlan:
+         world_size: int = 1, compile_seconds: float | None = None) -> SpeedPlan:
     """Resolve every auto setting for this device. `model_config` (the base's transformers config) sizes the
     gradient-checkpointing choice; without it the choice falls back to a 7B-sized estimate. `steps` (the optimizer
-    steps this run has left) decides whether compiling pays; unknown, it does not."""
+    steps this run has left) decides whether compiling pays; unknown, it does not. `compile_seconds`: what the first
+    compiled step was measured to cost with this run's compile cache loaded (job/compile_cache.py), in place of a
+    cold compile's."""
     gpu = device == "cuda"
     modern = gpu and torch.cuda.get_device_capability(0) >= (8, 0)
     padding_free = _setting(config.padding_free, gpu)
-    compile_, compile_why = _torch_compile(config, modern, padding_free, steps, world_size)
+    compile_, compile_why = _torch_compile(config, modern, padding_free, steps, world_size, compile_seconds)
     eager_liger = _setting(config.use_liger_kernel, gpu and liger_available())
     # Compiled or with Liger's kernels, RMSNorm and SwiGLU keep no intermediate copies.
     checkpointing, why = _gradient_checkpointing(config, device, model_config, compile_ or eager_liger)
@@ -94,18 +96,21 @@ def plan(config: Config, device: str, model_config=None, steps: int | None = Non
 
 
 def _torch_compile(config: Config, modern_gpu: bool, padding_free: bool, steps: int | None,
-                   world_size: int) -> tuple[bool, str]:
+                   world_size: int, compile_seconds: float | None = None) -> tuple[bool, str]:
     if config.torch_compile != "auto":
         return config.torch_compile == "true", f"torch.compile {config.torch_compile} (set)"
     if not modern_gpu or not padding_free or not triton_available():
         return False, "torch.compile off: needs an Ampere or newer GPU, triton and padding-free batches"
     if world_size > 1:   # measured on one GPU only; TORCH_COMPILE=true compiles under DDP too
         return False, "torch.compile off: not measured with several GPUs (TORCH_COMPILE=true to compile)"
-    repays = int(COMPILE_SECONDS / COMPILE_SAVING_PER_STEP)
+    cost = COMPILE_SECONDS if compile_seconds is None else compile_seconds
+    what = (f"a ~{cost:.0f} s compile" if compile_seconds is None else
+            f"a {cost:.0f} s first step with the compile cache of this GPU, torch and job (measured)")
+    repays = int(cost / COMPILE_SAVING_PER_STEP)
     if steps is None or steps < repays:
         return False, (f"torch.compile off: {steps if steps is not None else 'an unknown number of'} steps to run, "
-                       f"fewer than the ~{repays} that repay a ~{COMPILE_SECONDS:.0f} s compile")
-    return True, f"torch.compile on: {steps} steps to run repay a ~{COMPILE_SECONDS:.0f} s compile (>= {repays})"
+                       f"fewer than the ~{repays} that repay {what}")
+    return True, f"torch.compile on: {steps} steps to run repay {what} (>= {repays})"
 
 
 def activation_bytes(model_config, tokens: int, fused: bool) -> int:

@@ -171,13 +171,17 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
         raise Stopped("stopped before training started; nothing new to save")
 
     steps_left = planned_steps(config, len(train_examples), topology.world_size) - (resume[0] if resume else 0)
-    plan = speed_plan(config, prepared.device, steps=steps_left, world_size=topology.world_size)
+    from . import compile_cache
+    cache = compile_cache.lookup(config, run_store.store, prepared.device)
+    plan = speed_plan(config, prepared.device, steps=steps_left, world_size=topology.world_size,
+                      compile_seconds=cache.warm_compile_seconds() if cache else None)
     reporter.event("speed", "speed settings for this device", **plan.describe())
     model = load_base_model(config, tokenizer, prepared.device, plan)
     model = add_lora(config, model, tokenizer)
     if plan.torch_compile:
         from .speed import compile_layers
         layers = compile_layers(model)
+        cache_callbacks = compile_cache.attach(cache, reporter, topology.is_main)
         reporter.event("speed", f"torch.compile: {layers} decoder layers compile on the first step (one-time)",
                        layers=layers)
     reporter.event("model", "4-bit base with LoRA ready", base=config.base_model,
@@ -197,7 +201,7 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
                                         data_collator(plan, tokenizer), prepared.device)
         except ValueError as exc:   # an NLI_MODEL without entailment/contradiction labels
             raise BadInput(str(exc)) from None
-    callbacks = [StopCallback(stop)]
+    callbacks = [StopCallback(stop)] + (cache_callbacks if plan.torch_compile else [])
     if evaluator and config.eval_at_checkpoints:
         callbacks.append(EvaluationCallback(evaluator, stop, reporter, status))
     trainer = PersonaTrainer(
@@ -216,6 +220,8 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
         result = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     finally:
         reporter.close_progress()
+        if cache is not None:
+            cache.wait(10)   # its one write, after the first step: long done unless the run was that short
 
     if stop.received:
         committed = committer.wait(config.shutdown_budget_seconds)
