@@ -72,6 +72,7 @@ def bench_one(env: dict[str, str], out: Path) -> dict:
     from job.config import from_env
     from job.data import encode_rows
     from job.model import add_lora, load_base_model, load_tokenizer, speed_plan
+    from job.recompute import callbacks as recompute_callbacks
     from job.speed import compile_layers, data_collator
     from job.train import _prepare_rows, planned_steps
     from job.trainer import PersonaTrainer, training_arguments
@@ -110,7 +111,7 @@ def bench_one(env: dict[str, str], out: Path) -> dict:
     meter = Meter()
     trainer = PersonaTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                              data_collator=data_collator(plan, tokenizer), processing_class=tokenizer,
-                             callbacks=[meter])
+                             callbacks=[meter] + recompute_callbacks(plan.recompute))
     trainer.train()
     intervals = [{"step": s1, "tokens_per_second": (k1 - k0) / (t1 - t0)}
                  for (s0, t0, k0), (s1, t1, k1) in zip(meter.marks, meter.marks[1:])]

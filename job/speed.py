@@ -44,6 +44,7 @@ class SpeedPlan:
     gradient_checkpointing: bool
     reasons: tuple[str, ...] = ()
     torch_compile: bool = False
+    recompute: str = ""          # job/recompute.py's mode when gradient_checkpointing: layers, selective, offload
 
     @property
     def attn_implementation(self) -> str:
@@ -90,8 +91,10 @@ def plan(config: Config, device: str, model_config=None, steps: int | None = Non
     reasons = []
     if config.use_liger_kernel == "auto" and gpu and not compile_ and not liger:
         reasons.append("liger-kernel not installed: unfused RMSNorm/SwiGLU/RoPE")
+    from .recompute import mode
     return SpeedPlan(padding_free=padding_free, liger_kernel=liger, tf32=_setting(config.tf32, modern),
                      gradient_checkpointing=checkpointing, torch_compile=compile_,
+                     recompute=mode(config.gradient_checkpointing, checkpointing),
                      reasons=tuple(reasons + [why, compile_why]))
 
 
@@ -134,7 +137,7 @@ def weight_bytes(model_config) -> int:
 
 def _gradient_checkpointing(config: Config, device: str, model_config, fused: bool) -> tuple[bool, str]:
     if config.gradient_checkpointing != "auto":
-        return config.gradient_checkpointing == "true", f"gradient checkpointing {config.gradient_checkpointing} (set)"
+        return config.gradient_checkpointing != "false", f"gradient checkpointing {config.gradient_checkpointing} (set)"
     if device != "cuda":
         return False, "gradient checkpointing off: not a GPU"
     total = torch.cuda.get_device_properties(0).total_memory

@@ -201,7 +201,10 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
                                         data_collator(plan, tokenizer), prepared.device)
         except ValueError as exc:   # an NLI_MODEL without entailment/contradiction labels
             raise BadInput(str(exc)) from None
-    callbacks = [StopCallback(stop)] + (cache_callbacks if plan.torch_compile else [])
+    from .recompute import callbacks as recompute_callbacks
+    callbacks = [StopCallback(stop), *recompute_callbacks(plan.recompute)]
+    if plan.torch_compile:
+        callbacks += cache_callbacks
     if evaluator and config.eval_at_checkpoints:
         callbacks.append(EvaluationCallback(evaluator, stop, reporter, status))
     trainer = PersonaTrainer(

@@ -19,6 +19,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .config import Config
 from .distributed import any_rank, barrier, split_batch
 from .log import Reporter
+from .recompute import checkpoint_kwargs
 from .speed import SpeedPlan, eager
 from .storage import BackgroundUploader, RunStore
 
@@ -51,7 +52,7 @@ def training_arguments(config: Config, output_dir: Path, device: str, has_eval: 
         bf16=False, fp16=False,          # compute dtype comes from the 4-bit config, as in the seed
         tf32=plan.tf32 if device == "cuda" else None,
         gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        gradient_checkpointing_kwargs=checkpoint_kwargs(plan.recompute) if gradient_checkpointing else None,
         use_cpu=device == "cpu",
         ddp_backend=("gloo" if device == "cpu" else "nccl") if world_size > 1 else None,
         ddp_find_unused_parameters=False if world_size > 1 else None,
