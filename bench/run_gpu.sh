@@ -3,7 +3,8 @@
 #   bash bench/run_gpu.sh OUT_DIR [speed.py configs] [configs to profile] [e2e|numerics|no-e2e]
 # Carry .whl (the job's stack, bench/fetch_wheels.sh); .whl-extra for checkpointing configurations, e2e and PYSPY;
 # .whl-unsloth (bench/fetch_unsloth_wheels.sh) for the unsloth* configurations.
-# Environment: PYSPY=configs to sample with py-spy, SKIP_SNAPSHOT=1 to skip bench/snapshot_check.py,
+# Environment: CLI_SPEED=job configs to also run through `python -m job train` (bench/cli_speed.py; CLI_STEPS steps,
+# default 40; CLI_PYSPY=1 samples both sides), PYSPY=configs to sample with py-spy, SKIP_SNAPSHOT=1 to skip bench/snapshot_check.py,
 # SPEED_TIMEOUT / CONFIG_TIMEOUT / E2E_TIMEOUT seconds.
 # Wheels: bench/fetch_wheels.sh puts them in .whl/ here; the device tool carries .whl (README.md, Notes).
 set -uo pipefail
@@ -54,6 +55,11 @@ if [ "$configs" != "none" ]; then
     timeout "${SPEED_TIMEOUT:-400}" python3 bench/speed.py --out "$scratch/speed" --configs "$configs" \
         --profile "$profile" --pyspy "${PYSPY:-}" --timeout "${CONFIG_TIMEOUT:-200}" || status=1
 fi
+if [ -n "${CLI_SPEED:-}" ]; then
+    timeout "${CLI_TIMEOUT:-300}" python3 bench/cli_speed.py --out "$scratch/cli" --configs "$CLI_SPEED" \
+        --steps "${CLI_STEPS:-40}" ${CLI_PYSPY:+--pyspy} || status=1
+    cp "$scratch/cli/results.json" "$out/cli_results.json" 2>/dev/null
+fi
 if [ "$e2e" = "e2e" ]; then
     timeout "${E2E_TIMEOUT:-240}" python3 bench/gpu_e2e.py --out "$scratch" || status=1
 elif [ "$e2e" = "numerics" ]; then
@@ -61,5 +67,6 @@ elif [ "$e2e" = "numerics" ]; then
 fi
 cp "$scratch/speed/results.json" "$scratch/GPU_E2E.md" "$out/" 2>/dev/null
 cp "$scratch"/speed/pyspy-*.json "$out/" 2>/dev/null
-tar czf "$out/logs.tgz" -C "$scratch" --exclude=work . 2>/dev/null
+tar czf "$out/logs.tgz" -C "$scratch" --exclude=work --exclude=store --exclude=out --exclude=trainer \
+    --exclude="*.jsonl" . 2>/dev/null
 exit $status
