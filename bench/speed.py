@@ -499,7 +499,8 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
     import torch
 
     recipe, batch, steps, settings = CONFIGS[name]
-    rows = shared_token_stream(out)[: batch * steps]
+    stream = shared_token_stream(out)
+    rows = stream[: batch * steps]
     work = out / "work" / name
     work.mkdir(parents=True, exist_ok=True)
     meter = make_meter(profile)
@@ -535,7 +536,7 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
     measured_tokens = sum(tokens[i] for i in window)
     result = {
         "config": name, **info, "settings": settings, "sequences_per_step": batch, "steps": steps,
-        "token_stream": stream_digest(rows),
+        "token_stream": stream_digest(stream),   # the whole stream, of which each configuration reads the start
         "measured_steps": len(window), "tokens_per_second": measured_tokens / seconds,
         "seconds_per_step": seconds / len(window), "tokens_per_step": measured_tokens / len(window),
         "peak_gib": max(load_peak, train_peak) / 2**30, "train_peak_gib": train_peak / 2**30,
