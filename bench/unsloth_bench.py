@@ -107,8 +107,8 @@ def fast_path(model, dropout: float, on_gpu: bool = True) -> dict:
                              f"{type(layers[0].self_attn).forward.__qualname__}",
         "gradient_checkpointing": getattr(model, "_unsloth_gradient_checkpointing", None),
         "lora_dropout": dropout,
-        "qkv": sorted({getattr(layer.self_attn, "apply_qkv", None).__name__ for layer in layers}),
-        "o": sorted({getattr(layer.self_attn, "apply_o", None).__name__ for layer in layers}),
+        "qkv": sorted({_name(getattr(layer.self_attn, "apply_qkv", None)) for layer in layers}),
+        "o": sorted({_name(getattr(layer.self_attn, "apply_o", None)) for layer in layers}),
         "nf4_linears": sum(isinstance(m, bnb.nn.Linear4bit) for m in base.modules()),
         "dtype": str(base.model.embed_tokens.weight.dtype),
     }
@@ -128,6 +128,10 @@ def fast_path(model, dropout: float, on_gpu: bool = True) -> dict:
     if problems:
         raise UnslothUnavailable("Unsloth's fast path is not on the model: " + "; ".join(problems))
     return found
+
+
+def _name(function) -> str:
+    return getattr(function, "__name__", str(function))
 
 
 class PaddingFreeCollator:
