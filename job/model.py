@@ -35,7 +35,7 @@ def persona_token_ids(tokenizer) -> list[int]:
 
 
 def speed_plan(config: Config, device: str, model=None, steps: int | None = None, world_size: int = 1,
-               compile_seconds: float | None = None):
+               compile_seconds: float | None = None, cache_unmeasured: bool = False):
     """The speed levers for this device (job/speed.py), sized by the base model's shape and the run's length."""
     from .speed import plan
 
@@ -44,7 +44,7 @@ def speed_plan(config: Config, device: str, model=None, steps: int | None = None
     else:
         from transformers import AutoConfig
         model_config = AutoConfig.from_pretrained(config.base_model, token=config.hf_token or None)
-    return plan(config, device, model_config, steps, world_size, compile_seconds)
+    return plan(config, device, model_config, steps, world_size, compile_seconds, cache_unmeasured)
 
 
 def load_base_model(config: Config, tokenizer, device: str, plan=None):

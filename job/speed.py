@@ -70,16 +70,17 @@ def liger_available() -> bool:
 
 
 def plan(config: Config, device: str, model_config=None, steps: int | None = None,
-         world_size: int = 1, compile_seconds: float | None = None) -> SpeedPlan:
+         world_size: int = 1, compile_seconds: float | None = None, cache_unmeasured: bool = False) -> SpeedPlan:
     """Resolve every auto setting for this device. `model_config` (the base's transformers config) sizes the
     gradient-checkpointing choice; without it the choice falls back to a 7B-sized estimate. `steps` (the optimizer
     steps this run has left) decides whether compiling pays; unknown, it does not. `compile_seconds`: what the first
     compiled step was measured to cost with this run's compile cache loaded (job/compile_cache.py), in place of a
-    cold compile's."""
+    cold compile's; `cache_unmeasured`: a cache is stored but no run has measured its first step yet."""
     gpu = device == "cuda"
     modern = gpu and torch.cuda.get_device_capability(0) >= (8, 0)
     padding_free = _setting(config.padding_free, gpu)
-    compile_, compile_why = _torch_compile(config, modern, padding_free, steps, world_size, compile_seconds)
+    compile_, compile_why = _torch_compile(config, modern, padding_free, steps, world_size, compile_seconds,
+                                           cache_unmeasured)
     eager_liger = _setting(config.use_liger_kernel, gpu and liger_available())
     # Compiled or with Liger's kernels, RMSNorm and SwiGLU keep no intermediate copies.
     checkpointing, why = _gradient_checkpointing(config, device, model_config, compile_ or eager_liger)
@@ -99,13 +100,18 @@ def plan(config: Config, device: str, model_config=None, steps: int | None = Non
 
 
 def _torch_compile(config: Config, modern_gpu: bool, padding_free: bool, steps: int | None,
-                   world_size: int, compile_seconds: float | None = None) -> tuple[bool, str]:
+                   world_size: int, compile_seconds: float | None = None,
+                   cache_unmeasured: bool = False) -> tuple[bool, str]:
     if config.torch_compile != "auto":
         return config.torch_compile == "true", f"torch.compile {config.torch_compile} (set)"
     if not modern_gpu or not padding_free or not triton_available():
         return False, "torch.compile off: needs an Ampere or newer GPU, triton and padding-free batches"
     if world_size > 1:   # measured on one GPU only; TORCH_COMPILE=true compiles under DDP too
         return False, "torch.compile off: not measured with several GPUs (TORCH_COMPILE=true to compile)"
+    if compile_seconds is None and cache_unmeasured and steps:
+        # Only a run that loads the cache can measure what it saves; the next runs weigh that measurement.
+        return True, (f"torch.compile on: a compile cache of this GPU, torch and job is stored and its first step "
+                      f"not measured yet; this run loads it and measures it ({steps} steps to run)")
     cost = COMPILE_SECONDS if compile_seconds is None else compile_seconds
     what = (f"a ~{cost:.0f} s compile" if compile_seconds is None else
             f"a {cost:.0f} s first step with the compile cache of this GPU, torch and job (measured)")

@@ -174,7 +174,8 @@ def run_training(config: Config, reporter: Reporter, prepared: Prepared, stop: S
     from . import compile_cache
     cache = compile_cache.lookup(config, run_store.store, prepared.device)
     plan = speed_plan(config, prepared.device, steps=steps_left, world_size=topology.world_size,
-                      compile_seconds=cache.warm_compile_seconds() if cache else None)
+                      compile_seconds=cache.warm_compile_seconds() if cache else None,
+                      cache_unmeasured=bool(cache and cache.meta.get("bytes")))
     reporter.event("speed", "speed settings for this device", **plan.describe())
     model = load_base_model(config, tokenizer, prepared.device, plan)
     model = add_lora(config, model, tokenizer)

@@ -107,3 +107,9 @@ def test_with_a_measured_cache_auto_compiles_shorter_runs_and_says_why(monkeypat
     assert "compile cache" in " ".join(warm.reasons) and "12 s" in " ".join(warm.reasons)
     slow = plan(from_env({}), "cuda", LLAMA_7B, steps=250, compile_seconds=60.0)   # a cache that barely helps
     assert not slow.torch_compile and "compile cache" in " ".join(slow.reasons)
+    # A stored cache no run has loaded yet: the next run loads it, measures it, and the runs after weigh that.
+    first = plan(from_env({}), "cuda", LLAMA_7B, steps=250, cache_unmeasured=True)
+    assert first.torch_compile and "not measured yet" in " ".join(first.reasons)
+    assert not plan(from_env({}), "cuda", LLAMA_7B, steps=250, compile_seconds=60.0, cache_unmeasured=True).torch_compile
+    assert not plan(from_env({"TORCH_COMPILE": "false"}), "cuda", LLAMA_7B, steps=250,
+                    cache_unmeasured=True).torch_compile
