@@ -56,8 +56,8 @@ if [ "$configs" != "none" ]; then
         --profile "$profile" --pyspy "${PYSPY:-}" --timeout "${CONFIG_TIMEOUT:-200}" || status=1
 fi
 if [ -n "${CLI_SPEED:-}" ]; then
-    timeout "${CLI_TIMEOUT:-300}" python3 bench/cli_speed.py --out "$scratch/cli" --configs "$CLI_SPEED" \
-        --steps "${CLI_STEPS:-40}" ${CLI_PYSPY:+--pyspy} || status=1
+    timeout "${CLI_TIMEOUT:-540}" python3 bench/cli_speed.py --out "$scratch/cli" --configs "$CLI_SPEED" \
+        --steps "${CLI_STEPS:-40}" --timeout "${CLI_CONFIG_TIMEOUT:-200}" ${CLI_PYSPY:+--pyspy} || status=1
     cp "$scratch/cli/results.json" "$out/cli_results.json" 2>/dev/null
 fi
 if [ "$e2e" = "e2e" ]; then
