@@ -11,9 +11,9 @@ fast path is put on a model the same way, through its own loader: `FastLanguageM
 folder>, load_in_4bit=True, local_files_only=True)` dispatches a Llama config to `FastLlamaModel`, whose
 `pre_patch()` replaces LlamaAttention/LlamaDecoderLayer/LlamaModel/LlamaForCausalLM's forwards before the model is
 built and loads it with bitsandbytes NF4; then `FastLanguageModel.get_peft_model(...,
-use_gradient_checkpointing="unsloth")` adds peft's LoRA, Unsloth's fused LoRA kernels (only with lora_dropout 0
-and bias "none": with dropout its layers keep peft's LoRA forward, which is part of why the seed-math row is
-slower than the dropout-0 one) and its offloaded gradient checkpointing. `fast_path()` checks each of these on the
+use_gradient_checkpointing="unsloth")` adds peft's LoRA, Unsloth's fused LoRA kernels (only with lora_dropout 0,
+bias "none" and LoRA on all of q, k and v, or on all of gate, up and down: the seed's q_proj,v_proj never qualify,
+so both rows run peft's LoRA forward and differ by the dropout alone) and its offloaded gradient checkpointing. `fast_path()` checks each of these on the
 loaded model and raises `UnslothUnavailable` if one is missing: a configuration named unsloth never measures
 anything but Unsloth.
 
@@ -38,6 +38,7 @@ SETTINGS = {
 DEFAULT_SITE = "/tmp/site-unsloth"
 REQUIRED_ENV = {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1"}
 MAX_SEQ_LENGTH = 1024
+TARGET_MODULES = ["q_proj", "v_proj"]   # the seed's
 
 
 class UnslothUnavailable(RuntimeError):
@@ -87,7 +88,7 @@ def load(model_dir: Path, dropout: float, seed: int = 42):
         model_name=str(model_dir), max_seq_length=MAX_SEQ_LENGTH, dtype=None, load_in_4bit=True,
         local_files_only=True)
     model = FastLanguageModel.get_peft_model(
-        model, r=64, lora_alpha=16, lora_dropout=dropout, target_modules=["q_proj", "v_proj"], bias="none",
+        model, r=64, lora_alpha=16, lora_dropout=dropout, target_modules=TARGET_MODULES, bias="none",
         use_gradient_checkpointing="unsloth", random_state=seed)
     return model, tokenizer, fast_path(model, dropout, on_gpu=torch.cuda.is_available())
 
@@ -121,10 +122,12 @@ def fast_path(model, dropout: float, on_gpu: bool = True) -> dict:
     if on_gpu:
         if found["nf4_linears"] != 7 * len(layers):
             problems.append(f"{found['nf4_linears']} NF4 linear layers, expected {7 * len(layers)}")
-        # With dropout 0 Unsloth fuses q/k/v's LoRA (apply_lora_qkv); with dropout it keeps peft's forward.
-        if dropout == 0 and found["qkv"] != ["apply_lora_qkv"]:
-            problems.append(f"lora_dropout 0 but the q/k/v projections run {found['qkv']}, not Unsloth's fused "
-                            f"apply_lora_qkv")
+        # Unsloth fuses q/k/v's LoRA (apply_lora_qkv) only at dropout 0 and only when q, k and v all carry LoRA
+        # (unsloth/models/llama.py, patch_peft_model); the seed's q_proj,v_proj never qualify, at any dropout.
+        fusable = dropout == 0 and {"q_proj", "k_proj", "v_proj"} <= set(TARGET_MODULES)
+        if fusable and found["qkv"] != ["apply_lora_qkv"]:
+            problems.append(f"lora_dropout 0 with LoRA on q, k and v, but the projections run {found['qkv']}, not "
+                            f"Unsloth's fused apply_lora_qkv")
     if problems:
         raise UnslothUnavailable("Unsloth's fast path is not on the model: " + "; ".join(problems))
     return found

@@ -52,9 +52,11 @@ def test_a_model_without_unsloths_fast_path_is_not_measured_as_unsloth(tiny_mode
     with pytest.raises(UnslothUnavailable) as failed:
         fast_path(model, dropout=0.0, on_gpu=True)
     message = str(failed.value)
-    for piece in ("decoder_layer_forward", "model_forward", "attention_forward", "gradient checkpointing",
-                  "apply_lora_qkv"):
+    for piece in ("decoder_layer_forward", "model_forward", "attention_forward", "gradient checkpointing"):
         assert piece in message, message
+    # The seed's q_proj,v_proj leave Unsloth nothing to fuse (it fuses q/k/v only when all three carry LoRA), so
+    # its unfused forward is not held against it.
+    assert "apply_lora_qkv" not in message
     assert "NF4" not in message   # the job's base is NF4 (2 layers x 7 linears here), as Unsloth's must be
 
 
