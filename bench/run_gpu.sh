@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine: install the carried wheels, record the machine, then run the benchmark and the GPU e2e.
 #   bash bench/run_gpu.sh OUT_DIR [speed.py configs] [configs to profile] [e2e|numerics|no-e2e]
-# Environment: PYSPY=configs to sample with py-spy, SKIP_SNAPSHOT=1 to skip bench/snapshot_check.py,
+# Carry .whl (the job's stack, bench/fetch_wheels.sh); .whl-extra for checkpointing configurations, e2e and PYSPY;
+# .whl-unsloth (bench/fetch_unsloth_wheels.sh) for the unsloth* configurations.
+# Environment: CLI_SPEED=job configs to also run through `python -m job train` (bench/cli_speed.py; CLI_STEPS steps,
+# default 40; CLI_PYSPY=1 samples both sides), PYSPY=configs to sample with py-spy, SKIP_SNAPSHOT=1 to skip bench/snapshot_check.py,
 # SPEED_TIMEOUT / CONFIG_TIMEOUT / E2E_TIMEOUT seconds.
 # Wheels: bench/fetch_wheels.sh puts them in .whl/ here; the device tool carries .whl (README.md, Notes).
 set -uo pipefail
@@ -19,9 +22,18 @@ date -u +"%Y-%m-%d %H:%M:%S UTC" | tee "$out/gpu.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee -a "$out/gpu.txt"
 python3 -m pip list 2>/dev/null > "$out/pip-list-image.txt"
 if [ -d .whl ]; then
+    # .whl-extra (moto's S3 server, py-spy), where carried, goes into the same site.
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl 2>&1 | grep -v "^WARNING: Target directory" | tail -3
+        .whl/*.whl $(ls .whl-extra/*.whl 2>/dev/null) 2>&1 | grep -v "^WARNING: Target directory" | tail -3
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
+fi
+if [ -d .whl-unsloth ]; then
+    # Unsloth's own site (bench/unsloth_bench.py): its wheels, with the job's bitsandbytes and peft, over the image's
+    # transformers 5.17.0; the Unsloth configurations run with it in place of /tmp/site.
+    PYTHONPATH= python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site-unsloth .whl-unsloth/*.whl .whl/bitsandbytes-*.whl .whl/peft-*.whl 2>&1 \
+        | grep -v "^WARNING: Target directory" | tail -3
+    export UNSLOTH_SITE=/tmp/site-unsloth
 fi
 python3 - <<'PY' | tee "$out/versions.txt"
 import importlib.metadata as md, sys
@@ -43,6 +55,11 @@ if [ "$configs" != "none" ]; then
     timeout "${SPEED_TIMEOUT:-400}" python3 bench/speed.py --out "$scratch/speed" --configs "$configs" \
         --profile "$profile" --pyspy "${PYSPY:-}" --timeout "${CONFIG_TIMEOUT:-200}" || status=1
 fi
+if [ -n "${CLI_SPEED:-}" ]; then
+    timeout "${CLI_TIMEOUT:-540}" python3 bench/cli_speed.py --out "$scratch/cli" --configs "$CLI_SPEED" \
+        --steps "${CLI_STEPS:-40}" --timeout "${CLI_CONFIG_TIMEOUT:-200}" ${CLI_PYSPY:+--pyspy} || status=1
+    cp "$scratch/cli/results.json" "$out/cli_results.json" 2>/dev/null
+fi
 if [ "$e2e" = "e2e" ]; then
     timeout "${E2E_TIMEOUT:-240}" python3 bench/gpu_e2e.py --out "$scratch" || status=1
 elif [ "$e2e" = "numerics" ]; then
@@ -50,5 +67,6 @@ elif [ "$e2e" = "numerics" ]; then
 fi
 cp "$scratch/speed/results.json" "$scratch/GPU_E2E.md" "$out/" 2>/dev/null
 cp "$scratch"/speed/pyspy-*.json "$out/" 2>/dev/null
-tar czf "$out/logs.tgz" -C "$scratch" --exclude=work . 2>/dev/null
+tar czf "$out/logs.tgz" -C "$scratch" --exclude=work --exclude=store --exclude=out --exclude=trainer \
+    --exclude="*.jsonl" . 2>/dev/null
 exit $status

@@ -12,6 +12,7 @@ import torch
 
 from ..config import Config
 from .attention import PADDING_FREE_ATTENTION
+from .recompute import mode
 
 GiB = 2 ** 30
 # Activation memory kept for the backward pass, in bytes per token per decoder layer per unit of hidden size, for
@@ -38,6 +39,7 @@ class SpeedPlan:
     gradient_checkpointing: bool
     reasons: tuple[str, ...] = ()
     torch_compile: bool = False
+    recompute: str = ""          # recompute.py's mode when gradient_checkpointing: layers, selective, offload
 
     @property
     def attn_implementation(self) -> str:
@@ -63,14 +65,17 @@ def liger_available() -> bool:
 
 
 def plan(config: Config, device: str, model_config=None, steps: int | None = None,
-         world_size: int = 1) -> SpeedPlan:
+         world_size: int = 1, compile_seconds: float | None = None, cache_unmeasured: bool = False) -> SpeedPlan:
     """Resolve every auto setting for this device. `model_config` (the base's transformers config) sizes the
     gradient-checkpointing choice; without it the choice falls back to a 7B-sized estimate. `steps` (the optimizer
-    steps this run has left) decides whether compiling pays; unknown, it does not."""
+    steps this run has left) decides whether compiling pays; unknown, it does not. `compile_seconds`: what the first
+    compiled step was measured to cost with this run's compile cache loaded (compile_cache.py), in place of a
+    cold compile's; `cache_unmeasured`: a cache is stored but no run has measured its first step yet."""
     gpu = device == "cuda"
     modern = gpu and torch.cuda.get_device_capability(0) >= (8, 0)
     padding_free = _setting(config.padding_free, gpu)
-    compile_, compile_why = _torch_compile(config, modern, padding_free, steps, world_size)
+    compile_, compile_why = _torch_compile(config, modern, padding_free, steps, world_size, compile_seconds,
+                                           cache_unmeasured)
     eager_liger = _setting(config.use_liger_kernel, gpu and liger_available())
     # Compiled or with Liger's kernels, RMSNorm and SwiGLU keep no intermediate copies.
     checkpointing, why = _gradient_checkpointing(config, device, model_config, compile_ or eager_liger)
@@ -84,22 +89,31 @@ def plan(config: Config, device: str, model_config=None, steps: int | None = Non
         reasons.append("liger-kernel not installed: unfused RMSNorm/SwiGLU/RoPE")
     return SpeedPlan(padding_free=padding_free, liger_kernel=liger, tf32=_setting(config.tf32, modern),
                      gradient_checkpointing=checkpointing, torch_compile=compile_,
+                     recompute=mode(config.gradient_checkpointing, checkpointing),
                      reasons=tuple(reasons + [why, compile_why]))
 
 
 def _torch_compile(config: Config, modern_gpu: bool, padding_free: bool, steps: int | None,
-                   world_size: int) -> tuple[bool, str]:
+                   world_size: int, compile_seconds: float | None = None,
+                   cache_unmeasured: bool = False) -> tuple[bool, str]:
     if config.torch_compile != "auto":
         return config.torch_compile == "true", f"torch.compile {config.torch_compile} (set)"
     if not modern_gpu or not padding_free or not triton_available():
         return False, "torch.compile off: needs an Ampere or newer GPU, triton and padding-free batches"
     if world_size > 1:   # measured on one GPU only; TORCH_COMPILE=true compiles under DDP too
         return False, "torch.compile off: not measured with several GPUs (TORCH_COMPILE=true to compile)"
-    repays = int(COMPILE_SECONDS / COMPILE_SAVING_PER_STEP)
+    if compile_seconds is None and cache_unmeasured and steps:
+        # Only a run that loads the cache can measure what it saves; the next runs weigh that measurement.
+        return True, (f"torch.compile on: a compile cache of this GPU, torch and job is stored and its first step "
+                      f"not measured yet; this run loads it and measures it ({steps} steps to run)")
+    cost = COMPILE_SECONDS if compile_seconds is None else compile_seconds
+    what = (f"a ~{cost:.0f} s compile" if compile_seconds is None else
+            f"a {cost:.0f} s first step with the compile cache of this GPU, torch and job (measured)")
+    repays = int(cost / COMPILE_SAVING_PER_STEP)
     if steps is None or steps < repays:
         return False, (f"torch.compile off: {steps if steps is not None else 'an unknown number of'} steps to run, "
-                       f"fewer than the ~{repays} that repay a ~{COMPILE_SECONDS:.0f} s compile")
-    return True, f"torch.compile on: {steps} steps to run repay a ~{COMPILE_SECONDS:.0f} s compile (>= {repays})"
+                       f"fewer than the ~{repays} that repay {what}")
+    return True, f"torch.compile on: {steps} steps to run repay {what} (>= {repays})"
 
 
 def activation_bytes(model_config, tokens: int, fused: bool) -> int:
@@ -123,7 +137,7 @@ def weight_bytes(model_config) -> int:
 
 def _gradient_checkpointing(config: Config, device: str, model_config, fused: bool) -> tuple[bool, str]:
     if config.gradient_checkpointing != "auto":
-        return config.gradient_checkpointing == "true", f"gradient checkpointing {config.gradient_checkpointing} (set)"
+        return config.gradient_checkpointing != "false", f"gradient checkpointing {config.gradient_checkpointing} (set)"
     if device != "cuda":
         return False, "gradient checkpointing off: not a GPU"
     total = torch.cuda.get_device_properties(0).total_memory
