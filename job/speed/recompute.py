@@ -3,10 +3,12 @@
 - `layers` (`true`, and what `auto` picks when memory needs it): each decoder layer keeps only its input and runs
   its whole forward again in the backward pass (torch.utils.checkpoint, non-reentrant). Least memory, a third more
   compute.
-- `selective`: each decoder layer keeps the outputs of its matrix products and attention (torch's selective
-  activation checkpointing: `create_selective_checkpoint_contexts` with `save_matmuls` below) and recomputes only
-  the cheap elementwise work between them (norms, SiLU, products, RoPE, casts, dropout masks are kept by torch).
-  No matmul or 4-bit dequantization is redone; more memory than `layers`, less than none.
+- `selective`: only each layer's attention block (its q/k/v/o projections with their LoRA, RoPE and attention) keeps
+  just its input and runs again in the backward pass; the MLP keeps its activations. With LoRA on the attention
+  projections (the default q_proj,v_proj) that block holds most of what a layer keeps (the LoRA dropout's inputs
+  and masks, the rotated q and k, v, attention's output) for a third of the layer's matmul work, so it is the part
+  worth recomputing. Only that block's Python runs twice, not the whole layer's (the batch-4 step is bound by the
+  host, docs/PERFORMANCE.md).
 - `offload`: `layers`, with each layer's kept input held in pinned host memory instead of on the GPU, as
   Unsloth's "unsloth" checkpointing does: the GPU keeps no activations between layers; a copy to the host in the
   forward pass (queued on the stream, not waited for) and back in the backward pass. (transformers' own `offload`
@@ -14,7 +16,7 @@
   too and fails there.)
 
 All three give the eager run's losses and gradients exactly on the CPU (tests/test_recompute.py): recomputation
-reruns the same kernels on the same inputs.
+reruns the same kernels on the same inputs, with the same dropout masks (torch.utils.checkpoint restores the RNG).
 """
 from __future__ import annotations
 
@@ -30,49 +32,45 @@ def mode(setting: str, on: bool) -> str:
     return setting if setting in MODES else "layers"
 
 
-# The ops whose outputs `selective` keeps: the matrix products (cuBLAS, and bitsandbytes' 4-bit GEMM where it takes
-# that path) and attention (SDPA's kernels; torch's flash-attention varlen op, which the job's padding-free batches
-# call). Named, so that an op a torch or bitsandbytes build lacks is simply never seen.
-SAVED_OPS = frozenset({
-    "aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default", "aten._scaled_mm.default",
-    "bitsandbytes.gemm_4bit.default",
-    "aten._scaled_dot_product_flash_attention.default", "aten._scaled_dot_product_efficient_attention.default",
-    "aten._scaled_dot_product_cudnn_attention.default", "aten._scaled_dot_product_flash_attention_for_cpu.default",
-    "aten._flash_attention_forward.default", "aten._efficient_attention_forward.default",
-    "torch_attn._varlen_attn.default", "torch_attn._varlen_attn_out.default",
-})
-
-
-def save_matmuls(ctx, op, *args, **kwargs):
-    """Selective checkpointing's policy: keep what the matrix units and attention produced, recompute the rest."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    if str(op) in SAVED_OPS:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def selective_context():
-    """The context_fn of torch.utils.checkpoint for `selective`."""
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    return create_selective_checkpoint_contexts(save_matmuls)
-
-
 def checkpoint_kwargs(recompute: str) -> dict | None:
     """TrainingArguments' gradient_checkpointing_kwargs for a mode (the Trainer enables checkpointing with them).
     `selective` and `offload` are functions, which TrainingArguments must not hold (it is written out as JSON): they
-    replace the Trainer's checkpoint function on the layers at the start of training (callbacks())."""
+    take over the layers at the start of training (callbacks())."""
     return {"use_reentrant": False} if recompute else None
 
 
-def selective_checkpoint(function, *args, **kwargs):
-    """What each decoder layer calls instead of torch.utils.checkpoint.checkpoint under `selective`."""
+def _checkpoint(function, *args, **kwargs):
     from torch.utils.checkpoint import checkpoint
 
     kwargs.setdefault("use_reentrant", False)
-    return checkpoint(function, *args, context_fn=selective_context, **kwargs)
+    return checkpoint(function, *args, **kwargs)
 
+
+# ---------------------------------------------------------------- selective
+
+def layer_as_is(function, *args, **kwargs):
+    """A decoder layer's checkpoint function under `selective`: the layer runs once, as without recomputation; its
+    attention block is the part that recomputes (recompute_attention)."""
+    return function(*args, **kwargs)
+
+
+def recompute_attention(attention: torch.nn.Module) -> None:
+    """Make an attention block keep only its input and run again in the backward pass, whenever it runs with
+    gradients in training mode (not in evaluation or generation). Once per module."""
+    if getattr(attention, "recomputed_in_backward", False):
+        return
+    forward = attention.forward
+
+    def recomputed(*args, **kwargs):
+        if attention.training and torch.is_grad_enabled():
+            return _checkpoint(forward, *args, **kwargs)
+        return forward(*args, **kwargs)
+
+    attention.forward = recomputed
+    attention.recomputed_in_backward = True
+
+
+# ---------------------------------------------------------------- offload
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """A differentiable copy of a GPU tensor in pinned host memory, queued on the current stream."""
@@ -84,36 +82,37 @@ def offloaded_checkpoint(function, *args, **kwargs):
     """What each decoder layer calls instead of torch.utils.checkpoint.checkpoint under `offload`: the checkpoint
     keeps the layer's tensor inputs as host copies (the GPU ones are freed once nothing else holds them) and brings
     them back for the recomputation; gradients flow back through both copies."""
-    from torch.utils.checkpoint import checkpoint
-
     devices = [a.device if isinstance(a, torch.Tensor) else None for a in args]
     hosted = [to_host(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
 
     def run(*inputs):
         return function(*[x.to(d, non_blocking=True) if d is not None and isinstance(x, torch.Tensor) else x
                           for x, d in zip(inputs, devices)])
-    kwargs.setdefault("use_reentrant", False)
-    return checkpoint(run, *hosted, **kwargs)
+    return _checkpoint(run, *hosted, **kwargs)
 
 
-CHECKPOINT_FUNCTIONS = {"selective": "selective_checkpoint", "offload": "offloaded_checkpoint"}
-
+# ---------------------------------------------------------------- putting a mode on the model
 
 def use(model, recompute: str) -> int:
-    """Point every module the Trainer set up for checkpointing at this mode's function; returns how many."""
-    function = globals()[CHECKPOINT_FUNCTIONS[recompute]]
+    """Put this mode on every decoder layer the Trainer set up for checkpointing; returns how many layers."""
     count = 0
     for module in model.modules():
-        if getattr(module, "_gradient_checkpointing_func", None) is not None:
-            module._gradient_checkpointing_func = function
+        if getattr(module, "_gradient_checkpointing_func", None) is None:
+            continue
+        if recompute == "offload":
+            module._gradient_checkpointing_func = offloaded_checkpoint
+            count += 1
+        elif recompute == "selective" and isinstance(getattr(module, "self_attn", None), torch.nn.Module):
+            recompute_attention(module.self_attn)
+            module._gradient_checkpointing_func = layer_as_is
             count += 1
     return count
 
 
 def callbacks(recompute: str) -> list:
-    """Trainer callbacks for a mode: `selective` and `offload` put their checkpoint function on the layers once
-    the Trainer has enabled checkpointing (at the start of training, before the first forward)."""
-    if recompute not in CHECKPOINT_FUNCTIONS:
+    """Trainer callbacks for a mode: `selective` and `offload` take over the layers once the Trainer has enabled
+    checkpointing (at the start of training, before the first forward)."""
+    if recompute not in ("selective", "offload"):
         return []
     from transformers import TrainerCallback
 
