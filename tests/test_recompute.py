@@ -55,7 +55,7 @@ def allocated() -> int:
 
 
 def train(model_dir, tmp_path, setting: str, targets: str = "all-linear", rows: list[dict] | None = None,
-          steps: int = 3, watch=None):
+          steps: int = 3, watch=None, compiled: bool = False):
     """Optimizer steps of the job's Trainer (LoRA dropout 0.1, as the seed) with GRADIENT_CHECKPOINTING: the logged
     losses, the adapter, the ops run, and the bytes each step's forward pass left allocated for its backward."""
     import datasets
@@ -72,6 +72,10 @@ def train(model_dir, tmp_path, setting: str, targets: str = "all-linear", rows: 
     tokenizer = load_tokenizer(config)
     torch.manual_seed(0)
     model = add_lora(config, load_base_model(config, tokenizer, "cpu", speed), tokenizer)
+    if compiled:   # TORCH_COMPILE=true's layers (aot_eager on the CPU)
+        from job.speed.kernels import compile_layers
+        torch._dynamo.reset()
+        compile_layers(model)
     with torch.no_grad():  # LoRA B starts at zero; give it values so every gradient path carries something
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -135,6 +139,15 @@ def test_each_recompute_mode_trains_to_the_eager_runs_losses_and_adapter_exactly
     assert all(s[0] == 1 and s[-1] == hidden for s in offloaded), offloaded
 
 
+@pytest.mark.parametrize("setting", ["selective", "offload"])
+def test_each_mode_in_compiled_layers_trains_to_the_eager_runs_losses_and_adapter_exactly(tiny_model, tmp_path, eager,
+                                                                                          setting):
+    # bench/speed.py's *-selective-compile configurations: the checkpoint inside a compiled layer.
+    losses, adapter, _, _ = train(tiny_model, tmp_path, setting, compiled=True)
+    assert losses == eager[0]
+    assert all(torch.equal(adapter[n], eager[1][n]) for n in adapter)
+
+
 @pytest.fixture(scope="module")
 def wider_model(tmp_path_factory):
     """Wide enough that the layers' activations, not the logits, are most of what a step keeps."""
@@ -152,6 +165,27 @@ def test_selective_keeps_much_less_than_no_recomputation_and_more_than_whole_lay
                                steps=2)[3])
             for setting in ("false", "selective", "true")}
     assert kept["true"] < kept["selective"] < 0.75 * kept["false"], kept
+
+
+def test_offload_keeps_the_gradients_on_the_device(tiny_model, tmp_path):
+    # The layer's input goes to the host as a saved tensor only; the gradient flowing back through the layers takes
+    # no detour through a host copy (on a GPU each such copy back made the host wait for the GPU, twice a layer).
+    def nodes(loss) -> collections.Counter:
+        names, seen, todo = collections.Counter(), set(), [loss.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            names[node.name()] += 1
+            todo.extend(next_ for next_, _ in node.next_functions)
+        return names
+
+    graphs = {}
+    for setting in ("true", "offload"):
+        graphs[setting] = []
+        train(tiny_model, tmp_path / setting, setting, steps=1, watch=lambda loss: graphs[setting].append(nodes(loss)))
+    assert graphs["offload"] == graphs["true"]
 
 
 def test_the_benchs_job_path_puts_the_mode_on_the_layers(tiny_model, tmp_path, monkeypatch):

@@ -9,11 +9,10 @@
   and masks, the rotated q and k, v, attention's output) for a third of the layer's matmul work, so it is the part
   worth recomputing. Only that block's Python runs twice, not the whole layer's (the batch-4 step is bound by the
   host, docs/PERFORMANCE.md).
-- `offload`: `layers`, with each layer's kept input held in pinned host memory instead of on the GPU, as
-  Unsloth's "unsloth" checkpointing does: the GPU keeps no activations between layers; a copy to the host in the
-  forward pass (queued on the stream, not waited for) and back in the backward pass. (transformers' own `offload`
-  of activation checkpointing wraps the checkpoint in torch's save_on_cpu, which asks for pinned memory on a CPU
-  too and fails there.)
+- `offload`: `layers`, with each layer's kept input in pinned host memory instead of on the GPU, as Unsloth's
+  "unsloth" checkpointing does: the GPU keeps no activations between layers. The copy out runs on a stream of its
+  own once the layer's input is ready, the copy back is queued before the layer's recomputation; neither makes the
+  host wait for the GPU, and the gradients never leave the GPU.
 
 All three give the eager run's losses and gradients exactly on the CPU (tests/test_recompute.py): recomputation
 reruns the same kernels on the same inputs, with the same dropout masks (torch.utils.checkpoint restores the RNG).
@@ -72,23 +71,48 @@ def recompute_attention(attention: torch.nn.Module) -> None:
 
 # ---------------------------------------------------------------- offload
 
-def to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A differentiable copy of a GPU tensor in pinned host memory, queued on the current stream."""
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
-    return host.copy_(tensor, non_blocking=tensor.is_cuda)
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _copy_stream(device: torch.device):
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
+
+
+def to_host(tensor: torch.Tensor):
+    """A checkpoint's saved input, packed into host memory (saved_tensors_hooks' pack). On a GPU: a pinned buffer,
+    filled on the copy stream once the compute stream has produced the tensor; the GPU tensor's memory is not
+    reused before that copy has read it (record_stream), and nothing waits on the host. On a CPU: a copy, so that
+    the tests take the same path."""
+    tensor = tensor.detach()
+    if not tensor.is_cuda:
+        return tensor.device, tensor.clone(), None
+    compute, stream = torch.cuda.current_stream(tensor.device), _copy_stream(tensor.device)
+    stream.wait_stream(compute)
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    with torch.cuda.stream(stream):
+        host.copy_(tensor, non_blocking=True)
+    tensor.record_stream(stream)
+    return tensor.device, host, stream.record_event()
+
+
+def to_device(packed) -> torch.Tensor:
+    """The saved input back where it was (saved_tensors_hooks' unpack), for the recomputation: on a GPU, queued on
+    the compute stream behind the copy out (a wait on the GPU, not on the host)."""
+    device, host, copied = packed
+    if copied is None:
+        return host
+    torch.cuda.current_stream(device).wait_event(copied)
+    return host.to(device, non_blocking=True)
 
 
 def offloaded_checkpoint(function, *args, **kwargs):
-    """What each decoder layer calls instead of torch.utils.checkpoint.checkpoint under `offload`: the checkpoint
-    keeps the layer's tensor inputs as host copies (the GPU ones are freed once nothing else holds them) and brings
-    them back for the recomputation; gradients flow back through both copies."""
-    devices = [a.device if isinstance(a, torch.Tensor) else None for a in args]
-    hosted = [to_host(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-
-    def run(*inputs):
-        return function(*[x.to(d, non_blocking=True) if d is not None and isinstance(x, torch.Tensor) else x
-                          for x, d in zip(inputs, devices)])
-    return _checkpoint(run, *hosted, **kwargs)
+    """What each decoder layer calls instead of torch.utils.checkpoint.checkpoint under `offload`: whole-layer
+    checkpointing whose saved inputs (the layer's input) are packed to host memory. Only the checkpoint's own inputs
+    pass through these hooks: what the layer saves inside goes to the checkpoint's hooks, which recompute it."""
+    with torch.autograd.graph.saved_tensors_hooks(to_host, to_device):
+        return _checkpoint(function, *args, **kwargs)
 
 
 # ---------------------------------------------------------------- putting a mode on the model
