@@ -5,7 +5,8 @@
 # .whl-unsloth (bench/fetch_unsloth_wheels.sh) for the unsloth* configurations.
 # Environment: CLI_SPEED=job configs to also run through `python -m job train` (bench/cli_speed.py; CLI_STEPS steps,
 # default 40; CLI_PYSPY=1 samples both sides), PYSPY=configs to sample with py-spy, SKIP_SNAPSHOT=1 to skip bench/snapshot_check.py,
-# SPEED_TIMEOUT / CONFIG_TIMEOUT / E2E_TIMEOUT seconds.
+# OLD_TREE=a copy of an older checkout to run OLD_CONFIGS (default job) of too and compare first losses with,
+# SPEED_TIMEOUT / CONFIG_TIMEOUT / OLD_TIMEOUT / CLI_TIMEOUT / CLI_CONFIG_TIMEOUT / E2E_TIMEOUT seconds.
 # Wheels: bench/fetch_wheels.sh puts them in .whl/ here; the device tool carries .whl (README.md, Notes).
 set -uo pipefail
 out=${1:?output folder}
@@ -54,6 +55,39 @@ fi
 if [ "$configs" != "none" ]; then
     timeout "${SPEED_TIMEOUT:-400}" python3 bench/speed.py --out "$scratch/speed" --configs "$configs" \
         --profile "$profile" --pyspy "${PYSPY:-}" --timeout "${CONFIG_TIMEOUT:-200}" || status=1
+    cp "$scratch/speed/results.json" "$out/" 2>/dev/null   # now: a later step may run out of time
+fi
+if [ -n "${OLD_TREE:-}" ]; then
+    # Another checkout's bench/speed.py (a plain copy of the repository, e.g. `git archive`) on the same model and
+    # token stream, and the first losses of its OLD_CONFIGS beside this run's: a refactor must keep them.
+    timeout "${OLD_TIMEOUT:-200}" python3 "$OLD_TREE/bench/speed.py" --out "$scratch/old" \
+        --configs "${OLD_CONFIGS:-job}" --model-dir /tmp/llama2-7b-shape-7b --timeout "${CONFIG_TIMEOUT:-200}" \
+        > "$scratch/old.log" 2>&1 || status=1
+    cp "$scratch/old/results.json" "$out/old_results.json" 2>/dev/null
+    python3 - "$scratch/old/results.json" "$scratch/speed/results.json" "$OLD_TREE/bench/speed.py" <<'PY' \
+        | tee "$out/old_vs_new_losses.txt"
+import importlib.util, json, sys
+sys.path.insert(0, "bench")
+from speed import stream_digest
+try:
+    old, new = ({r["config"]: r for r in json.load(open(p))["results"]} for p in sys.argv[1:3])
+except (OSError, ValueError) as exc:
+    sys.exit(f"old vs new: no results to compare ({exc})")
+try:   # an old bench does not record its stream's digest: draw its stream with its own code
+    spec = importlib.util.spec_from_file_location("old_speed", sys.argv[3])
+    old_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old_speed)
+    old_stream = stream_digest(old_speed.token_stream())
+except Exception as exc:  # noqa: BLE001 - the losses stand without it
+    old_stream = f"unknown ({type(exc).__name__}: {exc})"
+for name, o in old.items():
+    n = new.get(name, {})
+    a, b = o.get("first_losses") or o.get("error"), n.get("first_losses") or n.get("error")
+    streams = o.get("token_stream", old_stream), n.get("token_stream")
+    print(f"{name}: old {a}\n{' ' * len(name)}  new {b}\n{' ' * len(name)}  "
+          f"{'identical' if a == b else 'step 1 ' + ('equal' if a and b and a[0] == b[0] else 'DIFFERS')}; "
+          f"token streams {'the same' if streams[0] == streams[1] else 'DIFFER: old %s, new %s' % streams}")
+PY
 fi
 if [ -n "${CLI_SPEED:-}" ]; then
     timeout "${CLI_TIMEOUT:-540}" python3 bench/cli_speed.py --out "$scratch/cli" --configs "$CLI_SPEED" \
