@@ -3,22 +3,29 @@
 # The persona QLoRA job on one NVIDIA GPU.
 #
 # Versions are the ones the GPU checks ran with (H100/H200 bench machines: Ubuntu 24.04, Python 3.12.3,
-# torch 2.11.0+cu130, driver 580): CUDA 13.0 runtime, torch 2.11.0+cu130 from the PyTorch cu130 index,
-# and constraints.txt for everything else. constraints.txt pins torch 2.13.0 because CI runs the CPU
-# build; the container pins its own CUDA build instead, so that one line is replaced below.
+# torch 2.11.0+cu130, driver 580): CUDA 13.0, torch 2.11.0+cu130 from the PyTorch cu130 index, triton and
+# torch's CUDA wheels from constraints-image.txt, and constraints.txt for everything else. constraints.txt pins
+# torch 2.13.0 because CI runs the CPU build; the container pins its own CUDA build instead, so that one line is
+# replaced below.
 #
 # bitsandbytes 0.50.2 from PyPI already carries CUDA 13 kernels: its wheel ships
 # bitsandbytes/libbitsandbytes_cuda130.so (and _cuda132.so), picked by torch.version.cuda == "13.0".
 # That library needs libcudart.so.13, libcublas.so.13 and libcublasLt.so.13 and has the RUNPATH
-# /usr/local/cuda-13.0/targets/x86_64-linux/lib, which is where the -runtime image keeps them. Hence
-# -runtime, not -base (no cuBLAS) and not -cudnn-runtime (torch's wheel brings its own cuDNN as a pip
-# package, so a second copy would only add about a gigabyte).
+# /usr/local/cuda-13.0/targets/x86_64-linux/lib, which is where the -runtime image keeps them. torch's own
+# wheels bring the same libraries (nvidia-cuda-runtime, nvidia-cublas) and load them at `import torch`, which
+# comes first; bench/toolchain_check.sh checks on a GPU whether bitsandbytes then runs without the -runtime
+# copy (docs/IMAGE.md has the sizes). Not -cudnn-runtime: torch's wheel brings its own cuDNN as a pip package.
+#
+# Build arguments, for builds without the registries (CI: .ci/image-test.sh); the defaults are the production
+# build: BASE_IMAGE, TORCH_VERSION (PyPI spells the same cu130 build 2.11.0), and pip's own variables for
+# where wheels come from (PIP_EXTRA_INDEX_URL; or PIP_NO_INDEX=1 and PIP_FIND_LINKS=DIR).
 #
 # Build:  docker build -t persona-qlora:dev .
 # Run:    docker run --rm --gpus all --shm-size 8g --env-file .env persona-qlora:dev
-#         (or `docker compose up train`, see docs/DEPLOY.md)
+#         (or `docker compose up train`, see docs/DEPLOY.md; with --read-only add --tmpfs /tmp)
 
-FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04 AS base
+ARG BASE_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
+FROM ${BASE_IMAGE} AS base
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Ubuntu 24.04's python3.12 is 3.12.3, the bench machines' Python. tini is PID 1 (see ENTRYPOINT).
 # hadolint ignore=DL3008
@@ -39,44 +46,37 @@ RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3.12-venv \
     && rm -rf /var/lib/apt/lists/*
 RUN python3.12 -m venv /opt/venv
-COPY requirements.txt requirements-gpu.txt constraints.txt /tmp/deps/
-# The image's constraints: constraints.txt without its CPU torch line, plus the CUDA build of torch and the
-# exact versions of torch's own CUDA dependencies as installed on the bench machines (torch pins most of
-# them itself; cuda-bindings, cuda-pathfinder and setuptools it only bounds).
-RUN sed '/^torch==/d' /tmp/deps/constraints.txt > /tmp/deps/constraints-image.txt \
-    && printf '%s\n' \
-        'torch==2.11.0+cu130' \
-        'triton==3.6.0' \
-        'cuda-toolkit==13.0.2' \
-        'cuda-bindings==13.3.1' \
-        'cuda-pathfinder==1.8.1' \
-        'nvidia-cublas==13.1.0.3' \
-        'nvidia-cuda-cupti==13.0.85' \
-        'nvidia-cuda-nvrtc==13.0.88' \
-        'nvidia-cuda-runtime==13.0.96' \
-        'nvidia-cudnn-cu13==9.19.0.56' \
-        'nvidia-cufft==12.0.0.61' \
-        'nvidia-cufile==1.15.1.6' \
-        'nvidia-curand==10.4.0.35' \
-        'nvidia-cusolver==12.0.4.66' \
-        'nvidia-cusparse==12.6.3.3' \
-        'nvidia-cusparselt-cu13==0.8.0' \
-        'nvidia-nccl-cu13==2.28.9' \
-        'nvidia-nvjitlink==13.0.88' \
-        'nvidia-nvshmem-cu13==3.4.5' \
-        'nvidia-nvtx==13.0.85' \
-        'setuptools==81.0.0' \
-        >> /tmp/deps/constraints-image.txt
+ARG TORCH_VERSION=2.11.0+cu130
+ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu130
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
+COPY requirements.txt requirements-gpu.txt constraints.txt constraints-image.txt /tmp/deps/
+# The image's constraints: constraints.txt without its CPU torch line, the CUDA build of torch, and triton and
+# torch's CUDA wheels (constraints-image.txt).
+RUN { sed '/^torch==/d' /tmp/deps/constraints.txt; cat /tmp/deps/constraints-image.txt; \
+      echo "torch==${TORCH_VERSION}"; } > /tmp/deps/constraints-all.txt
 # One resolver run over both indexes, so torch's CUDA build and everything else are solved together. Every
-# version is pinned, so a package found on both indexes is the same release either way.
+# version is pinned, so a package found on both indexes is the same release either way. pip then removes
+# itself: the job installs nothing at run time, and the final stage copies this venv as it is.
 RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
-        --extra-index-url https://download.pytorch.org/whl/cu130 \
-        -r /tmp/deps/requirements.txt -r /tmp/deps/requirements-gpu.txt -c /tmp/deps/constraints-image.txt \
-    && /opt/venv/bin/pip check
+        -r /tmp/deps/requirements.txt -r /tmp/deps/requirements-gpu.txt -c /tmp/deps/constraints-all.txt \
+    && /opt/venv/bin/pip check \
+    && /opt/venv/bin/pip uninstall --yes --quiet pip \
+    && test ! -e /opt/venv/bin/pip
 
 
 # ---- the image: the base, the environment and the job, run as a non-root user ----
 FROM base
+# A C and C++ compiler and Python's headers, used at run time: Triton compiles each kernel's launcher with the
+# C compiler against Python.h (Liger's kernels, torch.compile's inductor on a GPU), and inductor's CPU code is
+# C++. Without them the first training step on a GPU fails ("Failed to find C compiler"). libpython3.12-dev is
+# Python.h without python3.12-dev's extras; docs/IMAGE.md shows this set is enough (the GPU-parity check,
+# `python -m job toolchain`, and bench/toolchain_check.sh on a GPU).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        gcc g++ libc6-dev libpython3.12-dev \
+    && rm -rf /var/lib/apt/lists/*
 # A fixed numeric UID, so Kubernetes can verify runAsNonRoot from the image alone (10001: clear of the
 # image's own ubuntu user, 1000).
 RUN groupadd --gid 10001 app \
@@ -88,7 +88,10 @@ WORKDIR /app
 COPY job/ /app/job/
 COPY data/persona_sample.jsonl /app/data/persona_sample.jsonl
 COPY --chmod=0755 entrypoint.sh /app/entrypoint.sh
-# HF_HOME holds downloaded models (a 7B base is about 13 GB): keep it on a volume so a restart reuses it.
+# HF_HOME holds downloaded models (a 7B base is about 13 GB): keep it on a volume so a restart reuses it. The
+# compile caches (Triton's kernels, inductor's) live on it too, so a restarted run does not compile again; the
+# root filesystem may be read-only (Kubernetes, `docker run --read-only --tmpfs /tmp`), so nothing is written
+# under /home/app: matplotlib's config and font cache go to /tmp, which must be writable anyway.
 # OUTPUT_DIR is scratch; checkpoints default to it only when CHECKPOINT_URI is not set to a store outside
 # the container (compose and k8s set s3://...). Bytecode was compiled at install time; writing more would
 # fail on a read-only root filesystem (k8s).
@@ -97,6 +100,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/cache/huggingface \
+    TRITON_CACHE_DIR=/cache/huggingface/triton \
+    TORCHINDUCTOR_CACHE_DIR=/cache/huggingface/torch-compile \
+    MPLCONFIGDIR=/tmp/matplotlib \
     OUTPUT_DIR=/scratch/output \
     CHECKPOINT_URI=/scratch/checkpoints
 VOLUME ["/cache/huggingface"]

@@ -1,10 +1,11 @@
 # Two things a newcomer runs: `make test` (installs into .venv, runs the suite) and `make demo`
-# (trains the tiny model on the shipped sample data on the CPU). The real job runs in the container.
+# (trains the tiny model on the shipped sample data on the CPU). The real job runs in the container;
+# `make image-test` builds it with podman and runs the job in it (.ci/image-test.sh, docs/IMAGE.md).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install test demo clean
+.PHONY: install test image-test demo clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +17,9 @@ install: $(BIN)/activate
 
 test: install
 	$(BIN)/python -m pytest
+
+image-test:
+	bash .ci/image-test.sh
 
 demo: install
 	$(BIN)/python -m job tiny-model output/tiny-llama

@@ -6,7 +6,7 @@
    Liger's fused kernels against transformers' own, on the same small model: loss and LoRA gradients.
 2. The run: `python -m job train` as a subprocess (the container's command), with the job's defaults on a small
    Llama built here (4 layers, hidden 256) and the shipped persona sample, checkpoints every 25 steps into moto's
-   S3 server on loopback, and HUB_MODEL_ID pointing at the Hub test server (tests/hubserver.py) over HTTP.
+   S3 server on loopback, and HUB_MODEL_ID pointing at the Hub test server (tests/fakes/hub.py) over HTTP.
    After the first committed checkpoint it gets SIGTERM and must exit 75; started again with the same settings
    it must resume from the newest committed checkpoint, finish, commit final/ and publish one Hub commit.
    The adapter pulled back from the Hub with stock peft must give the local adapter's logits exactly.
@@ -163,8 +163,8 @@ def run_job(env, log: Path, *args: str) -> tuple[int, list[str]]:
 
 
 def end_to_end(model_dir: Path, work: Path, report: Report) -> None:
-    from hubserver import DEFAULT_TOKENS, HubServer
-    from s3server import start_moto
+    from fakes.hub import DEFAULT_TOKENS, HubServer
+    from fakes.s3 import start_moto
 
     moto = start_moto()
     moto.make_bucket("gpu-e2e")

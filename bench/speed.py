@@ -506,7 +506,7 @@ def _checkpoint_store(config, work: Path):
     from job.store.run_store import RunStore
     try:
         sys.path.insert(0, str(ROOT / "tests"))
-        from s3server import start_moto
+        from fakes.s3 import start_moto
         moto = start_moto()
         moto.make_bucket("bench")
         os.environ.update(moto.env())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import Config
+from .config import Config, is_hub_id, is_local_model
 from .data import TEMPLATE, is_local_dataset
 from .plot import LOSS_CURVE
 
@@ -15,7 +15,10 @@ def model_card(config: Config, final_dir: Path, merged: bool = False) -> str:
     summary = json.loads((final_dir / "training_summary.json").read_text())
     settings = summary["config"]
     dataset = None if is_local_dataset(config.dataset) else config.dataset
-    meta = ["---", f"base_model: {config.base_model}"]
+    meta = ["---"]
+    base_model = hub_base_model(config)
+    if base_model:  # the Hub refuses a card whose base_model is not a repo id on it (a local path)
+        meta.append(f"base_model: {base_model}")
     if dataset:
         meta += ["datasets:", f"- {dataset}"]
     meta += ["library_name: transformers" if merged else "library_name: peft", "license: llama2",
@@ -72,6 +75,24 @@ def model_card(config: Config, final_dir: Path, merged: bool = False) -> str:
         body += ["", "Merged onto the 16-bit base weights (not dequantized 4-bit ones). Loading it takes "
                      "about 2 bytes per parameter: ~13.5 GB for a 7B model in bfloat16."]
     return "\n".join(meta + body) + "\n"
+
+
+def hub_base_model(config: Config) -> str | None:
+    """The Hub id the adapter was trained from: BASE_MODEL_ID when set; else BASE_MODEL when it is one, else the
+    `_name_or_path` a local copy's config.json remembers when that is one; None when neither is (a model built or
+    converted locally)."""
+    if config.base_model_id:   # a Hub id: the config checked it
+        return config.base_model_id
+    name = config.base_model
+    local = Path(name)
+    if local.exists():
+        try:
+            name = json.loads((local / "config.json").read_text()).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            return None
+    if isinstance(name, str) and name and not is_local_model(name) and is_hub_id(name):
+        return name
+    return None
 
 
 def _num(value) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from .config import FIELDS, BadInput, Config
+from .config import FIELDS, BadInput, Config, is_local_model
 from .data import Splits
 from .distributed import BatchSplitError, Topology, split_batch
 from .hub import HubAccessError, check_read_access, describe_failure, with_retries
@@ -114,7 +114,14 @@ def check_gpu(f: Found) -> str:
                  f"CUDA {torch.version.cuda}")
     else:
         where = f"CPU (REQUIRE_GPU=false), torch {torch.__version__}"
-    return f"{where}, {_matmul_4bit(config, f.device, where)}"
+    detail = f"{where}, {_matmul_4bit(config, f.device, where)}"
+    if f.device == "cuda":   # Liger's kernels and torch.compile build Triton kernels with the C compiler
+        from .toolchain import ToolchainMissing, gpu_toolchain
+        try:
+            detail += gpu_toolchain(config, f.topology.world_size)
+        except ToolchainMissing as exc:
+            raise CheckFailed(exc.line, exc.detail) from None
+    return detail
 
 
 def check_machine(config: Config) -> str:
@@ -194,10 +201,14 @@ def check_store(f: Found) -> str:
     """CHECKPOINT_URI: write, read back and delete a probe object (rank 0; the others only open the store)."""
     import botocore.exceptions
 
+    from .pod import local_checkpoints_problem
     from .store import StoreError, open_store
     from .store.run_store import RunStore
 
     uri = f.config.checkpoint_uri
+    lost = local_checkpoints_problem(uri, f.config.allow_pod_local_checkpoints, os.environ)
+    if lost:
+        raise CheckFailed(lost, "local, lost with the pod")
     try:
         store = open_store(uri)
         if f.topology.is_main and not f.topology.launcher_checked:
@@ -397,7 +408,7 @@ def report(results: list[CheckResult], reporter: Reporter) -> list[str]:
 def _check_model(variable: str, name: str, f: Found) -> tuple[Any, str]:
     """A model the job will load: a local directory or a Hub id it may read, with config, tokenizer and weights.
     Never downloads weights: their sizes come from the Hub's listing. Returns (its shape, the row's detail)."""
-    if _looks_local(name):
+    if is_local_model(name):
         path = Path(name).expanduser()
         if not path.is_dir():
             raise CheckFailed(f"{variable}={name!r}: no such directory; give a local model directory (with "
@@ -480,7 +491,7 @@ def _config_folder(config: Config) -> Path:
     from huggingface_hub import hf_hub_download
 
     name = config.base_model
-    if _looks_local(name):
+    if is_local_model(name):
         return Path(name).expanduser()
     try:
         return Path(with_retries("config.json", lambda: hf_hub_download(name, "config.json",
@@ -489,11 +500,6 @@ def _config_folder(config: Config) -> Path:
     except Exception as exc:
         raise CheckFailed(f"BASE_MODEL={name!r}: cannot read its config.json ({describe_failure(exc)}); check "
                           f"HF_ENDPOINT and try again", "config.json unreadable") from None
-
-
-def _looks_local(name: str) -> bool:
-    # What transformers loads from disk: an existing directory; anything path-like is meant as one too.
-    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
 def _weight_files(variable: str, name: str, files: dict[str, int], read: Callable[[str], str]) -> dict[str, int]:

@@ -151,6 +151,19 @@ def status(as_json: bool) -> None:
     click.echo(text)
 
 
+@cli.command()
+@click.option("--torch", "torch_version", help="Fail unless torch reports this version (the image's pin).")
+@click.option("--cuda", help="Fail unless torch is built for this CUDA version.")
+def toolchain(torch_version: str | None, cuda: str | None) -> None:
+    """The image's GPU-parity check, on a CPU: Triton's launcher compiled and loaded, a Triton kernel compiled for
+    a GPU, inductor compiling CPU code, liger-kernel and bitsandbytes importing, the torch build. Exit 1 if any
+    step fails."""
+    from .toolchain import parity, render
+    results = parity(torch_version, cuda)
+    click.echo(render(results))
+    sys.exit(ExitCode.DONE if all(passed for _, passed, _ in results) else ExitCode.FAILED)
+
+
 @cli.command("env-example")
 def show_env_example() -> None:
     """Print .env.example, generated from the config definition."""

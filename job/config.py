@@ -14,11 +14,13 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 SECRET_MARK = "***"
-RUN_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# Matched with fullmatch: `$` also matches before a trailing newline, which a ConfigMap block scalar adds.
+RUN_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 # Variables that other libraries read themselves (boto3, huggingface_hub, torchrun, the shell).
 # They are documented here so that `.env.example` and the near-miss check know them.
@@ -88,12 +90,52 @@ def _target_modules(v: str) -> str | None:
 
 
 def _run_id(v: str) -> str | None:
-    return None if v == "" or RUN_ID_PATTERN.match(v) else \
+    return None if v == "" or RUN_ID_PATTERN.fullmatch(v) else \
         "must be empty (derived) or 1-63 chars of a-z, 0-9, '.', '_', '-' starting with a letter or digit"
 
 
 def _hub_id(v: str) -> str | None:
-    return None if v == "" or HUB_ID_PATTERN.match(v) else "must be empty (no push) or 'user/name'"
+    return None if v == "" or HUB_ID_PATTERN.fullmatch(v) else "must be empty (no push) or 'user/name'"
+
+
+def is_hub_id(name: str) -> bool:
+    """A repo id by huggingface_hub's own rules: 'name' or 'namespace/name'."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def is_local_model(name: str) -> bool:
+    """A model setting (BASE_MODEL, NLI_MODEL) that names a directory, not a Hub id: what transformers loads from
+    disk (an existing path), and anything path-like, which is meant as one."""
+    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def _model_id(v: str) -> str | None:
+    """A Hub model id ('name' or 'namespace/name'), as a card's base_model needs."""
+    return None if v == "" or is_hub_id(v) else \
+        "must be empty or a Hub model id such as NousResearch/Llama-2-7b-chat-hf (not a local path)"
+
+
+def _branch(v: str) -> str | None:
+    """A branch name the Hub accepts: git's ref-name rules (git check-ref-format --branch)."""
+    bad = (v == "" or v.startswith(("-", "/", ".")) or v.endswith(("/", ".", ".lock"))
+           or any(part in v for part in ("..", "//", "@{", "/."))
+           or any(ch in v for ch in " ~^:?*[\\") or any(ord(ch) < 32 or ord(ch) == 127 for ch in v))
+    return "must be a git branch name, e.g. main (no spaces, '..', '~^:?*[\\', control characters; " \
+           "not starting with '-', '.' or '/')" if bad else None
+
+
+def _port(v: int) -> str | None:
+    return None if 1 <= v <= 65535 else "must be a TCP port, 1-65535"
+
+
+def _path(v: str) -> str | None:
+    return None if v.strip() else "must be a directory path, e.g. ./output"
 
 
 def _scheduler_names() -> list[str]:
@@ -181,7 +223,11 @@ class Config:
     run_id: str = setting("", "name under which checkpoints are stored; empty = derived from the settings",
                           check=_run_id, affects_result=False)
     checkpoint_uri: str = setting("./checkpoints", "s3://bucket/prefix or a local path", affects_result=False)
-    output_dir: str = setting("./output", "local scratch; the final adapter lands here too", affects_result=False)
+    allow_pod_local_checkpoints: bool = setting(False, "in a Kubernetes pod, accept a local CHECKPOINT_URI on the "
+                                                "pod's own disk (root filesystem, emptyDir, tmpfs), which is lost "
+                                                "with the pod", affects_result=False)
+    output_dir: str = setting("./output", "local scratch; the final adapter lands here too", check=_path,
+                              affects_result=False)
     shutdown_budget_seconds: float = setting(20.0, "on SIGTERM: seconds to save and upload before exit 75 "
                                              "(keep below the pod's terminationGracePeriodSeconds)",
                                              check=_positive, affects_result=False)
@@ -189,10 +235,14 @@ class Config:
     hub_model_id: str = setting("", "Hub repo 'user/name' to push the adapter to; empty = no push", check=_hub_id,
                                 affects_result=False)
     hub_private_repo: bool = setting(True, "create the Hub repo private", affects_result=False)
-    hub_revision: str = setting("main", "Hub branch to push to", affects_result=False)
+    hub_revision: str = setting("main", "Hub branch to push to", check=_branch, affects_result=False)
     push_merged: bool = setting(False, "also push merged 16-bit weights (branch HUB_MERGED_REVISION)",
                                 affects_result=False)
-    hub_merged_revision: str = setting("merged", "Hub branch for the merged weights", affects_result=False)
+    hub_merged_revision: str = setting("merged", "Hub branch for the merged weights", check=_branch,
+                                       affects_result=False)
+    base_model_id: str = setting("", "Hub id of BASE_MODEL for the model card's base_model, when BASE_MODEL is a "
+                                 "local directory; empty = BASE_MODEL, or the local config's _name_or_path",
+                                 check=_model_id, affects_result=False)
     hf_token: str = setting("", "Hugging Face token (write access if HUB_MODEL_ID is set)", secret=True,
                             affects_result=False)
     # --- the machine ---
@@ -207,7 +257,7 @@ class Config:
     node_rank: int = setting(0, "this node's index, 0..NNODES-1 (k8s: the pod's completion index)",
                              check=_at_least(0), affects_result=False)
     master_addr: str = setting("127.0.0.1", "address of node 0 for the rendezvous", affects_result=False)
-    master_port: int = setting(29500, "port on node 0 for the rendezvous", check=_at_least(1), affects_result=False)
+    master_port: int = setting(29500, "port on node 0 for the rendezvous", check=_port, affects_result=False)
     scale_batch_with_gpus: bool = setting(False, "false: the effective batch stays that of one GPU, split over "
                                           "the GPUs; true: every GPU takes PER_DEVICE_TRAIN_BATCH_SIZE")
 
@@ -256,6 +306,8 @@ FIELDS = {f.name.upper(): f for f in dataclasses.fields(Config)}
 def _parse(name: str, raw: str, f: dataclasses.Field) -> tuple[Any, str | None]:
     kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
     text = raw.strip()
+    if f.metadata["secret"]:
+        return text, None   # a Secret made with `echo` ends in a newline, which no token has
     if kind is bool:
         low = text.lower()
         if low in ("1", "true", "yes", "on"):
@@ -306,6 +358,9 @@ def from_env(environ: Mapping[str, str]) -> Config:
     if problems:
         raise ConfigError(problems)
     config = Config(**values)
+    if config.node_rank >= config.nnodes:
+        raise ConfigError([f"NODE_RANK={config.node_rank}: must be below NNODES={config.nnodes} "
+                           f"(nodes are numbered 0..NNODES-1)"])
     if config.publish_only_if_improved and config.eval_fraction == 0:
         raise ConfigError(["PUBLISH_ONLY_IF_IMPROVED=true needs held-out conversations to compare on; "
                            "set EVAL_FRACTION > 0 (e.g. 0.05) or PUBLISH_ONLY_IF_IMPROVED=false"])

@@ -73,11 +73,14 @@ def load_rows(dataset: str) -> list[dict[str, Any]]:
         if path.suffix not in LOCAL_SUFFIXES:
             raise DataError(f"DATASET={dataset!r}: unsupported file type {path.suffix!r}; "
                             f"accepted: {', '.join(LOCAL_SUFFIXES)}")
+        if not path.read_bytes().strip():
+            raise DataError(f"DATASET={dataset!r}: no rows (the file is empty)")
         try:
             ds = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
         except Exception as exc:  # datasets raises many types for unreadable files
-            raise DataError(f"DATASET={dataset!r}: cannot read the file ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200]})") from None
+            detail = next(iter(str(exc).splitlines()), "")[:200]
+            raise DataError(f"DATASET={dataset!r}: cannot read the file ({type(exc).__name__}"
+                            f"{': ' + detail if detail else ''})") from None
     else:
         ds = datasets.load_dataset(dataset, split="train")
     return ds.to_list()

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from .config import Config
+from .config import Config, is_hub_id
 from .log import Reporter
+from .store.run_store import hash_file
 
 T = TypeVar("T")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -46,7 +47,8 @@ def http_status(exc: BaseException) -> int | None:
 def _transient(exc: BaseException) -> bool:
     status = http_status(exc)
     if status is not None:
-        return status >= 500 or status == 429
+        # 412: the branch moved after we read its head (a push names its parent commit); read it again.
+        return status >= 500 or status in (412, 429)
     return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.split(".")[0].startswith("httpx")
 
 
@@ -74,15 +76,10 @@ def describe_failure(exc: BaseException) -> str:
 
 def check_hub_access(config: Config) -> None:
     """Before training: a token that exists, can write, and may write to HUB_MODEL_ID's namespace."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     repo = config.hub_model_id
-    try:
-        validate_repo_id(repo)
-    except HFValidationError:
+    if not is_hub_id(repo):
         raise HubAccessError(f"HUB_MODEL_ID={repo!r} is not an allowed Hub repo name (letters, digits, '-', '_', "
-                             f"'.'; no '--' or '..'; at most 96 characters per part)") from None
+                             f"'.'; no '--' or '..'; at most 96 characters per part)")
     if not config.hf_token:
         raise HubAccessError(f"HUB_MODEL_ID={repo!r} is set but HF_TOKEN is empty; give a token with write "
                              f"access (https://huggingface.co/settings/tokens), or unset HUB_MODEL_ID")
@@ -112,16 +109,13 @@ def check_read_access(variable: str, repo_id: str, repo_type: str, config: Confi
     """May HF_TOKEN (or no token) read this repo? One line for each way it can't. Returns the HfApi, or None
     under HF_HUB_OFFLINE=1 (only the id's form is checked then)."""
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     kind = "dataset" if repo_type == "dataset" else "model"
     accepted = "a local .jsonl/.json/.parquet file" if kind == "dataset" else "a local model directory"
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
+    if not is_hub_id(repo_id):
         raise HubAccessError(f"{variable}={repo_id!r} is neither {accepted} nor a Hub {kind} id 'user/name'",
-                             "not a path or Hub id") from None
+                             "not a path or Hub id")
     if constants.HF_HUB_OFFLINE:
         return None
     api = HfApi(token=config.hf_token or None)
@@ -190,22 +184,28 @@ def publish(config: Config, reporter: Reporter, final_dir: Path) -> str:
     if config.hub_revision != "main":
         with_retries("create branch",
                      lambda: api.create_branch(repo, branch=config.hub_revision, exist_ok=True), reporter)
-    url = _push_once(config, reporter, repo, config.hub_revision, lambda stage: _stage_adapter(config, final_dir,
-                                                                                              stage))
+    _, adapter = hash_file(final_dir / ADAPTER_FILES[0])
+    url = _push_once(config, reporter, repo, config.hub_revision, adapter,
+                     lambda stage: _stage_adapter(config, final_dir, stage))
     if config.push_merged:
-        url_merged = _push_once(config, reporter, repo, config.hub_merged_revision,
+        url_merged = _push_once(config, reporter, repo, config.hub_merged_revision, adapter,
                                 lambda stage: _stage_merged(config, final_dir, stage), merged=True)
         reporter.event("hub", "merged 16-bit weights pushed", revision=config.hub_merged_revision, url=url_merged)
     return url
 
 
-def _push_once(config: Config, reporter: Reporter, repo: str, revision: str, stage: Callable[[Path], None],
-               merged: bool = False) -> str:
+def _push_once(config: Config, reporter: Reporter, repo: str, revision: str, adapter_sha256: str,
+               stage: Callable[[Path], None], merged: bool = False) -> str:
     api = _api(config)
     if merged and revision != "main":
         with_retries("create branch", lambda: api.create_branch(repo, branch=revision, exist_ok=True), reporter)
     title = commit_title(config, merged)
-    found = _existing_commit(api, repo, revision, title, reporter)
+    ours = {"RUN_ID": config.resolved_run_id, "adapter_sha256": adapter_sha256}
+
+    def look() -> tuple[str | None, str | None]:
+        return _find_run_commit(api, repo, revision, title, ours, reporter)
+
+    found, _ = look()
     if found:
         reporter.event("hub", "this run is already on the Hub; not pushing again", revision=revision, url=found)
         return found
@@ -214,14 +214,24 @@ def _push_once(config: Config, reporter: Reporter, repo: str, revision: str, sta
         stage(staging)
 
         def push() -> str:
-            again = _existing_commit(api, repo, revision, title, reporter)
-            if again:  # the previous attempt landed; its answer was lost
-                return again
-            # A merged branch starts as a copy of main: drop the adapter there, so it loads as a plain model.
-            info = api.upload_folder(repo_id=repo, folder_path=staging, revision=revision, commit_message=title,
-                                     delete_patterns=list(ADAPTER_FILES) if merged else None,
-                                     commit_description=f"RUN_ID={config.resolved_run_id} "
-                                                        f"fingerprint={config.fingerprint()}")
+            found, head = look()
+            if found:  # the previous attempt landed; its answer was lost
+                return found
+            try:
+                # parent_commit pins the branch head we just read: if the Hub commits this push but its answer
+                # is lost, huggingface_hub's own retry of the commit (upload_folder retries it) gets 412 instead
+                # of committing the same files a second time.
+                info = api.upload_folder(
+                    repo_id=repo, folder_path=staging, revision=revision, commit_message=title, parent_commit=head,
+                    # A merged branch starts as a copy of main: drop the adapter there, so it loads as a plain model.
+                    delete_patterns=list(ADAPTER_FILES) if merged else None,
+                    commit_description=" ".join(f"{k}={v}" for k, v in ours.items())
+                    + f" fingerprint={config.fingerprint()}")
+            except Exception:
+                found, _ = look()
+                if found:  # it landed, and what failed was its answer or the client's retry of it
+                    return found
+                raise
             return _commit_url(repo, revision, getattr(info, "oid", None)) if info else ""
 
         url = with_retries("push", push, reporter)
@@ -229,16 +239,24 @@ def _push_once(config: Config, reporter: Reporter, repo: str, revision: str, sta
     return url
 
 
-def _existing_commit(api, repo: str, revision: str, title: str, reporter: Reporter) -> str | None:
+def _find_run_commit(api, repo: str, revision: str, title: str, ours: dict[str, str],
+                     reporter: Reporter) -> tuple[str | None, str | None]:
+    """(URL of the commit on `revision` that pushed this run's adapter, or None; the branch head, or None).
+
+    A commit is this run's when its title is this push's and its description names the run's RUN_ID and the
+    sha256 of the adapter it carries: a different adapter under the same RUN_ID (the store was wiped and the run
+    trained again) is pushed anew."""
     from huggingface_hub.errors import RevisionNotFoundError
     try:
         commits = with_retries("list commits", lambda: api.list_repo_commits(repo, revision=revision), reporter)
     except RevisionNotFoundError:
-        return None
+        return None, None
+    head = commits[0].commit_id if commits else None
     for commit in commits:
-        if commit.title == title:
-            return _commit_url(repo, revision, commit.commit_id)
-    return None
+        fields = dict(word.split("=", 1) for word in (commit.message or "").split() if "=" in word)
+        if commit.title == title and all(fields.get(k) == v for k, v in ours.items()):
+            return _commit_url(repo, revision, commit.commit_id), head
+    return None, head
 
 
 def _commit_url(repo: str, revision: str, oid: str | None) -> str:

@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+# The services' test doubles, for every test module: hub_server, and moto_server, seaweedfs_server and s3_server
+# (both S3 servers in turn).
+from fakes.hub import hub_server  # noqa: F401  (fixture)
+from fakes.s3 import moto_server, s3_server, seaweedfs_server  # noqa: F401  (fixtures)
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = ROOT / "data" / "persona_sample.jsonl"
 

@@ -57,6 +57,14 @@ def test_config_is_frozen_and_typed():
     ("HUB_MODEL_ID", "no-slash", "HUB_MODEL_ID='no-slash': must be empty (no push) or 'user/name'"),
     ("LEARNING_RTE", "1e-4", "LEARNING_RTE is not a setting of this job (did you mean LEARNING_RATE?)"),
     ("LORA_RANK", "8", "LORA_RANK is not a setting of this job (did you mean LORA_R?)"),
+    # A ConfigMap block scalar (`RUN_ID: |`) ends the value with a newline; store keys must never hold one.
+    ("RUN_ID", "myrun\n", "RUN_ID='myrun\\n': must be empty (derived) or"),
+    ("HUB_MODEL_ID", "me/adapter\n", "HUB_MODEL_ID='me/adapter\\n': must be empty (no push) or 'user/name'"),
+    ("HUB_REVISION", "", "HUB_REVISION='': must be a git branch name"),
+    ("HUB_MERGED_REVISION", "bad..name", "HUB_MERGED_REVISION='bad..name': must be a git branch name"),
+    ("MASTER_PORT", "99999", "MASTER_PORT='99999': must be a TCP port, 1-65535"),
+    ("OUTPUT_DIR", "", "OUTPUT_DIR='': must be a directory path"),
+    ("BASE_MODEL_ID", "/models/llama", "BASE_MODEL_ID='/models/llama': must be empty or a Hub model id"),
 ])
 def test_bad_value_stops_train_with_one_line_and_exit_2_before_loading(tmp_path, name, value, expect):
     # BASE_MODEL points nowhere: had the job got as far as loading, it would fail differently.
@@ -68,6 +76,45 @@ def test_bad_value_stops_train_with_one_line_and_exit_2_before_loading(tmp_path,
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], lines
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "store").exists(), "nothing may be written before the config is valid"
+
+
+def test_a_node_rank_outside_the_nodes_stops_train_with_one_line(tmp_path):
+    env = job_env(BASE_MODEL=str(tmp_path / "no-model"), REQUIRE_GPU="false", NNODES="2", NODE_RANK="2",
+                  CHECKPOINT_URI=str(tmp_path / "store"), OUTPUT_DIR=str(tmp_path / "out"))
+    result = run_job("train", env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: NODE_RANK=2: must be below NNODES=2 (nodes are numbered 0..NNODES-1)"]
+
+
+@pytest.mark.parametrize("name", ["main", "merged", "feature/x", "v1.0", "release-2026_11", "a@b"])
+def test_branch_names_git_accepts_are_accepted(name):
+    import subprocess
+    assert subprocess.run(["git", "check-ref-format", "--branch", name], capture_output=True).returncode == 0
+    assert from_env({"HUB_REVISION": name}).hub_revision == name
+
+
+@pytest.mark.parametrize("name", ["", "bad..name", "a b", "x~1", "a^", "a:b", "what?", "a*", "a[b", "a\\b", "-x",
+                                  "x/", "/x", "x.lock", "x.", "a//b", "a/.b", "a@{b", "tab\there"])
+def test_branch_names_git_refuses_are_refused(name):
+    import subprocess
+    assert subprocess.run(["git", "check-ref-format", "--branch", name], capture_output=True).returncode != 0
+    with pytest.raises(ConfigError):
+        from_env({"HUB_MERGED_REVISION": name})
+
+
+def test_a_token_with_a_trailing_newline_is_stripped():
+    # `echo hf_... | kubectl create secret` stores the newline; sent as is, the HTTP client's error would quote it.
+    assert from_env({"HF_TOKEN": "hf_abcdef\n"}).hf_token == "hf_abcdef"
+
+
+def test_base_model_id_takes_hub_ids_only():
+    assert from_env({"BASE_MODEL_ID": "NousResearch/Llama-2-7b-chat-hf"}).base_model_id == \
+        "NousResearch/Llama-2-7b-chat-hf"
+    assert from_env({"BASE_MODEL_ID": "gpt2"}).base_model_id == "gpt2"
+    for bad in ("./models/x", "a/b/c", "x--y", "name.git"):
+        with pytest.raises(ConfigError):
+            from_env({"BASE_MODEL_ID": bad})
 
 
 def test_every_problem_is_reported_at_once():

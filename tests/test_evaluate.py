@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from conftest import CPU_SETTINGS, ROOT, SAMPLE_DATA, job_env, run_job
-from hubserver import hub_server  # noqa: F401  (fixture)
 
 from job.evaluate import (NliJudge, consistency, generate_replies, generation_cases, normalize, persona_overlap,
                           reply_loss, unigram_f1)
@@ -239,21 +238,23 @@ REPO = "alice/persona-adapter"
 
 
 def _run_commits(hub):
-    try:
-        return [c for c in hub.commits(REPO, "main") if c["message"].startswith("persona-qlora run ")]
-    except Exception:   # no such repo (yet)
+    """The job's commits on the repo's main branch; none while the repo does not exist."""
+    if REPO not in hub.repos:
         return []
+    return [c for c in hub.commits(REPO, "main") if c["message"].startswith("persona-qlora run ")]
 
 
-def test_the_publish_gate_refuses_an_adapter_no_better_than_the_base(cpu_job, hub_server):  # noqa: F811
+def _hub_env(hub, settings):
+    settings.pop("HF_HUB_OFFLINE")
+    return hub.subprocess_env(hf_home=settings["HF_HOME"], token=settings["HF_TOKEN"], base=settings)
+
+
+def test_the_publish_gate_refuses_an_adapter_no_better_than_the_base(cpu_job, hub_server):
     hub = hub_server()
 
     def env(**overrides):
-        settings = cpu_job(**{"MAX_STEPS": "4", "HUB_MODEL_ID": REPO, "HF_TOKEN": "hf_alice_write",
-                              "PUBLISH_ONLY_IF_IMPROVED": "true", **overrides})
-        settings.pop("HF_HUB_OFFLINE")
-        settings.update(HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_PROGRESS_BARS="1")
-        return settings
+        return _hub_env(hub, cpu_job(**{"MAX_STEPS": "4", "HUB_MODEL_ID": REPO, "HF_TOKEN": "hf_alice_write",
+                                        "PUBLISH_ONLY_IF_IMPROVED": "true", **overrides}))
 
     still = run_job("train", env=env(LEARNING_RATE="1e-12"))     # trains, but changes nothing that shows
     assert still.returncode == 2
@@ -261,7 +262,7 @@ def test_the_publish_gate_refuses_an_adapter_no_better_than_the_base(cpu_job, hu
     assert line.startswith("error: PUBLISH_ONLY_IF_IMPROVED=true: the tuned adapter's held-out reply loss") and \
         "is not below the base model's" in line
     assert "hf_alice_write" not in still.stdout + still.stderr
-    assert _run_commits(hub) == []
+    assert hub.count("preupload") == hub.count("commit") == 0 and _run_commits(hub) == []
     status = json.loads(run_job("status", "--json", env=env(LEARNING_RATE="1e-12")).stdout)
     assert status["phase"] == "failed" and "not below" in status["error"]
     # The user decides to push it anyway: same run, gate off, nothing retrained.
@@ -272,11 +273,10 @@ def test_the_publish_gate_refuses_an_adapter_no_better_than_the_base(cpu_job, hu
     assert status["phase"] == "done" and "error" not in status     # the refusal is history, not the state
 
 
-def test_the_publish_gate_lets_a_better_adapter_through(cpu_job, hub_server):  # noqa: F811
+def test_the_publish_gate_lets_a_better_adapter_through(cpu_job, hub_server):
     hub = hub_server()
-    settings = cpu_job(MAX_STEPS="8", HUB_MODEL_ID=REPO, HF_TOKEN="hf_alice_write", PUBLISH_ONLY_IF_IMPROVED="true")
-    settings.pop("HF_HUB_OFFLINE")
-    settings.update(HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_PROGRESS_BARS="1")
+    settings = _hub_env(hub, cpu_job(MAX_STEPS="8", HUB_MODEL_ID=REPO, HF_TOKEN="hf_alice_write",
+                                     PUBLISH_ONLY_IF_IMPROVED="true"))
     result = run_job("train", env=settings)
     assert result.returncode == 0, result.stderr
     files = hub.files(REPO)

@@ -1,14 +1,18 @@
 """A preempted run continues where it stopped and ends with the adapter it would have produced anyway.
 
-Every story runs against both stores: moto's S3 server over HTTP (through boto3, as MinIO would be
-reached) and a local path. The job always runs as a subprocess, killed and restarted like a pod.
+The stories run against a local path and two real S3 servers over HTTP (through boto3, as MinIO or AWS would be
+reached): moto, and SeaweedFS, which checks every request's signature. Stories whose S3 traffic is the same as
+another's (a refused restart, a damaged file) skip SeaweedFS to keep the suite short. The job always runs as a
+subprocess, killed and restarted like a pod.
 """
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -17,18 +21,17 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import CPU_SETTINGS, ROOT, SAMPLE_DATA, job_env, run_job
-from tests.s3server import FlakyProxy, s3_server  # noqa: F401  (fixture)
+from fakes.s3 import FlakyProxy
 
 RUN_ID = "resume-story"
-SECRET = "SECRETawsKEYmarker0123456789abcdef"
 
 
 class Store:
     """The test's own view of a checkpoint store: list, read and damage objects."""
 
     def __init__(self, kind: str, uri: str, env: dict[str, str], root: Path | None = None, client=None,
-                 bucket: str | None = None, prefix: str = ""):
-        self.kind, self.uri, self.env = kind, uri, env
+                 bucket: str | None = None, prefix: str = "", secret: str | None = None):
+        self.kind, self.uri, self.env, self.secret = kind, uri, env, secret
         self.root, self.client, self.bucket, self.prefix = root, client, bucket, prefix
 
     def keys(self) -> list[str]:
@@ -59,19 +62,20 @@ class Store:
 
 def s3_bucket_store(server) -> Store:
     bucket = server.make_bucket(f"ckpt-{uuid.uuid4().hex[:12]}")
-    env = {**server.env(), "AWS_SECRET_ACCESS_KEY": SECRET}
-    return Store("s3", f"s3://{bucket}/runs", env, client=server.client(), bucket=bucket, prefix="runs/")
+    return Store("s3", f"s3://{bucket}/runs", server.env(), client=server.client(), bucket=bucket, prefix="runs/",
+                 secret=server.secret_key)
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "moto", "seaweedfs"])
 def store(request, tmp_path):
     if request.param == "local":
         return Store("local", str(tmp_path / "store"), {}, root=tmp_path / "store")
-    return s3_bucket_store(request.getfixturevalue("s3_server"))
+    return s3_bucket_store(request.getfixturevalue(f"{request.param}_server"))
 
 
 @pytest.fixture
-def s3_store(s3_server):  # noqa: F811
+def s3_store(s3_server):
+    """A fresh bucket on each S3 server in turn."""
     return s3_bucket_store(s3_server)
 
 
@@ -165,7 +169,7 @@ def test_a_run_killed_mid_training_resumes_and_ends_bit_identical(job, store, tm
 
 
 def test_a_kill_during_an_upload_leaves_a_checkpoint_that_is_never_trusted(s3_job, s3_store, tmp_path,
-                                                                            uninterrupted, s3_server):  # noqa: F811
+                                                                            uninterrupted, s3_server):
     # An upload in flight is an S3 story: the local store writes the same manifest-last way.
     job, store = s3_job, s3_store
     with FlakyProxy(s3_server.endpoint) as proxy:
@@ -187,6 +191,7 @@ def test_a_kill_during_an_upload_leaves_a_checkpoint_that_is_never_trusted(s3_jo
     assert_bit_identical(final_adapter(tmp_path), uninterrupted)
 
 
+@pytest.mark.parametrize("store", ["local", "moto"], indirect=True)
 def test_sigterm_commits_the_step_in_flight_and_exits_75(job, store, tmp_path, uninterrupted):
     run = Running(job(), tmp_path / "first.log")
     run.until(committed(4))
@@ -206,26 +211,44 @@ def test_sigterm_commits_the_step_in_flight_and_exits_75(job, store, tmp_path, u
     assert_bit_identical(final_adapter(tmp_path), uninterrupted)
 
 
-def test_a_second_signal_exits_at_once_and_the_last_commit_stays_intact(job, store, tmp_path):
-    run = Running(job(MAX_STEPS="200", SAVE_STEPS="4"), tmp_path / "first.log")
-    run.until(committed(4))
-    run.proc.send_signal(signal.SIGTERM)
-    run.proc.send_signal(signal.SIGTERM)
-    assert run.finish() == 75
+def test_a_second_signal_exits_at_once_and_the_last_commit_stays_intact(s3_job, s3_store, tmp_path, s3_server):
+    # The first SIGTERM saves the step in flight; its upload is held (a slow store), and the job would wait for
+    # it up to SHUTDOWN_BUDGET_SECONDS (60 s here). The second SIGTERM, sent once the first is acknowledged, must
+    # end the job at once, before that checkpoint is committed, leaving the last committed one intact.
+    job, store = s3_job, s3_store
+    with FlakyProxy(s3_server.endpoint) as proxy:
+        run = Running(job(MAX_STEPS="200", SAVE_STEPS="4", SHUTDOWN_BUDGET_SECONDS="60",
+                          AWS_ENDPOINT_URL_S3=proxy.endpoint), tmp_path / "first.log")
+        run.until(committed(4))
+        held = proxy.hold(f"/{RUN_ID}/checkpoints/")      # every checkpoint upload from here on hangs
+        committed_before = store.committed_steps()
+        run.proc.send_signal(signal.SIGTERM)
+        run.until(lambda e: e["event"] == "stop")          # acknowledged: finishing the step, then saving
+        assert held.wait(120), "the stop checkpoint's upload never started"
+        run.proc.send_signal(signal.SIGTERM)
+        second = time.monotonic()
+        code = run.finish()
+        exited_after = time.monotonic() - second
+        proxy.release()
+    assert code == 75
+    assert exited_after < 15, f"the second signal took {exited_after:.0f} s to end the job"
+    stops = [e["message"] for e in run.events if e["event"] == "stop"]
+    assert stops[-1] == "second SIGTERM: exiting now; the last committed checkpoint stands", stops
+    assert not [e for e in run.events if e["event"] == "stopped"], "it went on to the orderly stop"
+    assert store.committed_steps() == committed_before and committed_before[-1] >= 4
     from job.store import open_store
     from job.store.run_store import RunStore
-    import os
     saved = {k: os.environ.get(k) for k in store.env}
     os.environ.update(store.env)
     try:
         run_store = RunStore(open_store(store.uri), RUN_ID)
-        newest = run_store.committed_steps()[-1]
-        run_store.download_checkpoint(newest, tmp_path / "verify")   # raises if anything is off
+        run_store.download_checkpoint(committed_before[-1], tmp_path / "verify")   # raises if anything is off
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
+@pytest.mark.parametrize("store", ["local", "moto"], indirect=True)
 def test_a_flipped_byte_sends_the_resume_to_the_older_checkpoint(job, store, tmp_path, uninterrupted):
     run = Running(job(), tmp_path / "first.log")
     run.until(committed(8))
@@ -244,6 +267,7 @@ def test_a_flipped_byte_sends_the_resume_to_the_older_checkpoint(job, store, tmp
     assert_bit_identical(final_adapter(tmp_path), uninterrupted)
 
 
+@pytest.mark.parametrize("store", ["local", "moto"], indirect=True)
 def test_a_restart_with_a_different_lora_r_is_refused(job, store, tmp_path):
     run = Running(job(), tmp_path / "first.log")
     run.until(committed(4))
@@ -277,23 +301,32 @@ def test_the_store_never_holds_credentials(s3_job, s3_store, tmp_path):
     job, store = s3_job, s3_store
     result = run_job("train", env=job(MAX_STEPS="4"))
     assert result.returncode == 0, result.stderr
-    assert SECRET not in result.stdout + result.stderr
+    assert store.secret not in result.stdout + result.stderr
     for key in store.keys():
-        assert SECRET.encode() not in store.read(key), key
+        assert store.secret.encode() not in store.read(key), key
 
 
-def test_transient_s3_errors_during_training_are_retried(s3_job, tmp_path, s3_server):  # noqa: F811
-    job = s3_job
+def test_transient_s3_errors_during_training_are_retried(s3_job, s3_store, tmp_path, s3_server, uninterrupted):
+    # Faults injected before training would be spent on the preflight probe: these come after the first commit,
+    # on the uploads of the checkpoints that follow, and the run must still end as if nothing had happened.
+    job, store = s3_job, s3_store
     with FlakyProxy(s3_server.endpoint) as proxy:
-        proxy.fail_next(2, "503")
-        proxy.fail_next(1, "reset")
-        result = run_job("train", env=job(MAX_STEPS="8", AWS_ENDPOINT_URL_S3=proxy.endpoint))
-        assert result.returncode == 0, result.stderr
-        assert proxy.outcomes().count("503") == 2 and proxy.outcomes().count("reset") == 1
+        run = Running(job(AWS_ENDPOINT_URL_S3=proxy.endpoint), tmp_path / "run.log")
+        run.until(committed(4))
+        step_8 = f"/{RUN_ID}/checkpoints/step-00000008/"
+        proxy.fail_next(2, "503", step_8)
+        proxy.fail_next(1, "reset", step_8)
+        proxy.fail_next(2, "500", step_8)
+        assert run.finish() == 0, (tmp_path / "run.log").read_text()[-3000:]
+        faulted = [r for r in proxy.records if r.outcome != "forwarded"]
+    assert [r.outcome for r in faulted] == ["503", "503", "reset", "500", "500"]
+    assert all(step_8 in r.path for r in faulted)
+    assert store.committed_steps()[-1] == 12
+    assert_bit_identical(final_adapter(tmp_path), uninterrupted)
 
 
-def test_a_missing_bucket_stops_before_loading(cpu_job, s3_server, tmp_path):  # noqa: F811
-    env = cpu_job(**{**s3_server.env(), "CHECKPOINT_URI": "s3://no-such-bucket/runs"})
+def test_a_missing_bucket_stops_before_loading(cpu_job, moto_server, tmp_path):
+    env = cpu_job(**{**moto_server.env(), "CHECKPOINT_URI": "s3://no-such-bucket/runs"})
     result = run_job("train", env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

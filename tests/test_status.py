@@ -14,7 +14,6 @@ import pytest
 from conftest import CPU_SETTINGS, SAMPLE_DATA, job_env, run_job
 from job.store import open_store
 from job.store.run_store import RunStore
-from tests.s3server import s3_server  # noqa: F401  (fixture)
 
 RUN_ID = "status-story"
 AWS_SECRET = "SECRETawsKEYstatus0123456789abcdef"
@@ -39,7 +38,7 @@ def test_a_finished_run_shows_its_phase_loss_speed_checkpoints_and_evaluation(ki
         def stored() -> dict:
             return json.loads((tmp_path / "store" / RUN_ID / "status.json").read_text())
     else:
-        server = request.getfixturevalue("s3_server")
+        server = request.getfixturevalue("moto_server")
         bucket = server.make_bucket(f"status-{uuid.uuid4().hex[:12]}")
         uri, store_env = f"s3://{bucket}/runs", server.env()
 
@@ -129,7 +128,7 @@ def test_a_store_that_cannot_be_read_exits_2_with_one_line(trouble, request):
                      "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
         bucket, expected = "ckpt", endpoint
     else:
-        store_env = request.getfixturevalue("s3_server").env()
+        store_env = request.getfixturevalue("moto_server").env()
         bucket = f"missing-{uuid.uuid4().hex[:12]}"
         expected = f"bucket '{bucket}' does not exist"
     env = job_env(RUN_ID=RUN_ID, CHECKPOINT_URI=f"s3://{bucket}/runs", HF_TOKEN=HF_SECRET,

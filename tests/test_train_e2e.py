@@ -119,22 +119,44 @@ def test_secrets_never_reach_logs_or_files(cpu_job, tmp_path):
 
 
 def test_log_lines_from_two_threads_never_share_a_line():
-    # The uploader thread reports commits while the training thread reports progress.
-    import io
+    # The uploader thread reports commits while the training thread reports progress. A pod's stdout is a pipe
+    # that takes a long line in several writes; this sink does the same and lets the other thread in between.
     import threading
+    import time
 
     from job.log import Reporter
 
-    stream = io.StringIO()
-    reporter = Reporter("json", stream=stream)
-    threads = [threading.Thread(target=lambda: [reporter.event("checkpoint", "x" * 40, step=i) for i in range(500)])
-               for _ in range(4)]
+    class PipeLikeSink:
+        def __init__(self):
+            self.pieces: list[str] = []
+
+        def write(self, text: str) -> None:
+            for i in range(0, len(text), 16):
+                self.pieces.append(text[i:i + 16])
+                time.sleep(0)                    # another thread may write here, as it may between two syscalls
+
+        def flush(self) -> None:
+            pass
+
+        def isatty(self) -> bool:
+            return False
+
+    sink = PipeLikeSink()
+    reporter = Reporter("json", stream=sink)
+
+    def report(thread: int) -> None:
+        for i in range(200):
+            reporter.event("checkpoint", f"thread {thread} " + "x" * 40, step=i)
+
+    threads = [threading.Thread(target=report, args=(t,)) for t in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 2000 and all(json.loads(line)["event"] == "checkpoint" for line in lines)
+    lines = "".join(sink.pieces).splitlines()
+    assert len(lines) == 800 and all(json.loads(line)["event"] == "checkpoint" for line in lines)
+    assert sorted((json.loads(line)["message"][:8], json.loads(line)["step"]) for line in lines) == \
+        sorted((f"thread {t}", i) for t in range(4) for i in range(200))
 
 
 def test_a_signal_while_a_line_is_being_written_does_not_hang():

@@ -27,7 +27,8 @@ class CorruptCheckpoint(Exception):
     """A downloaded file disagrees with its manifest, or is missing."""
 
 
-def _hash_file(path: Path) -> tuple[int, str]:
+def hash_file(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a file, as a manifest lists them."""
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
@@ -150,7 +151,7 @@ class RunStore:
         self._delete_prefix(prefix)
         entries = {}
         for path, rel in zip(files, rels):
-            size, digest = _hash_file(path)
+            size, digest = hash_file(path)
             entries[rel] = {"size": size, "sha256": digest}
             self.store.put_file(prefix + rel, path)
         self._put_manifest(prefix, {"step": step, "fingerprint": fingerprint, "created_at": _utc_now(),
@@ -180,7 +181,7 @@ class RunStore:
                     self.store.get_file(prefix + rel, tmp / rel)
                 except FileNotFoundError:
                     raise CorruptCheckpoint(f"{where}: listed in {MANIFEST} but missing from the store") from None
-                size, digest = _hash_file(tmp / rel)
+                size, digest = hash_file(tmp / rel)
                 if size != want["size"]:
                     raise CorruptCheckpoint(f"{where}: {size} bytes, {MANIFEST} says {want['size']}")
                 if digest != want["sha256"]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import time
@@ -15,6 +16,7 @@ import boto3.exceptions
 import boto3.s3.transfer
 import botocore.config
 import botocore.exceptions
+import botocore.session
 
 from .blob import ACCEPTED_FORMS, CheckpointStore, StoreError, check_key, check_prefix
 
@@ -67,6 +69,21 @@ def _redact_url(url: str | None) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
+def _checksums_when_required(session: botocore.session.Session) -> botocore.config.Config:
+    """Checksums only where S3 requires one (DeleteObjects), unless the user's AWS settings choose otherwise.
+
+    boto3 1.36 and later add CRC checksums to every upload and validate them on every download, which older
+    Ceph and MinIO releases and other S3-compatible stores refuse. An explicit client Config outranks the AWS_*
+    variables and the profile, so it is set only where neither AWS_REQUEST_CHECKSUM_CALCULATION /
+    AWS_RESPONSE_CHECKSUM_VALIDATION nor the profile's request_checksum_calculation /
+    response_checksum_validation says anything."""
+    chosen = {}
+    for name in ("request_checksum_calculation", "response_checksum_validation"):
+        if not os.environ.get(f"AWS_{name.upper()}") and name not in session.get_scoped_config():
+            chosen[name] = "when_required"
+    return botocore.config.Config(**chosen)
+
+
 class S3Store(CheckpointStore):
     """A bucket and key prefix on S3 or an S3-compatible store (MinIO, R2, Ceph...).
 
@@ -105,7 +122,10 @@ class S3Store(CheckpointStore):
             botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 3}, connect_timeout=5)
         )
         try:
-            session = boto3.session.Session()  # sessions are not thread-safe; clients are
+            botocore_session = botocore.session.Session()
+            config = config.merge(_checksums_when_required(botocore_session))
+            probe_config = probe_config.merge(_checksums_when_required(botocore_session))
+            session = boto3.session.Session(botocore_session=botocore_session)  # not thread-safe; clients are
             self._client = session.client("s3", config=config)
             self._probe_client = session.client("s3", config=probe_config)
         except ValueError as e:

@@ -1,4 +1,5 @@
-"""End-to-end proof that tests/hubserver.py speaks enough Hub API for the real huggingface_hub client."""
+"""tests/fakes/hub.py, driven by the real huggingface_hub client: it serves what the job calls, the way the Hub
+does, and refuses what the Hub refuses."""
 
 from __future__ import annotations
 
@@ -22,10 +23,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import get_session
 from huggingface_hub.utils._runtime import is_xet_available
 
-try:
-    from tests.hubserver import DEFAULT_TOKENS, HubServer, hub_server  # noqa: F401  (fixture)
-except ImportError:  # run as `pytest tests/...` without the repo root on sys.path
-    from hubserver import DEFAULT_TOKENS, HubServer, hub_server  # type: ignore[no-redef]  # noqa: F401
+from fakes.hub import REGULAR_FILE_LIMIT, upload_mode
 
 WRITE, READ, BOB = "hf_alice_write", "hf_alice_read", "hf_bob_write"
 MB = 1024 * 1024
@@ -157,14 +155,17 @@ def test_upload_folder_main_and_branch_then_download(hub_server, tmp_path):
     with pytest.raises(RemoteEntryNotFoundError):
         hf_hub_download(repo, "extra/log.txt", revision="main", cache_dir=tmp_path / "cache3", token=WRITE)
 
-    # Xet steering: hf_xet is installed and enabled on the client, yet nothing went near xet or LFS.
-    assert is_xet_available()
-    assert server.count("xet_token") == 0 and server.count("lfs_batch") == 0 and server.count("unknown") == 0
-    assert not [r.path for r in server.request_log if "xet" in r.path.lower()]
-    # The unchanged 12 MB file was not re-sent on the branch commit (preupload's oid made it a no-op).
-    branch_commit = [r for r in server.request_log if r.endpoint == "commit"][-1]
-    assert v1["big.safetensors"] not in branch_commit.decoded_payloads()
-    assert v2["weights/small.bin"] in branch_commit.decoded_payloads()
+    # Both binary files went up through the LFS batch API, never inline; Xet was never asked for.
+    assert not is_xet_available() and server.count("xet_token") == 0 and server.count("unknown") == 0
+    uploads = [r.body for r in server.request_log if r.endpoint == "lfs_upload" and r.status == 200]
+    assert sorted(map(len, uploads)) == [MB, MB, 12 * MB]     # v1's two binaries, then v2's new small.bin
+    assert server.count("lfs_verify") == 3
+    commits = [r for r in server.request_log if r.endpoint == "commit"]
+    assert all(not r.decoded_payloads() or all(b"\x00" not in p for p in r.decoded_payloads()) for r in commits)
+    ops = [json.loads(line) for line in commits[-1].body.splitlines()]
+    # The unchanged 12 MB file is not in the branch commit at all (preupload's oid made it a no-op).
+    assert {(op["key"], op["value"]["path"]) for op in ops[1:]} == {("lfsFile", "weights/small.bin"),
+                                                                     ("file", "extra/log.txt")}
 
 
 def test_permissions_read_token_and_foreign_namespace(hub_server, tmp_path):
@@ -222,16 +223,46 @@ def test_commit_500_then_manual_retry(hub_server):
     assert server.files("alice/m")["adapter.bin"] == b"\x00" * 1000
 
 
-def test_upload_folder_retries_5xx_commit_by_itself(hub_server, tmp_path):
-    """With hf_xet installed, upload_folder's pipelined commit is sent with retry/backoff (~1 s) on 5xx."""
+def test_with_xet_the_client_retries_a_commit_and_a_lost_answer_makes_a_second_commit(hub_server, tmp_path,
+                                                                                       monkeypatch):
+    # With hf_xet (the job's container), upload_folder takes huggingface_hub's pipelined path, which sends each
+    # commit with retries. A commit whose answer is lost is therefore committed twice, unless it names its parent.
     server = hub_server()
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    assert is_xet_available()
     api = HfApi(endpoint=server.endpoint, token=WRITE)
     api.create_repo("alice/m", exist_ok=True)
-    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "a.txt").write_text("a")               # text only: this server does not serve Xet storage
+
     server.fail_next_commits(1, status=503)
     api.upload_folder(repo_id="alice/m", folder_path=tmp_path, commit_message="push")
     assert server.count("commit") == 2
     assert [c["message"] for c in server.commits("alice/m")] == ["push", "initial commit"]
+
+    (tmp_path / "a.txt").write_text("b")
+    server.lose_commit_responses(1)
+    api.upload_folder(repo_id="alice/m", folder_path=tmp_path, commit_message="again")
+    assert [c["message"] for c in server.commits("alice/m")] == ["again", "again", "push", "initial commit"]
+
+    (tmp_path / "a.txt").write_text("c")
+    head = server.branches("alice/m")["main"]
+    server.lose_commit_responses(1)
+    with pytest.raises(HfHubHTTPError) as exc:          # the retry names a parent that is no longer the head
+        api.upload_folder(repo_id="alice/m", folder_path=tmp_path, commit_message="pinned", parent_commit=head)
+    assert _status(exc) == 412
+    assert [c["message"] for c in server.commits("alice/m")][:2] == ["pinned", "again"]
+
+
+def test_a_lost_answer_reaches_create_commit_which_does_not_retry(hub_server):
+    server = hub_server()
+    api = HfApi(endpoint=server.endpoint, token=WRITE)
+    api.create_repo("alice/m", exist_ok=True)
+    server.lose_commit_responses(1)
+    with pytest.raises(Exception) as exc:
+        api.upload_file(path_or_fileobj=b"a", path_in_repo="a.txt", repo_id="alice/m", commit_message="landed")
+    assert "disconnected" in str(exc.value).lower() or "closed" in str(exc.value).lower(), exc.value
+    assert [c["message"] for c in server.commits("alice/m")] == ["landed", "initial commit"]
+    assert server.count("commit") == 1
 
 
 def test_fault_knobs_delay_and_lost_response(hub_server):
@@ -250,7 +281,7 @@ def test_fault_knobs_delay_and_lost_response(hub_server):
     assert [r.injected for r in server.request_log if r.endpoint == "commit"] == [True]
 
 
-def test_refs_tree_paths_info_and_commit_pagination(hub_server):
+def test_branches_tree_paths_info_and_commit_pagination(hub_server):
     server = hub_server()
     server.commits_page_size = 2
     api = HfApi(endpoint=server.endpoint, token=WRITE)
@@ -258,14 +289,11 @@ def test_refs_tree_paths_info_and_commit_pagination(hub_server):
     for i in range(3):
         api.upload_file(path_or_fileobj=f"{i}".encode(), path_in_repo=f"dir/f{i}.txt", repo_id="acme/m",
                         commit_message=f"c{i}")
-    api.create_tag("acme/m", tag="v1")
-    api.create_branch("acme/m", branch="exp", revision="v1")
+    head = server.branches("acme/m")["main"]
+    api.create_branch("acme/m", branch="exp", revision=head)
     assert [c.title for c in api.list_repo_commits("acme/m")] == ["c2", "c1", "c0", "initial commit"]
     assert server.count("commits_list") == 2  # followed the Link header once
-
-    refs = api.list_repo_refs("acme/m")
-    assert {b.name for b in refs.branches} == {"main", "exp"}
-    assert refs.tags[0].name == "v1" and refs.tags[0].target_commit == server.branches("acme/m")["main"]
+    assert server.branches("acme/m") == {"main": head, "exp": head}
 
     top = list(api.list_repo_tree("acme/m", expand=True))
     assert [(type(e).__name__, e.path) for e in top] == [("RepoFolder", "dir"), ("RepoFile", ".gitattributes")]
@@ -273,7 +301,7 @@ def test_refs_tree_paths_info_and_commit_pagination(hub_server):
     infos = api.get_paths_info("acme/m", ["dir/f0.txt", "dir", "missing"], expand=True)
     assert [e.path for e in infos] == ["dir/f0.txt", "dir"]
     assert infos[0].last_commit.title == "c0"
-    assert api.list_repo_files("acme/m", revision="v1") == api.list_repo_files("acme/m", revision="exp")
+    assert api.list_repo_files("acme/m", revision=head) == api.list_repo_files("acme/m", revision="exp")
 
     with pytest.raises(RevisionNotFoundError):
         api.list_repo_files("acme/m", revision="nope")
@@ -281,18 +309,105 @@ def test_refs_tree_paths_info_and_commit_pagination(hub_server):
         api.upload_file(path_or_fileobj=b"x", path_in_repo="x", repo_id="acme/m", revision="nope")
 
 
-def test_lfs_mode_when_client_disables_xet(hub_server, tmp_path, monkeypatch):
-    server = hub_server(lfs_threshold=10 * MB)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # what HF_HUB_DISABLE_XET=1 does at import
+@pytest.mark.parametrize("path, content, mode", [
+    ("notes.txt", b"plain text\n", "regular"),
+    ("big.txt", b"a" * (REGULAR_FILE_LIMIT + 1), "lfs"),            # above 10 MiB, even as text
+    ("exactly.txt", b"a" * REGULAR_FILE_LIMIT, "regular"),
+    ("loss_curve.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)), "lfs"),  # binary: not UTF-8, NUL bytes
+    ("adapter_model.safetensors", (128).to_bytes(8, "little") + b'{"__metadata__":{}}', "lfs"),
+    ("optimizer.pt", b"PK\x03\x04" + b"\x00" * 60, "lfs"),
+    ("vocab.bin", b"text that .gitattributes sends to LFS", "lfs"),  # *.bin filter=lfs in the initial commit
+    ("empty.safetensors", b"", "regular"),                            # an empty file cannot go to LFS
+    ("unicode.md", "persona: café ☕ ".encode() * 40, "regular"),    # a character cut at byte 512 is still text
+])
+def test_preupload_sends_binary_and_large_files_to_lfs_as_the_hub_does(hub_server, tmp_path, path, content, mode):
+    server = hub_server()
     api = HfApi(endpoint=server.endpoint, token=WRITE)
-    api.create_repo("alice/lfs", exist_ok=True)
-    files = _make_folder(tmp_path / "f", seed=7)
-    api.upload_folder(repo_id="alice/lfs", folder_path=tmp_path / "f", commit_message="lfs upload")
-    assert server.count("lfs_batch") == 1 and server.count("lfs_upload") == 1 and server.count("xet_token") == 0
-    tree = {f.path: f for f in api.list_repo_tree("alice/lfs", recursive=True) if hasattr(f, "lfs")}
-    assert tree["big.safetensors"].lfs is not None and tree["weights/small.bin"].lfs is None
-    path = hf_hub_download("alice/lfs", "big.safetensors", cache_dir=tmp_path / "c", token=WRITE)
-    assert Path(path).read_bytes() == files["big.safetensors"]
+    api.create_repo("alice/m", exist_ok=True)
+    api.upload_file(path_or_fileobj=content, path_in_repo=path, repo_id="alice/m", commit_message="one file")
+    assert server.count("lfs_upload") == server.count("lfs_verify") == (1 if mode == "lfs" else 0)
+    tree = {f.path: f for f in api.list_repo_tree("alice/m")}
+    assert (tree[path].lfs is not None) == (mode == "lfs")
+    assert upload_mode(path, len(content), content[:512], server.files("alice/m")[".gitattributes"]) == mode
+    assert Path(hf_hub_download("alice/m", path, cache_dir=tmp_path / "c", token=WRITE)).read_bytes() == content
+
+
+def commit_body(summary: str, *ops: dict) -> bytes:
+    lines = [{"key": "header", "value": {"summary": summary, "description": ""}}, *ops]
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+def test_a_binary_or_large_file_sent_inline_is_refused(hub_server):
+    server = hub_server()
+    HfApi(endpoint=server.endpoint, token=WRITE).create_repo("alice/m", exist_ok=True)
+    auth = {"authorization": f"Bearer {WRITE}", "content-type": "application/x-ndjson"}
+    for path, data in (("adapter_model.safetensors", b"\x08\x00\x00\x00{}"),
+                       ("big.txt", b"a" * (REGULAR_FILE_LIMIT + 1))):
+        op = {"key": "file", "value": {"path": path, "encoding": "base64",
+                                       "content": __import__("base64").b64encode(data).decode()}}
+        r = get_session().post(f"{server.endpoint}/api/models/alice/m/commit/main", headers=auth,
+                               content=commit_body("inline", op))
+        assert r.status_code == 400 and "Your push was rejected" in r.headers["x-error-message"], r.text
+    assert [c["message"] for c in server.commits("alice/m")] == ["initial commit"]
+
+
+def test_the_lfs_storage_url_takes_only_the_announced_bytes_without_a_token(hub_server):
+    server = hub_server()
+    HfApi(endpoint=server.endpoint, token=WRITE).create_repo("alice/m", exist_ok=True)
+    data = b"\x00binary" * 100
+    oid = __import__("hashlib").sha256(data).hexdigest()
+    batch = get_session().post(
+        f"{server.endpoint}/alice/m.git/info/lfs/objects/batch", json={
+            "operation": "upload", "transfers": ["basic"], "hash_algo": "sha256",
+            "objects": [{"oid": oid, "size": len(data)}]},
+        headers={"authorization": f"Bearer {WRITE}", "accept": "application/vnd.git-lfs+json"})
+    assert batch.status_code == 200
+    href = batch.json()["objects"][0]["actions"]["upload"]["href"]
+    with_token = get_session().put(href, content=data, headers={"authorization": f"Bearer {WRITE}"})
+    assert with_token.status_code == 400 and b"Only one auth mechanism allowed" in with_token.content
+    assert get_session().put(href.replace("Signature=", "Signature=x"), content=data).status_code == 403
+    assert get_session().put(href, content=data[:-1] + b"!").status_code == 400    # not the announced oid
+    assert get_session().put(href, content=data).status_code == 200
+    verify = batch.json()["objects"][0]["actions"]["verify"]["href"]
+    assert get_session().post(verify, json={"oid": oid, "size": len(data)}).status_code == 401   # needs a token
+    assert get_session().post(verify, json={"oid": oid, "size": len(data)},
+                              headers={"authorization": f"Bearer {WRITE}"}).status_code == 200
+    # Once stored, a batch asks for nothing more: the client skips the upload.
+    again = get_session().post(
+        f"{server.endpoint}/alice/m.git/info/lfs/objects/batch", json={
+            "operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": len(data)}]},
+        headers={"authorization": f"Bearer {WRITE}", "accept": "application/vnd.git-lfs+json"})
+    assert "actions" not in again.json()["objects"][0]
+
+
+@pytest.mark.parametrize("base_model", ["/models/llama-2-7b", "./out/base", "https://huggingface.co/x/y",
+                                        "a/b/c", "bad--name/x"])
+def test_a_card_whose_base_model_is_not_a_hub_id_is_refused(hub_server, base_model):
+    server = hub_server()
+    api = HfApi(endpoint=server.endpoint, token=WRITE)
+    api.create_repo("alice/m", exist_ok=True)
+    card = f"---\nbase_model: {base_model}\nlibrary_name: peft\n---\n# card\n".encode()
+    with pytest.raises(ValueError, match="Invalid metadata in README.md") as exc:   # the client checks first
+        api.upload_file(path_or_fileobj=card, path_in_repo="README.md", repo_id="alice/m")
+    assert '"base_model"' in str(exc.value)
+    op = {"key": "file", "value": {"path": "README.md", "encoding": "base64",
+                                   "content": __import__("base64").b64encode(card).decode()}}
+    r = get_session().post(f"{server.endpoint}/api/models/alice/m/commit/main", content=commit_body("card", op),
+                           headers={"authorization": f"Bearer {WRITE}", "content-type": "application/x-ndjson"})
+    assert r.status_code == 400 and "Invalid metadata in README.md" in r.headers["x-error-message"]
+    good = card.replace(base_model.encode(), b"NousResearch/Llama-2-7b-chat-hf")
+    api.upload_file(path_or_fileobj=good, path_in_repo="README.md", repo_id="alice/m")
+    assert server.files("alice/m")["README.md"] == good
+
+
+def test_a_client_with_xet_on_is_told_this_server_takes_lfs_only(hub_server, monkeypatch):
+    server = hub_server()
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    api = HfApi(endpoint=server.endpoint, token=WRITE)
+    api.create_repo("alice/m", exist_ok=True)
+    with pytest.raises(Exception):
+        api.upload_file(path_or_fileobj=b"\x00" * 100, path_in_repo="w.bin", repo_id="alice/m")
+    assert server.count("xet_token") >= 1 and server.count("commit") == 0
 
 
 def test_subprocess_sees_server_through_env(hub_server, tmp_path):

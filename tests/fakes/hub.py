@@ -1,34 +1,39 @@
-"""A small, real, in-memory HTTP fake of the Hugging Face Hub, for tests.
+"""The Hugging Face Hub as the job meets it: a real, in-memory HTTP server for the real ``huggingface_hub``
+client (version pinned in constraints.txt), reached through ``HF_ENDPOINT`` in a subprocess, or ``endpoint=`` /
+the ``hub_server`` fixture in-process.
 
-It speaks enough of the Hub HTTP API that the real, unpatched ``huggingface_hub``
-client (2.4.0, httpx2-based) pointed at it -- via ``HF_ENDPOINT`` in a subprocess,
-or ``endpoint=`` / the ``hub_server`` fixture in-process -- can run:
+It answers what the job and its tests call, and refuses what the real Hub refuses:
 
 * ``whoami``                                   GET  /api/whoami-v2
-* ``create_repo`` / ``delete_repo``            POST /api/repos/create, DELETE /api/repos/delete
-* ``create_branch`` / ``delete_branch``        POST|DELETE /api/{type}s/{id}/branch/{branch}
-* ``create_tag`` / ``delete_tag``              POST /api/{type}s/{id}/tag/{rev}, DELETE .../tag/{tag}
-* ``list_repo_refs``                           GET  /api/{type}s/{id}/refs
-* ``model_info`` / ``repo_info``               GET  /api/{type}s/{id}[/revision/{rev}]
+* ``create_repo`` / ``create_branch``          POST /api/repos/create, POST /api/{type}s/{id}/branch/{branch}
+* ``model_info`` / ``dataset_info``            GET  /api/{type}s/{id}[/revision/{rev}]
 * ``list_repo_files`` / ``list_repo_tree``     GET  /api/{type}s/{id}/tree/{rev}[/{path}]
 * ``get_paths_info``                           POST /api/{type}s/{id}/paths-info/{rev}
 * ``list_repo_commits``                        GET  /api/{type}s/{id}/commits/{rev}  (Link-header pagination)
-* ``create_commit`` / ``upload_file`` / ``upload_folder``
-                                               POST /api/{type}s/{id}/preupload/{rev}, POST .../commit/{rev}
-                                               (+ POST /api/validate-yaml for README.md front matter)
-* ``hf_hub_download`` / ``snapshot_download``  HEAD|GET /[{type}s/]{id}/resolve/{rev}/{path}  (Range supported)
 * ``auth_check``                               GET  /api/{type}s/{id}/auth-check[/write]
-* optional git-LFS (``lfs_threshold=``)        POST /{id}.git/info/lfs/objects/batch, PUT/POST /__lfs__/...
+* ``hf_hub_download`` / ``snapshot_download``  HEAD|GET /[{type}s/]{id}/resolve/{rev}/{path}  (Range supported)
+* ``upload_folder`` / ``create_commit``, as huggingface_hub drives them without Xet:
+    1. POST /api/validate-yaml: the README's metadata; a ``base_model`` that is not a Hub repo id is refused;
+    2. POST /api/{type}s/{id}/preupload/{rev}: ``lfs`` for a file above 10 MiB, for a binary file (a NUL byte or
+       bytes that are not UTF-8 in its first 512 bytes: safetensors, pt, png, bin...) and for a path the branch's
+       .gitattributes sends to LFS; ``regular`` otherwise;
+    3. the git-LFS batch API for the ``lfs`` files: POST /{id}.git/info/lfs/objects/batch hands out one upload
+       URL per object the server lacks (a presigned storage URL: it refuses an Authorization header), the client
+       PUTs the bytes there (sha256 and size checked), then POSTs .../objects/verify with its token;
+    4. POST /api/{type}s/{id}/commit/{rev} (NDJSON): ``file`` operations inline (base64) for regular files only,
+       ``lfsFile`` operations naming uploaded objects, deletions; ``parentCommit`` is honoured (412 when the
+       branch moved), and README.md's metadata is checked again.
 
-Xet is never advertised: preupload answers ``"regular"`` (content inline, base64 in the NDJSON
-commit) unless ``lfs_threshold`` is set, and no response carries ``X-Xet-*`` headers or ``xetHash``.
-With ``hf_xet`` installed the client only goes to xet for files the server marks ``"lfs"``, so the
-default mode never touches xet. ``lfs_threshold`` needs a client with ``HF_HUB_DISABLE_XET=1``
-(otherwise the client goes to ``/xet-write-token``, which this server refuses with 501).
+Xet is not served. With ``hf_xet`` installed and enabled, the client sends every ``lfs`` file through Xet storage,
+whose protocol this server does not speak: it answers the Xet token request with 501. ``configure_hf_client`` and
+``subprocess_env`` therefore set ``HF_HUB_DISABLE_XET=1``, which sends the client down the LFS path above (the
+Hub accepts both). The job in production, with hf_xet installed, uploads through Xet and commits through
+huggingface_hub's pipelined ``upload_folder``, which retries a commit whose answer was lost; ``lose_commit_responses``
+reproduces that answer going missing, for either path.
 
-State lives in memory and is inspectable (``repos``, ``files()``, ``commits()``); every request is
-logged raw (``request_log``) and counted per endpoint (``count()``); faults can be injected per
-endpoint (``fail_next()``, ``fail_next_commits()``).
+State lives in memory and is inspectable (``repos``, ``files()``, ``commits()``); every request is logged raw
+(``request_log``) and counted per endpoint (``count()``); faults can be injected per endpoint (``fail_next()``,
+``fail_next_commits()``, ``lose_commit_responses()``).
 
 Published repos that a test reads (a base model, a dataset) are seeded with ``add_repo()``: public, private or
 gated like the Hub's gated models (``gated="manual"`` / ``"auto"``; ``model_info`` shows it, and auth-check and
@@ -43,6 +48,7 @@ import base64
 import binascii
 import collections
 import datetime as _dt
+import fnmatch
 import hashlib
 import http.server
 import json
@@ -78,9 +84,15 @@ DEFAULT_TOKENS: dict[str, dict] = {
 # must not start/end with '-' or '.', no '--' or '..', must not end with '.git'.
 _NAME_RE = re.compile(r"^(?=.{1,96}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _BAD_BRANCH_CHARS = re.compile(r"[\x00-\x20~^:?*\[\\\x7f]")
-_REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
-_URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+_REPO_TYPES = {"models": "model", "datasets": "dataset"}
+_URL_PREFIX = {"model": "", "dataset": "datasets/"}
+# The largest file the Hub takes inline in a commit; anything larger goes through LFS (or Xet).
+REGULAR_FILE_LIMIT = 10 * 1024 * 1024
+SAMPLE_BYTES = 512  # what the client sends of each file to /preupload
+LFS_MEDIA_TYPE = "application/vnd.git-lfs+json"
+_BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 
 # Close to what the Hub puts in a fresh repo's initial commit.
 DEFAULT_GITATTRIBUTES = "".join(
@@ -91,6 +103,84 @@ DEFAULT_GITATTRIBUTES = "".join(
         "saved_model/**/* *.tar.* *.tar *.tflite *.tgz *.wasm *.xz *.zip *.zst *tfevents*"
     ).split()
 ).encode()
+
+
+def valid_repo_id(repo_id: Any) -> bool:
+    """A Hub repo id: ``name`` (the oldest canonical models) or ``namespace/name``, each part by the Hub's
+    naming rule. A local path (``/models/llama``, ``./out``) or a URL is not one."""
+    if not isinstance(repo_id, str):
+        return False
+    parts = repo_id.split("/")
+    return 1 <= len(parts) <= 2 and all(
+        _NAME_RE.match(part) and "--" not in part and ".." not in part and not part.endswith(".git")
+        for part in parts)
+
+
+def is_binary(sample: bytes) -> bool:
+    """What the Hub decides from a file's first bytes: a NUL byte, or bytes that are not UTF-8 text."""
+    if b"\x00" in sample:
+        return True
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start < len(sample) - 3  # a character cut at the end of the sample is still text
+    return False
+
+
+def _lfs_patterns(gitattributes: bytes | None) -> list[str]:
+    patterns = []
+    for line in (gitattributes or b"").decode(errors="replace").splitlines():
+        fields = line.split()
+        if len(fields) > 1 and "filter=lfs" in fields[1:]:
+            patterns.append(fields[0])
+    return patterns
+
+
+def _matches(pattern: str, path: str) -> bool:
+    """gitattributes matching, as far as the Hub's default patterns need it."""
+    if pattern.endswith("/**/*"):
+        return path.startswith(pattern[:-4])
+    if "/" in pattern:
+        return fnmatch.fnmatchcase(path, pattern)
+    return fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], pattern)
+
+
+def upload_mode(path: str, size: int, sample: bytes, gitattributes: bytes | None) -> str:
+    """``lfs`` or ``regular``, as the Hub's /preupload answers for a file going to a branch with this
+    .gitattributes."""
+    if size == 0:
+        return "regular"
+    if size > REGULAR_FILE_LIMIT or is_binary(sample[:SAMPLE_BYTES]):
+        return "lfs"
+    return "lfs" if any(_matches(p, path) for p in _lfs_patterns(gitattributes)) else "regular"
+
+
+def metadata_errors(readme: str) -> list[str]:
+    """What the Hub's YAML validation says about a README.md's front matter (the fields the job writes)."""
+    m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", readme, flags=re.S)
+    if not m:
+        return []
+    try:
+        import yaml
+
+        meta = yaml.safe_load(m.group(1))
+    except Exception as e:  # yaml.YAMLError
+        return [f"Invalid YAML in README.md: {e}"]
+    if meta is None:
+        return []
+    if not isinstance(meta, dict):
+        return ["YAML metadata must be a mapping"]
+    errors = []
+    if "base_model" in meta:
+        value = meta["base_model"]
+        for item in value if isinstance(value, list) else [value]:
+            if not valid_repo_id(item):
+                errors.append(f'"base_model" with value {json.dumps(item, default=str)} is not a valid model id: '
+                              f'use the id of a model on the Hub, e.g. "meta-llama/Llama-2-7b-hf"')
+    relation = meta.get("base_model_relation")
+    if relation is not None and relation not in _BASE_MODEL_RELATIONS:
+        errors.append(f'"base_model_relation" must be one of {", ".join(_BASE_MODEL_RELATIONS)}')
+    return errors
 
 
 def _now() -> str:
@@ -156,7 +246,6 @@ class Repo:
     created_at: str
     owner: str
     branches: dict[str, str] = field(default_factory=dict)  # branch -> commit oid
-    tags: dict[str, str] = field(default_factory=dict)  # tag -> commit oid
     commits: dict[str, Commit] = field(default_factory=dict)  # oid -> commit
     gated: bool | str = False  # False, "auto" or "manual", as the Hub's model_info shows it
     granted: set[str] = field(default_factory=set)  # users whose access request to a gated repo was accepted
@@ -169,13 +258,8 @@ class Repo:
         """revision -> (commit oid, branch name or None); None if unknown."""
         if revision.startswith("refs/heads/"):
             revision = revision[len("refs/heads/") :]
-        elif revision.startswith("refs/tags/"):
-            revision = revision[len("refs/tags/") :]
-            return (self.tags[revision], None) if revision in self.tags else None
         if revision in self.branches:
             return self.branches[revision], revision
-        if revision in self.tags:
-            return self.tags[revision], None
         if _COMMIT_RE.match(revision) and revision in self.commits:
             return revision, None
         return None
@@ -257,7 +341,7 @@ class _Resp:
 
 
 def _err(status: int, message: str, code: str | None = None, extra_headers: dict | None = None) -> _Resp:
-    headers = {"X-Error-Message": message}
+    headers = {"X-Error-Message": " ".join(message.split())}  # a header is one line; the body keeps the lines
     if code:
         headers["X-Error-Code"] = code
     headers.update(extra_headers or {})
@@ -279,14 +363,10 @@ class HubServer:
     "orgs": [org name | {"name": org, "roleInOrg": "read"|"write"|"admin"}], optional "displayName",
     "email", "fullname", "fineGrained": {...}}. A fine-grained token may write iff its fineGrained
     dict mentions "repo.write".
-
-    ``lfs_threshold``: None (default) -> every file is "regular" (inline base64 in the commit). An int ->
-    files of at least that many bytes are "lfs" (needs a client with xet disabled).
     """
 
-    def __init__(self, tokens: dict[str, dict], *, lfs_threshold: int | None = None, host: str = "127.0.0.1"):
+    def __init__(self, tokens: dict[str, dict], *, host: str = "127.0.0.1"):
         self.tokens = tokens
-        self.lfs_threshold = lfs_threshold
         self.host = host
         self.commits_page_size = 50
         self.repos: dict[str, Repo] = {}  # "user/name" for models, "datasets/user/name" for datasets
@@ -295,7 +375,7 @@ class HubServer:
         self.errors: list[str] = []  # internal server errors (tracebacks): a bug in this fake
         self._counts: collections.Counter[str] = collections.Counter()
         self._faults: dict[str, collections.deque[_Fault]] = collections.defaultdict(collections.deque)
-        self._lfs_pending: dict[str, int] = {}  # sha256 -> expected size (issued upload URLs)
+        self._lfs_pending: dict[str, tuple[int, str]] = {}  # sha256 -> (size, signature of its upload URL)
         self._lock = threading.RLock()
         self._seq = 0
         self._httpd: http.server.ThreadingHTTPServer | None = None
@@ -362,13 +442,20 @@ class HubServer:
     def fail_next_commits(self, n: int, status: int = 500) -> None:
         self.fail_next("commit", n, status)
 
+    def lose_commit_responses(self, n: int = 1, status: int = 0) -> None:
+        """The next ``n`` commits land, but their answers never reach the client: the connection closes without
+        one (``status=0``, what a dropped connection or a restarted load balancer does), or a gateway answers
+        ``status`` (502, 504) after the Hub committed. huggingface_hub's pipelined ``upload_folder`` (the path it
+        takes with hf_xet) retries such a commit and so commits the same files a second time, unless the commit
+        names its ``parentCommit``; ``create_commit`` passes the failure to its caller."""
+        self.fail_next("commit", n, status, after_apply=True)
+
     def count(self, endpoint: str | None = None) -> int:
         """Requests received for ``endpoint`` (all requests if None), injected failures included.
 
-        Endpoint names: whoami, create_repo, delete_repo, create_branch, delete_branch, create_tag,
-        delete_tag, refs, repo_info, tree, paths_info, commits_list, preupload, commit, validate_yaml,
-        resolve (HEAD+GET; also resolve_head/resolve_get), lfs_batch, lfs_upload, lfs_verify,
-        xet_token, agent_harnesses, auth_check, unknown.
+        Endpoint names: whoami, create_repo, create_branch, repo_info, tree, paths_info, commits_list,
+        validate_yaml, preupload, lfs_batch, lfs_upload, lfs_verify, commit, resolve (HEAD+GET; also
+        resolve_head/resolve_get), auth_check, xet_token, agent_harnesses, unknown.
         """
         with self._lock:
             if endpoint is None:
@@ -404,7 +491,7 @@ class HubServer:
                         owner=repo_id.split("/")[0], gated=gated, granted=set(granted))
             tree = {".gitattributes": self._store(DEFAULT_GITATTRIBUTES, False)}
             for path, data in (files or {}).items():
-                lfs = self.lfs_threshold is not None and len(data) >= self.lfs_threshold
+                lfs = upload_mode(path, len(data), data[:SAMPLE_BYTES], DEFAULT_GITATTRIBUTES) == "lfs"
                 tree[path] = self._store(data, lfs=lfs)
             for path, size in (placeholders or {}).items():
                 sha = hashlib.sha256(f"placeholder {repo_id} {path} {size}".encode()).hexdigest()
@@ -457,7 +544,7 @@ class HubServer:
 
     def subprocess_env(self, *, hf_home: str | os.PathLike, token: str | None = None, base: dict | None = None) -> dict:
         """Environment for a child process using this server: HF_ENDPOINT, isolated HF_HOME, telemetry off,
-        offline mode unset, HF_TOKEN set (or removed)."""
+        offline mode unset, Xet off (this server takes LFS uploads only), HF_TOKEN set (or removed)."""
         env = dict(os.environ if base is None else base)
         for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
                     "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN", "HF_XET_CACHE", "HF_ASSETS_CACHE"):
@@ -468,6 +555,7 @@ class HubServer:
             HF_HUB_DISABLE_TELEMETRY="1",
             HF_HUB_DISABLE_UPDATE_CHECK="1",
             HF_HUB_DISABLE_PROGRESS_BARS="1",
+            HF_HUB_DISABLE_XET="1",
         )
         if token is not None:
             env["HF_TOKEN"] = token
@@ -592,8 +680,6 @@ class HubServer:
                 return "whoami", self._h_whoami, {}
             if rest == ["repos", "create"] and method == "POST":
                 return "create_repo", self._h_create_repo, {}
-            if rest == ["repos", "delete"] and method == "DELETE":
-                return "delete_repo", self._h_delete_repo, {}
             if rest == ["validate-yaml"] and method == "POST":
                 return "validate_yaml", self._h_validate_yaml, {}
             if rest == ["agent-harnesses"] and method == "GET":
@@ -616,34 +702,28 @@ class HubServer:
                     return "preupload", self._h_preupload, {**p, "revision": "/".join(tail[1:])}
                 if op == "commit" and len(tail) >= 2 and method == "POST":
                     return "commit", self._h_commit, {**p, "revision": "/".join(tail[1:])}
-                if op == "branch" and len(tail) >= 2 and method in ("POST", "DELETE"):
-                    name = "create_branch" if method == "POST" else "delete_branch"
-                    return name, self._h_branch, {**p, "branch": "/".join(tail[1:])}
-                if op == "tag" and len(tail) >= 2 and method in ("POST", "DELETE"):
-                    name = "create_tag" if method == "POST" else "delete_tag"
-                    return name, self._h_tag, {**p, "ref": "/".join(tail[1:])}
-                if op == "refs" and method == "GET":
-                    return "refs", self._h_refs, p
+                if op == "branch" and len(tail) >= 2 and method == "POST":
+                    return "create_branch", self._h_branch, {**p, "branch": "/".join(tail[1:])}
                 if op in ("xet-write-token", "xet-read-token"):
                     return "xet_token", self._h_xet, p
                 if op == "auth-check" and len(tail) <= 2 and tail[1:] in ([], ["write"]) and method == "GET":
                     return "auth_check", self._h_auth_check, {**p, "write": tail[1:] == ["write"]}
             return "unknown", None, {}
-        if segs[:2] == ["__lfs__", "upload"] and len(segs) == 3 and method == "PUT":
-            return "lfs_upload", self._h_lfs_upload, {"oid": segs[2]}
-        if segs[:2] == ["__lfs__", "verify"] and method == "POST":
-            return "lfs_verify", self._h_lfs_verify, {}
-        # /[datasets/]ns/name.git/info/lfs/objects/batch
-        if segs[-4:] == ["info", "lfs", "objects", "batch"] and method == "POST":
+        # The storage behind the LFS batch API: a presigned URL, as the Hub hands out for its S3 bucket.
+        if segs[:1] == ["__lfs_storage__"] and len(segs) == 2 and method == "PUT":
+            return "lfs_upload", self._h_lfs_upload, {"oid": segs[1]}
+        # /[datasets/]ns/name.git/info/lfs/objects/(batch|verify)
+        if segs[-3:-1] == ["lfs", "objects"] and segs[-4:-3] == ["info"] and method == "POST":
             head = segs[:-4]
             repo_type = "model"
-            if head and head[0] in ("datasets", "spaces"):
-                repo_type, head = _REPO_TYPES[head[0]], head[1:]
-            if len(head) == 2 and head[1].endswith(".git"):
-                return "lfs_batch", self._h_lfs_batch, {"repo_type": repo_type, "repo_id": f"{head[0]}/{head[1][:-4]}"}
+            if head and head[0] == "datasets":
+                repo_type, head = "dataset", head[1:]
+            if len(head) == 2 and head[1].endswith(".git") and segs[-1] in ("batch", "verify"):
+                handler = self._h_lfs_batch if segs[-1] == "batch" else self._h_lfs_verify
+                return f"lfs_{segs[-1]}", handler, {"repo_type": repo_type, "repo_id": f"{head[0]}/{head[1][:-4]}"}
         # /[datasets/]ns/name/resolve/rev/path...
         repo_type, rest = "model", segs
-        if rest and rest[0] in ("datasets", "spaces"):
+        if rest and rest[0] == "datasets":
             repo_type, rest = _REPO_TYPES[rest[0]], rest[1:]
         if len(rest) >= 5 and rest[2] == "resolve" and method in ("GET", "HEAD"):
             name = "resolve_head" if method == "HEAD" else "resolve_get"
@@ -746,29 +826,10 @@ class HubServer:
         self.repos[key] = repo
         return _Resp(200, {"url": url, "name": repo_id, "id": uuid.uuid4().hex[:24]})
 
-    def _h_delete_repo(self, cfg, body, **_) -> _Resp:
-        payload = json.loads(body or b"{}")
-        namespace = payload.get("organization") or (cfg or {}).get("user")
-        repo_id = f"{namespace}/{payload.get('name')}"
-        self._repo_for_write(cfg, payload.get("type") or "model", repo_id, "delete this repo")
-        del self.repos[self._key(repo_id, payload.get("type") or "model")]
-        return _Resp(200, {})
-
     def _h_validate_yaml(self, body, **_) -> _Resp:
         content = json.loads(body or b"{}").get("content", "")
-        m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", content, flags=re.S)
-        if m:
-            try:
-                import yaml
-
-                meta = yaml.safe_load(m.group(1))
-            except ImportError:  # pragma: no cover - PyYAML is in the venv
-                meta = {}
-            except Exception as e:  # yaml.YAMLError
-                return _Resp(400, {"errors": [{"message": f"Invalid YAML in README.md: {e}"}], "warnings": []})
-            if meta is not None and not isinstance(meta, dict):
-                return _Resp(400, {"errors": [{"message": "YAML metadata must be a mapping"}], "warnings": []})
-        return _Resp(200, {"errors": [], "warnings": []})
+        errors = metadata_errors(content)
+        return _Resp(400 if errors else 200, {"errors": [{"message": e} for e in errors], "warnings": []})
 
     def _h_repo_info(self, cfg, repo_type, repo_id, revision, query, **_) -> _Resp:
         repo = self._repo_for_read(cfg, repo_type, repo_id)
@@ -913,21 +974,29 @@ class HubServer:
             headers["Link"] = f'<{base}{urlsplit(path).path}?p={page + 1}>; rel="next"'
         return _Resp(200, items, headers)
 
+    def _gitattributes(self, tree: dict[str, FileEntry]) -> bytes | None:
+        entry = tree.get(".gitattributes")
+        return self.blobs.get(entry.sha256) if entry is not None else None
+
     def _h_preupload(self, cfg, repo_type, repo_id, revision, body, query, **_) -> _Resp:
         repo = self._repo_for_write(cfg, repo_type, repo_id, "upload files")
         if query.get("create_pr"):
             return _err(400, "create_pr is not supported by this fake hub")
-        oid, branch = self._resolve(repo, revision)
+        oid, _branch = self._resolve(repo, revision)
         tree = repo.commits[oid].tree
-        payload = json.loads(body or b"{}")
+        gitattributes = self._gitattributes(tree)
         files = []
-        for f in payload.get("files", []):
+        for f in json.loads(body or b"{}").get("files", []):
             path, size = f["path"], int(f.get("size", 0))
-            lfs = self.lfs_threshold is not None and size >= self.lfs_threshold and size > 0
-            item: dict[str, Any] = {"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
+            try:
+                sample = base64.b64decode(f.get("sample") or "", validate=True)
+            except (binascii.Error, ValueError):
+                return _err(400, f"Invalid base64 sample for {path}")
+            mode = upload_mode(path, size, sample, gitattributes)
+            item: dict[str, Any] = {"path": path, "uploadMode": mode, "shouldIgnore": False}
             existing = tree.get(path)
-            if existing is not None:
-                item["oid"] = existing.sha256 if lfs else existing.content_oid
+            if existing is not None:  # lets the client skip a file that did not change
+                item["oid"] = existing.sha256 if mode == "lfs" else existing.content_oid
             files.append(item)
         return _Resp(200, {"files": files, "commitOid": oid})
 
@@ -957,6 +1026,7 @@ class HubServer:
         if parent and not oid.startswith(parent):
             return _err(412, "A commit has happened since. Please refresh and try again.")
         tree = dict(repo.commits[oid].tree)
+        gitattributes = self._gitattributes(tree)
         for op in ops:
             key, value = op.get("key"), op.get("value") or {}
             path = (value.get("path") or "").strip("/")
@@ -971,10 +1041,16 @@ class HubServer:
                         return _err(400, f"Invalid base64 content for {path}")
                 else:
                     data = content.encode()
+                if len(data) > REGULAR_FILE_LIMIT:
+                    return _err(400, f"Your push was rejected because it contains files larger than 10 MiB "
+                                     f"({path}). Upload them through LFS or Xet.")
+                if upload_mode(path, len(data), data[:SAMPLE_BYTES], gitattributes) == "lfs":
+                    return _err(400, f"Your push was rejected because it contains binary files ({path}). Upload "
+                                     f"them through LFS or Xet.")
                 tree[path] = self._store(data, lfs=False)
             elif key == "lfsFile":
                 sha = value.get("oid")
-                if sha not in self.blobs:
+                if value.get("algo", "sha256") != "sha256" or not isinstance(sha, str) or sha not in self.blobs:
                     return _err(422, f"LFS object {sha} for {path} was not uploaded")
                 if value.get("size") is not None and int(value["size"]) != len(self.blobs[sha]):
                     return _err(422, f"LFS object {sha} has a different size")
@@ -992,6 +1068,11 @@ class HubServer:
                     del tree[p]
             else:
                 return _err(400, f"Unsupported commit operation: {key}")
+        readme = tree.get("README.md")
+        if readme is not None and readme.sha256 in self.blobs:
+            errors = metadata_errors(self.blobs[readme.sha256].decode(errors="replace"))
+            if errors:
+                return _err(400, "Invalid metadata in README.md.\n" + "\n".join(f"- {e}" for e in errors))
         commit = self._make_commit(repo, oid, header["summary"], header.get("description") or "", cfg["user"], tree)
         repo.branches[branch] = commit.oid
         return _Resp(
@@ -1004,16 +1085,8 @@ class HubServer:
             },
         )
 
-    def _h_branch(self, cfg, method, repo_type, repo_id, branch, body, **_) -> _Resp:
-        action = "create a branch" if method == "POST" else "delete a branch"
-        repo = self._repo_for_write(cfg, repo_type, repo_id, action)
-        if method == "DELETE":
-            if branch not in repo.branches:
-                return _err(404, f"Invalid rev id: {branch}", "RevisionNotFound")
-            if branch == "main":
-                return _err(403, "Cannot delete the default branch")
-            del repo.branches[branch]
-            return _Resp(200, {})
+    def _h_branch(self, cfg, repo_type, repo_id, branch, body, **_) -> _Resp:
+        repo = self._repo_for_write(cfg, repo_type, repo_id, "create a branch")
         if (
             not branch
             or _BAD_BRANCH_CHARS.search(branch)
@@ -1032,68 +1105,67 @@ class HubServer:
         repo.branches[branch] = oid
         return _Resp(200, {})
 
-    def _h_tag(self, cfg, method, repo_type, repo_id, ref, body, **_) -> _Resp:
-        repo = self._repo_for_write(cfg, repo_type, repo_id, "manage tags")
-        if method == "DELETE":
-            if ref not in repo.tags:
-                return _err(404, f"Invalid rev id: {ref}", "RevisionNotFound")
-            del repo.tags[ref]
-            return _Resp(200, {})
-        tag = json.loads(body or b"{}").get("tag")
-        if not tag or _BAD_BRANCH_CHARS.search(tag):
-            return _err(400, f"Invalid tag name: {tag}")
-        if tag in repo.tags:
-            return _err(409, f"Tag {tag} already exists")
-        oid, _ = self._resolve(repo, ref)
-        repo.tags[tag] = oid
-        return _Resp(200, {})
-
-    def _h_refs(self, cfg, repo_type, repo_id, query, **_) -> _Resp:
-        repo = self._repo_for_read(cfg, repo_type, repo_id)
-        data = {
-            "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": o} for b, o in repo.branches.items()],
-            "converts": [],
-            "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": o} for t, o in repo.tags.items()],
-        }
-        if query.get("include_prs"):
-            data["pullRequests"] = []
-        return _Resp(200, data)
-
     def _h_xet(self, **_) -> _Resp:
-        return _err(501, "Xet storage is not supported by this fake hub (set HF_HUB_DISABLE_XET=1 to use LFS)")
+        return _err(501, "This Hub test server does not serve Xet storage: set HF_HUB_DISABLE_XET=1 so that "
+                         "huggingface_hub uploads through LFS")
 
-    def _h_lfs_batch(self, cfg, repo_type, repo_id, body, base, **_) -> _Resp:
+    @staticmethod
+    def _xml_error(status: int, code: str, message: str) -> _Resp:
+        body = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>'
+        return _Resp(status, body.encode(), {"Content-Type": "application/xml"})
+
+    def _h_lfs_batch(self, cfg, repo_type, repo_id, body, base, headers, **_) -> _Resp:
+        """git-LFS batch API (https://github.com/git-lfs/git-lfs/blob/main/docs/api/batch.md), upload only."""
+        if LFS_MEDIA_TYPE not in (headers.get("Accept") or ""):
+            return _err(406, f"The LFS batch API answers only Accept: {LFS_MEDIA_TYPE}")
         self._repo_for_write(cfg, repo_type, repo_id, "upload LFS files")
-        payload = json.loads(body or b"{}")
+        try:
+            payload = json.loads(body or b"{}")
+        except ValueError:
+            return _err(400, "Invalid JSON body")
         if payload.get("operation") != "upload":
-            return _err(400, "Only the 'upload' LFS operation is supported by this fake hub")
+            return _err(400, "This Hub test server takes only the 'upload' LFS operation")
+        if "basic" not in (payload.get("transfers") or ["basic"]) or payload.get("hash_algo", "sha256") != "sha256":
+            return _err(422, "Only the basic transfer and sha256 are supported")
         objects = []
         for obj in payload.get("objects", []):
-            sha, size = obj["oid"], int(obj["size"])
-            item: dict[str, Any] = {"oid": sha, "size": size, "authenticated": True}
-            if sha not in self.blobs:
-                self._lfs_pending[sha] = size
+            sha, size = obj.get("oid"), obj.get("size")
+            item: dict[str, Any] = {"oid": sha, "size": size}
+            if not isinstance(sha, str) or not _SHA256_RE.match(sha) or not isinstance(size, int) or size < 0:
+                item["error"] = {"code": 422, "message": "Invalid object: oid must be a sha256, size a count"}
+            elif sha not in self.blobs:  # already stored: no actions, the client skips the upload
+                signature = uuid.uuid4().hex
+                self._lfs_pending[sha] = (size, signature)
+                item["authenticated"] = True
                 item["actions"] = {
-                    "upload": {"href": f"{base}/__lfs__/upload/{sha}", "expires_in": 3600},
-                    "verify": {"href": f"{base}/__lfs__/verify", "expires_in": 3600},
+                    "upload": {"href": f"{base}/__lfs_storage__/{sha}?X-Amz-Expires=3600&X-Amz-Signature="
+                                       f"{signature}", "expires_in": 3600},
+                    "verify": {"href": f"{base}/{_URL_PREFIX[repo_type]}{repo_id}.git/info/lfs/objects/verify",
+                               "expires_in": 3600},
                 }
             objects.append(item)
-        return _Resp(200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"})
+        return _Resp(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+                     {"Content-Type": LFS_MEDIA_TYPE})
 
-    def _h_lfs_upload(self, oid, body, **_) -> _Resp:
-        # Plays the presigned storage URL: no Authorization expected, only oids handed out by a batch call.
-        if oid not in self._lfs_pending:
-            return _Resp(403, b"<Error><Code>AccessDenied</Code></Error>", {"Content-Type": "application/xml"})
-        if hashlib.sha256(body).hexdigest() != oid or len(body) != self._lfs_pending[oid]:
-            return _Resp(400, b"<Error><Code>BadDigest</Code></Error>", {"Content-Type": "application/xml"})
+    def _h_lfs_upload(self, oid, body, query, headers, **_) -> _Resp:
+        # The storage bucket behind a presigned URL: the signature in the query authorizes this one object, and
+        # like S3 it refuses a request that carries a second authorization (the client must not send its token).
+        if headers.get("Authorization"):
+            return self._xml_error(400, "InvalidArgument", "Only one auth mechanism allowed")
+        pending = self._lfs_pending.get(oid)
+        if pending is None or query.get("X-Amz-Signature", [""])[0] != pending[1]:
+            return self._xml_error(403, "SignatureDoesNotMatch", "The request signature does not match")
+        if len(body) != pending[0] or hashlib.sha256(body).hexdigest() != oid:
+            return self._xml_error(400, "BadDigest", "The content does not match the oid and size of the batch")
         self.blobs[oid] = body
         del self._lfs_pending[oid]
         return _Resp(200, b"", {"ETag": f'"{hashlib.md5(body).hexdigest()}"'})
 
-    def _h_lfs_verify(self, cfg, body, **_) -> _Resp:
+    def _h_lfs_verify(self, cfg, repo_type, repo_id, body, **_) -> _Resp:
+        self._repo_for_write(cfg, repo_type, repo_id, "verify LFS files")
         payload = json.loads(body or b"{}")
         sha = payload.get("oid")
-        if sha not in self.blobs or len(self.blobs[sha]) != int(payload.get("size", -1)):
+        if sha not in self.blobs or len(self.blobs[sha]) != payload.get("size"):
             return _err(404, f"LFS object {sha} not found")
         return _Resp(200, {})
 
@@ -1252,7 +1324,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def configure_hf_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, hf_home: str | os.PathLike) -> None:
-    """Point huggingface_hub at ``endpoint`` with an isolated HF_HOME, telemetry off, offline mode unset.
+    """Point huggingface_hub at ``endpoint`` with an isolated HF_HOME, telemetry off, offline mode unset, and Xet
+    off (this server takes uploads through LFS only).
 
     Sets the environment (what a subprocess sees: HF_ENDPOINT, HF_HOME, ...) and, because
     huggingface_hub reads those variables once at import, also the matching already-imported
@@ -1270,6 +1343,7 @@ def configure_hf_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, hf_home:
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_UPDATE_CHECK", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     try:
         from huggingface_hub import constants
     except ImportError:  # pragma: no cover
@@ -1288,6 +1362,7 @@ def configure_hf_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, hf_home:
         "CHECK_FOR_UPDATE_DONE_PATH": os.path.join(hf_home, ".check_for_update_done"),
         "HF_HUB_DISABLE_TELEMETRY": True,
         "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_XET": True,
     }
     for name, value in values.items():
         if hasattr(constants, name):
@@ -1296,18 +1371,16 @@ def configure_hf_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, hf_home:
 
 @pytest.fixture
 def hub_server(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Factory fixture: ``server = hub_server(tokens=None, *, lfs_threshold=None, configure_client=True)``.
+    """Factory fixture: ``server = hub_server(tokens=None, *, configure_client=True)``.
 
     Starts a HubServer (``DEFAULT_TOKENS`` if ``tokens`` is None), points huggingface_hub at it (see
     ``configure_hf_client``; ``server.hf_home`` is the isolated HF_HOME), stops it at teardown, and
-    fails the test if the fake hit an internal error. Import it in a conftest with
-    ``from tests.hubserver import hub_server`` (or ``pytest_plugins = ["tests.hubserver"]``).
+    fails the test if the fake hit an internal error. tests/conftest.py imports it for every test module.
     """
     servers: list[HubServer] = []
 
-    def factory(tokens: dict[str, dict] | None = None, *, lfs_threshold: int | None = None,
-                configure_client: bool = True) -> HubServer:
-        server = HubServer(DEFAULT_TOKENS if tokens is None else tokens, lfs_threshold=lfs_threshold)
+    def factory(tokens: dict[str, dict] | None = None, *, configure_client: bool = True) -> HubServer:
+        server = HubServer(DEFAULT_TOKENS if tokens is None else tokens)
         endpoint = server.start()
         servers.append(server)
         server.hf_home = tmp_path_factory.mktemp("hf_home")
