@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # On the GPU machine: install the carried wheels, record the machine, then run the benchmark and the GPU e2e.
 #   bash bench/run_gpu.sh OUT_DIR [speed.py configs] [configs to profile] [e2e|numerics|no-e2e]
-# Environment: PYSPY=configs to sample with py-spy, SKIP_SNAPSHOT=1 to skip bench/snapshot_check.py,
-# SPEED_TIMEOUT / CONFIG_TIMEOUT / E2E_TIMEOUT seconds.
+# Carry .whl (the job's stack, bench/fetch_wheels.sh); .whl-extra for checkpointing configurations, e2e and PYSPY;
+# .whl-unsloth (bench/fetch_unsloth_wheels.sh) for the unsloth* configurations.
+# Environment: CLI_SPEED=job configs to also run through `python -m job train` (bench/cli_speed.py; CLI_STEPS steps,
+# default 40; CLI_PYSPY=1 samples both sides), PYSPY=configs to sample with py-spy, SKIP_SNAPSHOT=1 to skip bench/snapshot_check.py,
+# OLD_TREE=a copy of an older checkout to run OLD_CONFIGS (default job) of too and compare first losses with,
+# SPEED_TIMEOUT / CONFIG_TIMEOUT / OLD_TIMEOUT / CLI_TIMEOUT / CLI_CONFIG_TIMEOUT / E2E_TIMEOUT seconds.
 # Wheels: bench/fetch_wheels.sh puts them in .whl/ here; the device tool carries .whl (README.md, Notes).
 set -uo pipefail
 out=${1:?output folder}
@@ -19,9 +23,18 @@ date -u +"%Y-%m-%d %H:%M:%S UTC" | tee "$out/gpu.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee -a "$out/gpu.txt"
 python3 -m pip list 2>/dev/null > "$out/pip-list-image.txt"
 if [ -d .whl ]; then
+    # .whl-extra (moto's S3 server, py-spy), where carried, goes into the same site.
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl 2>&1 | grep -v "^WARNING: Target directory" | tail -3
+        .whl/*.whl $(ls .whl-extra/*.whl 2>/dev/null) 2>&1 | grep -v "^WARNING: Target directory" | tail -3
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
+fi
+if [ -d .whl-unsloth ]; then
+    # Unsloth's own site (bench/unsloth_bench.py): its wheels, with the job's bitsandbytes and peft, over the image's
+    # transformers 5.17.0; the Unsloth configurations run with it in place of /tmp/site.
+    PYTHONPATH= python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site-unsloth .whl-unsloth/*.whl .whl/bitsandbytes-*.whl .whl/peft-*.whl 2>&1 \
+        | grep -v "^WARNING: Target directory" | tail -3
+    export UNSLOTH_SITE=/tmp/site-unsloth
 fi
 python3 - <<'PY' | tee "$out/versions.txt"
 import importlib.metadata as md, sys
@@ -42,6 +55,44 @@ fi
 if [ "$configs" != "none" ]; then
     timeout "${SPEED_TIMEOUT:-400}" python3 bench/speed.py --out "$scratch/speed" --configs "$configs" \
         --profile "$profile" --pyspy "${PYSPY:-}" --timeout "${CONFIG_TIMEOUT:-200}" || status=1
+    cp "$scratch/speed/results.json" "$out/" 2>/dev/null   # now: a later step may run out of time
+fi
+if [ -n "${OLD_TREE:-}" ]; then
+    # Another checkout's bench/speed.py (a plain copy of the repository, e.g. `git archive`) on the same model and
+    # token stream, and the first losses of its OLD_CONFIGS beside this run's: a refactor must keep them.
+    timeout "${OLD_TIMEOUT:-200}" python3 "$OLD_TREE/bench/speed.py" --out "$scratch/old" \
+        --configs "${OLD_CONFIGS:-job}" --model-dir /tmp/llama2-7b-shape-7b --timeout "${CONFIG_TIMEOUT:-200}" \
+        > "$scratch/old.log" 2>&1 || status=1
+    cp "$scratch/old/results.json" "$out/old_results.json" 2>/dev/null
+    python3 - "$scratch/old/results.json" "$scratch/speed/results.json" "$OLD_TREE/bench/speed.py" <<'PY' \
+        | tee "$out/old_vs_new_losses.txt"
+import importlib.util, json, sys
+sys.path.insert(0, "bench")
+from speed import stream_digest
+try:
+    old, new = ({r["config"]: r for r in json.load(open(p))["results"]} for p in sys.argv[1:3])
+except (OSError, ValueError) as exc:
+    sys.exit(f"old vs new: no results to compare ({exc})")
+try:   # an old bench does not record its stream's digest: draw its stream with its own code
+    spec = importlib.util.spec_from_file_location("old_speed", sys.argv[3])
+    old_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old_speed)
+    old_stream = stream_digest(old_speed.token_stream())
+except Exception as exc:  # noqa: BLE001 - the losses stand without it
+    old_stream = f"unknown ({type(exc).__name__}: {exc})"
+for name, o in old.items():
+    n = new.get(name, {})
+    a, b = o.get("first_losses") or o.get("error"), n.get("first_losses") or n.get("error")
+    streams = o.get("token_stream", old_stream), n.get("token_stream")
+    print(f"{name}: old {a}\n{' ' * len(name)}  new {b}\n{' ' * len(name)}  "
+          f"{'identical' if a == b else 'step 1 ' + ('equal' if a and b and a[0] == b[0] else 'DIFFERS')}; "
+          f"token streams {'the same' if streams[0] == streams[1] else 'DIFFER: old %s, new %s' % streams}")
+PY
+fi
+if [ -n "${CLI_SPEED:-}" ]; then
+    timeout "${CLI_TIMEOUT:-540}" python3 bench/cli_speed.py --out "$scratch/cli" --configs "$CLI_SPEED" \
+        --steps "${CLI_STEPS:-40}" --timeout "${CLI_CONFIG_TIMEOUT:-200}" ${CLI_PYSPY:+--pyspy} || status=1
+    cp "$scratch/cli/results.json" "$out/cli_results.json" 2>/dev/null
 fi
 if [ "$e2e" = "e2e" ]; then
     timeout "${E2E_TIMEOUT:-240}" python3 bench/gpu_e2e.py --out "$scratch" || status=1
@@ -50,5 +101,6 @@ elif [ "$e2e" = "numerics" ]; then
 fi
 cp "$scratch/speed/results.json" "$scratch/GPU_E2E.md" "$out/" 2>/dev/null
 cp "$scratch"/speed/pyspy-*.json "$out/" 2>/dev/null
-tar czf "$out/logs.tgz" -C "$scratch" --exclude=work . 2>/dev/null
+tar czf "$out/logs.tgz" -C "$scratch" --exclude=work --exclude=store --exclude=out --exclude=trainer \
+    --exclude="*.jsonl" . 2>/dev/null
 exit $status

@@ -73,10 +73,34 @@ CONFIGS = {
     "job-gc-compile": ("job", 4, 30, {"TORCH_COMPILE": "true", "GRADIENT_CHECKPOINTING": "true"}),
     "job-ckpt-compile": ("job", 4, 110, {"SAVE_STEPS": "50", "TORCH_COMPILE": "true"}),
     "job-110-compile": ("job", 4, 110, {"TORCH_COMPILE": "true"}),
+    # The portable compile cache (job/speed/compile_cache.py): cold saves it, cached loads it into an empty inductor cache
+    # (a fresh machine's), so its first step is what a resumed or later run pays.
+    "job-compile-cold": ("job", 4, 30, {"TORCH_COMPILE": "true", "compile_cache": True,
+                                        "os_env": {"TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor-cold"}}),
+    "job-compile-cached": ("job", 4, 30, {"TORCH_COMPILE": "true", "compile_cache": True,
+                                          "os_env": {"TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor-cached"}}),
     "job-b24-compile": ("job", 24, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false",
                                         "TORCH_COMPILE": "true"}),
     "job-b32-compile": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32", "GRADIENT_CHECKPOINTING": "false",
                                         "TORCH_COMPILE": "true"}),
+    # Issue 17. Unsloth 2026.10.9 in its own process and site directory (bench/unsloth_bench.py): the seed's math
+    # (dropout 0.1), its dropout-0 best, and that padding-free.
+    "unsloth": ("unsloth", 4, 30, {}),
+    "unsloth-d0": ("unsloth", 4, 30, {}),
+    "unsloth-d0-pf": ("unsloth", 4, 30, {}),
+    # The 16 GB mode (job/speed/recompute.py): selective recomputation, and activation offload to pinned host memory.
+    "job-gc-selective": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "selective"}),
+    "job-gc-offload": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "offload"}),
+    "job-gc-selective-compile": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "selective", "TORCH_COMPILE": "true"}),
+    # >= 50% MFU (46.4% at batch 24 compiled): larger compiled batches, where the per-step fixed work (4-bit
+    # dequantization, the optimizer, the host) weighs less; without recomputation (an H200 holds batch 48: ~2x
+    # batch 24's 51.5 GiB, an estimate) and with selective recomputation.
+    "job-b32-selective-compile": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32",
+                                                  "GRADIENT_CHECKPOINTING": "selective", "TORCH_COMPILE": "true"}),
+    "job-b48-compile": ("job", 48, 12, {"PER_DEVICE_TRAIN_BATCH_SIZE": "48", "GRADIENT_CHECKPOINTING": "false",
+                                        "TORCH_COMPILE": "true"}),
+    "job-b48-selective-compile": ("job", 48, 12, {"PER_DEVICE_TRAIN_BATCH_SIZE": "48",
+                                                  "GRADIENT_CHECKPOINTING": "selective", "TORCH_COMPILE": "true"}),
 }
 WARMUP_STEPS = 5
 DEFAULT_RECIPE_STEPS = 250   # the seed's 1000 rows at 4 a step, one epoch
@@ -124,6 +148,25 @@ def build_model(directory: Path, layers: int, words: tuple[str, ...] = ()) -> No
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     print(f"built {layers}-layer Llama-2-7B-shaped model in {time.time() - started:.0f} s", flush=True)
+
+
+STREAM_FILE = "work/token_stream.json"   # under work/, which the logs tarball leaves out
+
+
+def stream_digest(rows: list[dict]) -> str:
+    """A short hash of a token stream's ids and labels: equal in every configuration's result, or they differ."""
+    import hashlib
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps([row["input_ids"], row["labels"]]).encode())
+    return h.hexdigest()[:16]
+
+
+def shared_token_stream(out: Path) -> list[dict]:
+    """The stream the bench process wrote for this run (every configuration reads the same file, whatever its
+    transformers), or one drawn here."""
+    path = out / STREAM_FILE
+    return json.loads(path.read_text()) if path.exists() else token_stream()
 
 
 def token_stream(n: int = 2400, seed: int = 0) -> list[dict]:
@@ -407,7 +450,8 @@ def run_job(model_dir: Path, rows, batch: int, steps: int, settings: dict, work:
 
     class BenchRun(Run):
         """Run.setup on the bench's rows: no preflight, no resume, no status.json or evaluation; sequential batches;
-        the meter (and, when saving, the checkpoint committer) as the only callbacks."""
+        the meter (and, when saving, the checkpoint committer) as the only callbacks besides the speed plan's
+        (recomputation, the compile cache), which setup adds itself."""
 
         def seed(self):
             pass   # the bench's figures were always taken without it: the LoRA init stays what it was
@@ -422,6 +466,20 @@ def run_job(model_dir: Path, rows, batch: int, steps: int, settings: dict, work:
             # The plan for the seed's run: 1000 rows, 250 steps of 4 (what `auto` weighs a compile against), not
             # the bench's few steps.
             return DEFAULT_RECIPE_STEPS
+
+        def compile_cache(self):
+            # The job's portable compile cache only where a configuration asks for it, in a store shared by this
+            # bench run's configurations (every GPU, and the CPU, under its own name).
+            if not settings.get("compile_cache"):
+                return None
+            import torch
+
+            from job.speed.compile_cache import for_run
+            from job.store import open_store
+            cache = for_run(config, open_store(str(work.parent / "compile-store")), self.model_shape,
+                            torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu")
+            cache.find()
+            return cache
 
         def arguments(self):
             return dataclasses.replace(super().arguments(), train_sampling_strategy="sequential",
@@ -463,14 +521,19 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
     import torch
 
     recipe, batch, steps, settings = CONFIGS[name]
-    rows = token_stream()[: batch * steps]
+    stream = shared_token_stream(out)
+    rows = stream[: batch * steps]
     work = out / "work" / name
     work.mkdir(parents=True, exist_ok=True)
     meter = make_meter(profile)
     started = time.time()
-    runner = run_seed if recipe == "seed" else run_job
     apply_patches(settings.get("patch", []))
-    trainer, info = runner(model_dir, rows, batch, steps, settings, work, meter)
+    if recipe == "unsloth":
+        from unsloth_bench import run_unsloth
+        trainer, info = run_unsloth(name, model_dir, rows, batch, steps, work, meter)
+    else:
+        runner = run_seed if recipe == "seed" else run_job
+        trainer, info = runner(model_dir, rows, batch, steps, settings, work, meter)
     save_timings = time_saves(trainer) if "SAVE_STEPS" in settings else None
     meter.phases = PhaseTimer()
     trainer.compute_loss = meter.phases.wrap("forward+loss", trainer.compute_loss)
@@ -495,6 +558,7 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
     measured_tokens = sum(tokens[i] for i in window)
     result = {
         "config": name, **info, "settings": settings, "sequences_per_step": batch, "steps": steps,
+        "token_stream": stream_digest(stream),   # the whole stream, of which each configuration reads the start
         "measured_steps": len(window), "tokens_per_second": measured_tokens / seconds,
         "seconds_per_step": seconds / len(window), "tokens_per_step": measured_tokens / len(window),
         "peak_gib": max(load_peak, train_peak) / 2**30, "train_peak_gib": train_peak / 2**30,
@@ -694,6 +758,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.run_one:
+        if CONFIGS[args.run_one][0] == "unsloth":
+            import unsloth_bench     # before anything imports transformers
+            unsloth_bench.import_unsloth()
         result = run_one(args.run_one, model_dir, args.out, args.run_one in args.profile.split(","))
         (args.out / f"result-{args.run_one}.json").write_text(json.dumps(result, indent=2))
         return 0
@@ -702,6 +769,8 @@ def main() -> int:
     # One compile cache for this bench run, empty at its start: the first compiling configuration pays a cold
     # compile, the ones after it find its kernels.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.out / "inductor-cache"))
+    (args.out / STREAM_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (args.out / STREAM_FILE).write_text(json.dumps(token_stream()))
     os.sync()   # the freshly written shards would otherwise be flushed during the first configuration's steps
     results = []
     env = environment()
@@ -711,6 +780,9 @@ def main() -> int:
         log = args.out / f"log-{name}.txt"
         try:
             child_env = {**os.environ, **CONFIGS[name][3].get("os_env", {})}
+            if CONFIGS[name][0] == "unsloth":
+                from unsloth_bench import child_environment
+                child_env = child_environment(child_env)
             spy = shutil.which("py-spy") if name in args.pyspy.split(",") else None
             raw = args.out / f"pyspy-{name}.txt"
             prefix = [spy, "record", "--nonblocking", "--threads", "-r", "200", "-f", "raw", "-o", str(raw),
@@ -724,6 +796,8 @@ def main() -> int:
             else:
                 tail = log.read_text().strip().splitlines()[-1:] or ["?"]
                 result = {"config": name, "error": f"exit {proc.returncode}: {tail[0]}"}
+        except RuntimeError as exc:   # unsloth_bench.UnslothUnavailable: no site directory for it
+            result = {"config": name, "error": str(exc)}
         except subprocess.TimeoutExpired:
             result = {"config": name, "error": f"timed out after {args.timeout:.0f} s"}
         result["wall_seconds"] = time.time() - started
@@ -738,6 +812,9 @@ def main() -> int:
         (args.out / "results.json").write_text(json.dumps({"environment": env, "model": args.model,
                                                            "results": results}, indent=2))
     print(table(results), flush=True)
+    streams = {r["config"]: r.get("token_stream") for r in results if "error" not in r}
+    if len(set(streams.values())) > 1:
+        print(f"WARNING: the configurations read different token streams: {streams}", flush=True)
     print(checkpoint_summary(results), flush=True)
     return 0
 

@@ -309,8 +309,10 @@ def check_memory(f: Found) -> str:
     speed = plan(config, f.device, f.model_shape)
     micro_batch = split_batch(config, config.nproc_per_node * config.nnodes)[0]
     dtype_bytes = torch.finfo(compute_dtype(config, f.device)).bits // 8
-    estimate = peak_memory(config, f.model_shape, micro_batch, speed.gradient_checkpointing, speed.liger_kernel,
-                           dtype_bytes)
+    # Selective recomputation keeps the MLP's activations and recomputes only the attention block: estimated as none
+    # recomputed, an upper bound, until the GPU measures it (bench/speed.py job-gc-selective).
+    estimate = peak_memory(config, f.model_shape, micro_batch, speed.recompute in ("layers", "offload"),
+                           speed.liger_kernel, dtype_bytes)
     need = sum(estimate.values())
     if f.device == "cuda":
         index = torch.cuda.current_device()

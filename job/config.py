@@ -185,7 +185,9 @@ class Config:
     compute_dtype: str = setting("auto", "4-bit compute dtype: auto (bfloat16 if the GPU has it, else float16), "
                                  "bfloat16, float16, float32", choices=_fixed("auto", "bfloat16", "float16", "float32"))
     gradient_checkpointing: str = setting("auto", "recompute activations to save memory: auto (by GPU memory), "
-                                          "true, false", choices=_fixed("auto", "true", "false"),
+                                          "true (whole layers), selective (each layer's attention block only), "
+                                          "offload (whole layers, their inputs in host memory), false",
+                                          choices=_fixed("auto", "true", "selective", "offload", "false"),
                                           affects_result=False)
     padding_free: str = setting("auto", "each batch's sequences back to back in one row, no padding, attention kept "
                                 "inside each sequence: auto (on a GPU), true, false",

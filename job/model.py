@@ -43,11 +43,12 @@ def base_shape(config: Config):
     return AutoConfig.from_pretrained(config.base_model, token=config.hf_token or None)
 
 
-def speed_plan(config: Config, device: str, steps: int | None = None, world_size: int = 1):
+def speed_plan(config: Config, device: str, steps: int | None = None, world_size: int = 1,
+               compile_seconds: float | None = None, cache_unmeasured: bool = False):
     """The speed levers for this device (job/speed/plan.py), sized by the base model's shape and the run's length."""
     from .speed.plan import plan
 
-    return plan(config, device, base_shape(config), steps, world_size)
+    return plan(config, device, base_shape(config), steps, world_size, compile_seconds, cache_unmeasured)
 
 
 def load_base_model(config: Config, tokenizer, device: str, plan=None):

@@ -63,6 +63,7 @@ class Run:
         self.splits: Splits | None = None
         self.model_shape = None
         self.committer = None   # set up with the callbacks
+        self.cache = None       # the compile cache of this run's compiled layers (job/speed/compile_cache.py)
 
     # ---------------------------------------------------------------- the whole run
 
@@ -150,8 +151,10 @@ class Run:
 
     def setup(self) -> None:
         """Everything training needs, in order: the tokenized rows, the checkpoint to resume from, the speed plan
-        for this device and run length, the 4-bit base with LoRA, and the Trainer with the job's callbacks."""
-        from .model import add_lora, load_base_model, load_tokenizer
+        for this device and run length (weighing the compile cache's measured first step), the 4-bit base with
+        LoRA, and the Trainer with the job's callbacks and the speed plan's own."""
+        from .model import add_lora, base_shape, load_base_model, load_tokenizer
+        from .speed import compile_cache, recompute
         from .speed.attention import data_collator
         from .speed.snapshot import CheckpointWriter
         from .trainer import PersonaTrainer
@@ -164,13 +167,19 @@ class Run:
         self.resume = self.resume_point()
         if self.stop.received:
             raise Stopped("stopped before training started; nothing new to save")
+        if self.model_shape is None:
+            self.model_shape = base_shape(self.config)
+        self.cache = self.compile_cache()
         self.plan = self.speed_plan()
         self.reporter.event("speed", "speed settings for this device", **self.plan.describe())
         model = add_lora(self.config, load_base_model(self.config, self.tokenizer, self.device, self.plan),
                          self.tokenizer)
+        # The plan's callbacks come first, whatever callbacks() returns: they make the model what the plan says.
+        speed_callbacks = recompute.callbacks(self.plan.recompute)
         if self.plan.torch_compile:
             from .speed.kernels import compile_layers
             layers = compile_layers(model)
+            speed_callbacks += compile_cache.attach(self.cache, self.reporter, self.topology.is_main)
             self.reporter.event("speed", f"torch.compile: {layers} decoder layers compile on the first step "
                                          f"(one-time)", layers=layers)
         self.reporter.event("model", "4-bit base with LoRA ready", base=self.config.base_model,
@@ -179,7 +188,7 @@ class Run:
         import datasets
         self.writer = CheckpointWriter()   # finishes checkpoint files off the training thread
         arguments = self.arguments()
-        callbacks = self.callbacks()
+        callbacks = speed_callbacks + self.callbacks()
         self.trainer = PersonaTrainer(
             model=model, args=arguments,
             train_dataset=datasets.Dataset.from_list(self.train_examples),
@@ -226,13 +235,21 @@ class Run:
             found = (chosen[0], Path(chosen[1])) if chosen else None
         return found
 
+    def compile_cache(self):
+        """This run's compile cache in its store (None off a GPU, or where the store cannot be read)."""
+        from .speed import compile_cache
+
+        return compile_cache.lookup(self.config, self.store.store, self.device, self.model_shape)
+
     def speed_plan(self):
-        """The levers for this device, sized by the base model's shape and the run's length."""
-        from .model import base_shape
+        """The levers for this device, sized by the base model's shape and the run's length; a compile is weighed
+        by what the compile cache's first step was measured to cost."""
         from .speed.plan import plan
 
-        shape = self.model_shape if self.model_shape is not None else base_shape(self.config)
-        return plan(self.config, self.device, shape, self.steps_to_run(), self.topology.world_size)
+        cache = self.cache
+        return plan(self.config, self.device, self.model_shape, self.steps_to_run(), self.topology.world_size,
+                    compile_seconds=cache.warm_compile_seconds() if cache else None,
+                    cache_unmeasured=bool(cache and cache.meta.get("bytes")))
 
     def steps_to_run(self) -> int:
         """The optimizer steps left: the whole run's, less those of the checkpoint it resumes from."""
@@ -285,6 +302,8 @@ class Run:
             self.result = self.trainer.train(resume_from_checkpoint=str(self.resume[1]) if self.resume else None)
         finally:
             self.reporter.close_progress()
+            if self.cache is not None:
+                self.cache.wait(10)   # its one write, after the first step: long done unless the run was that short
         if self.stop.received:
             committed = self.committer.wait(self.config.shutdown_budget_seconds)
             self.status.write(phase=Phase.TRAINING, stopped_by=self.stop.received)

@@ -22,6 +22,7 @@ from .log import Reporter
 from .status import Phase
 from .speed.kernels import eager, without_per_parameter_syncs
 from .speed.plan import SpeedPlan
+from .speed.recompute import checkpoint_kwargs
 from .speed.snapshot import CheckpointWriter, HostSnapshot
 from .store.run_store import RunStore
 from .store.uploader import BackgroundUploader
@@ -55,11 +56,18 @@ def training_arguments(config: Config, output_dir: Path, device: str, has_eval: 
         bf16=False, fp16=False,          # compute dtype comes from the 4-bit config, as in the seed
         tf32=plan.tf32 if device == "cuda" else None,
         gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        gradient_checkpointing_kwargs=checkpoint_kwargs(plan.recompute) if gradient_checkpointing else None,
         use_cpu=device == "cpu",
         ddp_backend=("gloo" if device == "cpu" else "nccl") if world_size > 1 else None,
         ddp_find_unused_parameters=False if world_size > 1 else None,
         include_num_input_tokens_seen="non_padding",
+        # Each host-side check of a GPU value waits for the GPU, and the batch-4 step is bound by the host, whose
+        # lead over the GPU each wait gives up (docs/PERFORMANCE.md): the Trainer's NaN/inf filter of each step's
+        # loss reads it twice a step (a NaN now shows in the logged loss instead of being averaged away), and
+        # batches from pageable memory are copied to the GPU synchronously (pinned, they are queued).
+        logging_nan_inf_filter=False,
+        dataloader_pin_memory=device == "cuda",
+        accelerator_config={"non_blocking": device == "cuda"},
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -118,6 +126,16 @@ class PersonaTrainer(Trainer):
     def evaluate(self, *args, **kwargs):
         with eager():   # compiled layers would compile again for no-grad evaluation batches
             return super().evaluate(*args, **kwargs)
+
+    def _track_num_input_tokens(self, inputs):
+        # The Trainer counts a batch's non-padding tokens on the GPU and reads the count back (.item()): a wait for
+        # the GPU every step. A padding-free batch has no padding, so its count is its length, known on the host.
+        ids = inputs.get("input_ids")
+        if (self.args.include_num_input_tokens_seen == "non_padding" and self.args.world_size == 1
+                and "cu_seq_lens_q" in inputs and "attention_mask" not in inputs and ids is not None):
+            self.state.num_input_tokens_seen += ids.numel()
+            return
+        super()._track_num_input_tokens(inputs)
 
     def floating_point_ops(self, inputs) -> int:
         # The Trainer asks every micro-step, and transformers walks every module and parameter to answer; the

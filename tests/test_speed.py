@@ -1,6 +1,7 @@
 """The speed levers change how a batch is laid out and computed, never what is learned from it: a padding-free
 batch trains exactly like the padded one, no sequence sees or predicts another, and each lever is chosen from
 the device unless the user sets it. (Their speed is measured on a GPU by bench/speed.py, docs/PERFORMANCE.md.)"""
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -129,7 +130,7 @@ def test_torch_compile_is_chosen_by_the_runs_length_on_a_modern_gpu(monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
     monkeypatch.setattr(job.speed.plan, "triton_available", lambda: True)
     monkeypatch.setattr(job.speed.plan, "liger_available", lambda: True)
-    repays = int(job.speed.plan.COMPILE_SECONDS / job.speed.plan.COMPILE_SAVING_PER_STEP)
+    repays = math.ceil(job.speed.plan.COMPILE_SECONDS / job.speed.plan.COMPILE_SAVING_PER_STEP)
 
     long = plan(from_env({}), "cuda", LLAMA_7B, steps=repays)
     assert long.torch_compile and not long.liger_kernel, long.reasons   # inductor fuses what Liger would

@@ -5,6 +5,9 @@ compiled decoder layers, whether to recompute activations, and checkpoints that 
   sets them, and the one memory model behind that choice and preflight's estimates;
 - attention.py: padding-free batches and the attention that keeps each sequence to itself;
 - kernels.py: Liger's fused kernels, compiled decoder layers, bitsandbytes' optimizer step without its syncs;
+- recompute.py: what the backward pass recomputes (GRADIENT_CHECKPOINTING: whole layers, the attention block, or
+  whole layers with their inputs in host memory);
+- compile_cache.py: torch.compile's portable caches in the checkpoint store, for later and resumed runs;
 - snapshot.py: a checkpoint's tensors copied to host memory and written off the training thread.
 
 Everything here is off on the CPU: there the tests hold the job to bit-exact resume and exact reload logits,

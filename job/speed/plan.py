@@ -3,6 +3,7 @@ memory, used for the gradient-checkpointing choice here and for preflight's memo
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from ..config import Config
 from .attention import PADDING_FREE_ATTENTION
+from .recompute import mode
 
 GiB = 2 ** 30
 # Activation memory kept for the backward pass, in bytes per token per decoder layer per unit of hidden size, for
@@ -20,11 +22,14 @@ GiB = 2 ** 30
 _ACTIVATION_BYTES = {False: 48, True: 40}
 # Share of the GPU's memory the estimate may fill before recomputation is switched on.
 _MEMORY_HEADROOM = 0.8
-# torch.compile of the decoder layers: what the first step pays once (compiling with an empty cache) and what
-# every later step saves, for Llama-2-7B at batch 4 on an H100 (docs/PERFORMANCE.md). `auto` compiles when the
-# run's remaining steps repay the compile.
+# torch.compile of the decoder layers, for Llama-2-7B at batch 4 (docs/PERFORMANCE.md): what the first step pays
+# once with an empty cache; what it pays with the portable compile cache loaded (compile_cache.py), before a run of
+# this cache's key has measured it (the cache saves little: Dynamo's tracing and AOTAutograd are most of a
+# compile); and what every later step saves, the smallest of the measured savings. `auto` compiles when the run's
+# remaining steps repay the first step.
 COMPILE_SECONDS = 75.0
-COMPILE_SAVING_PER_STEP = 0.09
+CACHED_COMPILE_SECONDS = 62.0
+COMPILE_SAVING_PER_STEP = 0.069
 # CUDA context, cuBLAS workspace and allocator fragmentation on a GPU; the interpreter and libraries on a CPU.
 RUNTIME_OVERHEAD = GiB
 
@@ -38,6 +43,7 @@ class SpeedPlan:
     gradient_checkpointing: bool
     reasons: tuple[str, ...] = ()
     torch_compile: bool = False
+    recompute: str = ""          # recompute.py's mode when gradient_checkpointing: layers, selective, offload
 
     @property
     def attn_implementation(self) -> str:
@@ -63,14 +69,17 @@ def liger_available() -> bool:
 
 
 def plan(config: Config, device: str, model_config=None, steps: int | None = None,
-         world_size: int = 1) -> SpeedPlan:
+         world_size: int = 1, compile_seconds: float | None = None, cache_unmeasured: bool = False) -> SpeedPlan:
     """Resolve every auto setting for this device. `model_config` (the base's transformers config) sizes the
     gradient-checkpointing choice; without it the choice falls back to a 7B-sized estimate. `steps` (the optimizer
-    steps this run has left) decides whether compiling pays; unknown, it does not."""
+    steps this run has left) decides whether compiling pays; unknown, it does not. `compile_seconds`: what the first
+    compiled step was measured to cost with this run's compile cache loaded (compile_cache.py), in place of a
+    cold compile's; `cache_unmeasured`: a cache is stored but no run has measured its first step yet."""
     gpu = device == "cuda"
     modern = gpu and torch.cuda.get_device_capability(0) >= (8, 0)
     padding_free = _setting(config.padding_free, gpu)
-    compile_, compile_why = _torch_compile(config, modern, padding_free, steps, world_size)
+    compile_, compile_why = _torch_compile(config, modern, padding_free, steps, world_size, compile_seconds,
+                                           cache_unmeasured)
     eager_liger = _setting(config.use_liger_kernel, gpu and liger_available())
     # Compiled or with Liger's kernels, RMSNorm and SwiGLU keep no intermediate copies.
     checkpointing, why = _gradient_checkpointing(config, device, model_config, compile_ or eager_liger)
@@ -84,22 +93,34 @@ def plan(config: Config, device: str, model_config=None, steps: int | None = Non
         reasons.append("liger-kernel not installed: unfused RMSNorm/SwiGLU/RoPE")
     return SpeedPlan(padding_free=padding_free, liger_kernel=liger, tf32=_setting(config.tf32, modern),
                      gradient_checkpointing=checkpointing, torch_compile=compile_,
+                     recompute=mode(config.gradient_checkpointing, checkpointing),
                      reasons=tuple(reasons + [why, compile_why]))
 
 
 def _torch_compile(config: Config, modern_gpu: bool, padding_free: bool, steps: int | None,
-                   world_size: int) -> tuple[bool, str]:
+                   world_size: int, compile_seconds: float | None = None,
+                   cache_unmeasured: bool = False) -> tuple[bool, str]:
     if config.torch_compile != "auto":
         return config.torch_compile == "true", f"torch.compile {config.torch_compile} (set)"
     if not modern_gpu or not padding_free or not triton_available():
         return False, "torch.compile off: needs an Ampere or newer GPU, triton and padding-free batches"
     if world_size > 1:   # measured on one GPU only; TORCH_COMPILE=true compiles under DDP too
         return False, "torch.compile off: not measured with several GPUs (TORCH_COMPILE=true to compile)"
-    repays = int(COMPILE_SECONDS / COMPILE_SAVING_PER_STEP)
+    if compile_seconds is not None:
+        cost, what = compile_seconds, (f"a {compile_seconds:.0f} s first step with the compile cache of this GPU, "
+                                       f"torch and job (measured by an earlier run)")
+    elif cache_unmeasured:
+        # A run that compiles loads the cache and measures its first step; the runs after weigh that measurement.
+        cost, what = CACHED_COMPILE_SECONDS, (f"a ~{CACHED_COMPILE_SECONDS:.0f} s first step with the stored compile "
+                                              f"cache of this GPU, torch and job (the benchmark's; not measured here "
+                                              f"yet)")
+    else:
+        cost, what = COMPILE_SECONDS, f"a ~{COMPILE_SECONDS:.0f} s compile"
+    repays = math.ceil(cost / COMPILE_SAVING_PER_STEP)
     if steps is None or steps < repays:
         return False, (f"torch.compile off: {steps if steps is not None else 'an unknown number of'} steps to run, "
-                       f"fewer than the ~{repays} that repay a ~{COMPILE_SECONDS:.0f} s compile")
-    return True, f"torch.compile on: {steps} steps to run repay a ~{COMPILE_SECONDS:.0f} s compile (>= {repays})"
+                       f"fewer than the ~{repays} that repay {what}")
+    return True, f"torch.compile on: {steps} steps to run repay {what} (>= {repays})"
 
 
 def activation_bytes(model_config, tokens: int, fused: bool) -> int:
@@ -123,7 +144,7 @@ def weight_bytes(model_config) -> int:
 
 def _gradient_checkpointing(config: Config, device: str, model_config, fused: bool) -> tuple[bool, str]:
     if config.gradient_checkpointing != "auto":
-        return config.gradient_checkpointing == "true", f"gradient checkpointing {config.gradient_checkpointing} (set)"
+        return config.gradient_checkpointing != "false", f"gradient checkpointing {config.gradient_checkpointing} (set)"
     if device != "cuda":
         return False, "gradient checkpointing off: not a GPU"
     total = torch.cuda.get_device_properties(0).total_memory

@@ -1,0 +1,147 @@
+"""What the backward pass recomputes when memory is short (GRADIENT_CHECKPOINTING), in three modes:
+
+- `layers` (`true`, and what `auto` picks when memory needs it): each decoder layer keeps only its input and runs
+  its whole forward again in the backward pass (torch.utils.checkpoint, non-reentrant). Least memory, a third more
+  compute.
+- `selective`: only each layer's attention block (its q/k/v/o projections with their LoRA, RoPE and attention) keeps
+  just its input and runs again in the backward pass; the MLP keeps its activations. With LoRA on the attention
+  projections (the default q_proj,v_proj) that block holds most of what a layer keeps (the LoRA dropout's inputs
+  and masks, the rotated q and k, v, attention's output) for a third of the layer's matmul work, so it is the part
+  worth recomputing. Only that block's Python runs twice, not the whole layer's (the batch-4 step is bound by the
+  host, docs/PERFORMANCE.md).
+- `offload`: `layers`, with each layer's kept input in pinned host memory instead of on the GPU, as Unsloth's
+  "unsloth" checkpointing does: the GPU keeps no activations between layers. The copy out runs on a stream of its
+  own once the layer's input is ready, the copy back is queued before the layer's recomputation; neither makes the
+  host wait for the GPU, and the gradients never leave the GPU.
+
+All three give the eager run's losses and gradients exactly on the CPU (tests/test_recompute.py): recomputation
+reruns the same kernels on the same inputs, with the same dropout masks (torch.utils.checkpoint restores the RNG).
+"""
+from __future__ import annotations
+
+import torch
+
+MODES = ("layers", "selective", "offload")
+
+
+def mode(setting: str, on: bool) -> str:
+    """The recompute mode of a GRADIENT_CHECKPOINTING setting, once `auto` has been resolved to `on`."""
+    if not on:
+        return ""
+    return setting if setting in MODES else "layers"
+
+
+def checkpoint_kwargs(recompute: str) -> dict | None:
+    """TrainingArguments' gradient_checkpointing_kwargs for a mode (the Trainer enables checkpointing with them).
+    `selective` and `offload` are functions, which TrainingArguments must not hold (it is written out as JSON): they
+    take over the layers at the start of training (callbacks())."""
+    return {"use_reentrant": False} if recompute else None
+
+
+def _checkpoint(function, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint
+
+    kwargs.setdefault("use_reentrant", False)
+    return checkpoint(function, *args, **kwargs)
+
+
+# ---------------------------------------------------------------- selective
+
+def layer_as_is(function, *args, **kwargs):
+    """A decoder layer's checkpoint function under `selective`: the layer runs once, as without recomputation; its
+    attention block is the part that recomputes (recompute_attention)."""
+    return function(*args, **kwargs)
+
+
+def recompute_attention(attention: torch.nn.Module) -> None:
+    """Make an attention block keep only its input and run again in the backward pass, whenever it runs with
+    gradients in training mode (not in evaluation or generation). Once per module."""
+    if getattr(attention, "recomputed_in_backward", False):
+        return
+    forward = attention.forward
+
+    def recomputed(*args, **kwargs):
+        if attention.training and torch.is_grad_enabled():
+            return _checkpoint(forward, *args, **kwargs)
+        return forward(*args, **kwargs)
+
+    attention.forward = recomputed
+    attention.recomputed_in_backward = True
+
+
+# ---------------------------------------------------------------- offload
+
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _copy_stream(device: torch.device):
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
+
+
+def to_host(tensor: torch.Tensor):
+    """A checkpoint's saved input, packed into host memory (saved_tensors_hooks' pack). On a GPU: a pinned buffer,
+    filled on the copy stream once the compute stream has produced the tensor; the GPU tensor's memory is not
+    reused before that copy has read it (record_stream), and nothing waits on the host. On a CPU: a copy, so that
+    the tests take the same path."""
+    tensor = tensor.detach()
+    if not tensor.is_cuda:
+        return tensor.device, tensor.clone(), None
+    compute, stream = torch.cuda.current_stream(tensor.device), _copy_stream(tensor.device)
+    stream.wait_stream(compute)
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    with torch.cuda.stream(stream):
+        host.copy_(tensor, non_blocking=True)
+    tensor.record_stream(stream)
+    return tensor.device, host, stream.record_event()
+
+
+def to_device(packed) -> torch.Tensor:
+    """The saved input back where it was (saved_tensors_hooks' unpack), for the recomputation: on a GPU, queued on
+    the compute stream behind the copy out (a wait on the GPU, not on the host)."""
+    device, host, copied = packed
+    if copied is None:
+        return host
+    torch.cuda.current_stream(device).wait_event(copied)
+    return host.to(device, non_blocking=True)
+
+
+def offloaded_checkpoint(function, *args, **kwargs):
+    """What each decoder layer calls instead of torch.utils.checkpoint.checkpoint under `offload`: whole-layer
+    checkpointing whose saved inputs (the layer's input) are packed to host memory. Only the checkpoint's own inputs
+    pass through these hooks: what the layer saves inside goes to the checkpoint's hooks, which recompute it."""
+    with torch.autograd.graph.saved_tensors_hooks(to_host, to_device):
+        return _checkpoint(function, *args, **kwargs)
+
+
+# ---------------------------------------------------------------- putting a mode on the model
+
+def use(model, recompute: str) -> int:
+    """Put this mode on every decoder layer the Trainer set up for checkpointing; returns how many layers."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "_gradient_checkpointing_func", None) is None:
+            continue
+        if recompute == "offload":
+            module._gradient_checkpointing_func = offloaded_checkpoint
+            count += 1
+        elif recompute == "selective" and isinstance(getattr(module, "self_attn", None), torch.nn.Module):
+            recompute_attention(module.self_attn)
+            module._gradient_checkpointing_func = layer_as_is
+            count += 1
+    return count
+
+
+def callbacks(recompute: str) -> list:
+    """Trainer callbacks for a mode: `selective` and `offload` take over the layers once the Trainer has enabled
+    checkpointing (at the start of training, before the first forward)."""
+    if recompute not in ("selective", "offload"):
+        return []
+    from transformers import TrainerCallback
+
+    class Recompute(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if not use(model, recompute):
+                raise RuntimeError(f"GRADIENT_CHECKPOINTING={recompute}: the model has no checkpointed layers")
+    return [Recompute()]
