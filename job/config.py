@@ -361,6 +361,12 @@ def from_env(environ: Mapping[str, str]) -> Config:
     if config.node_rank >= config.nnodes:
         raise ConfigError([f"NODE_RANK={config.node_rank}: must be below NNODES={config.nnodes} "
                            f"(nodes are numbered 0..NNODES-1)"])
+    if config.use_liger_kernel == "true" and config.torch_compile == "true":
+        # On an H200 (torch 2.11, liger-kernel 0.8.5) dynamo's trace of LigerRMSNormFunction failed an assertion at
+        # the first step, after the model had loaded (docs/IMAGE.md, step c2).
+        raise ConfigError(["USE_LIGER_KERNEL=true with TORCH_COMPILE=true: torch.compile cannot trace Liger's "
+                           "kernels; set USE_LIGER_KERNEL=auto (compiled layers get inductor's own fusions) or "
+                           "TORCH_COMPILE=false"])
     if config.publish_only_if_improved and config.eval_fraction == 0:
         raise ConfigError(["PUBLISH_ONLY_IF_IMPROVED=true needs held-out conversations to compare on; "
                            "set EVAL_FRACTION > 0 (e.g. 0.05) or PUBLISH_ONLY_IF_IMPROVED=false"])

@@ -87,6 +87,16 @@ def test_a_node_rank_outside_the_nodes_stops_train_with_one_line(tmp_path):
         "error: NODE_RANK=2: must be below NNODES=2 (nodes are numbered 0..NNODES-1)"]
 
 
+def test_liger_and_torch_compile_both_forced_on_is_refused_in_one_line():
+    # Measured on an H200: dynamo's trace of Liger's RMSNorm fails at the first step, after the model load.
+    with pytest.raises(ConfigError) as caught:
+        from_env({"USE_LIGER_KERNEL": "true", "TORCH_COMPILE": "true"})
+    assert caught.value.problems == [
+        "USE_LIGER_KERNEL=true with TORCH_COMPILE=true: torch.compile cannot trace Liger's kernels; set "
+        "USE_LIGER_KERNEL=auto (compiled layers get inductor's own fusions) or TORCH_COMPILE=false"]
+    assert from_env({"USE_LIGER_KERNEL": "true", "TORCH_COMPILE": "auto"}).torch_compile == "auto"
+
+
 @pytest.mark.parametrize("name", ["main", "merged", "feature/x", "v1.0", "release-2026_11", "a@b"])
 def test_branch_names_git_accepts_are_accepted(name):
     import subprocess

@@ -143,6 +143,9 @@ def test_torch_compile_is_chosen_by_the_runs_length_on_a_modern_gpu(monkeypatch)
     # The user's word wins, both ways.
     assert plan(from_env({"TORCH_COMPILE": "true"}), "cuda", LLAMA_7B, steps=10).torch_compile
     assert not plan(from_env({"TORCH_COMPILE": "false"}), "cuda", LLAMA_7B, steps=10**6).torch_compile
+    # Liger asked for: auto does not compile (dynamo cannot trace Liger's kernels), and Liger runs.
+    liger = plan(from_env({"USE_LIGER_KERNEL": "true"}), "cuda", LLAMA_7B, steps=10**6)
+    assert not liger.torch_compile and liger.liger_kernel and "USE_LIGER_KERNEL=true" in " ".join(liger.reasons)
     # Where the memory rule recomputes activations (a 16 GB GPU), auto keeps the eager path.
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=16 * 2**30))
     small = plan(from_env({}), "cuda", LLAMA_7B, steps=10**6)

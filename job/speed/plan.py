@@ -102,6 +102,8 @@ def _torch_compile(config: Config, modern_gpu: bool, padding_free: bool, steps: 
                    cache_unmeasured: bool = False) -> tuple[bool, str]:
     if config.torch_compile != "auto":
         return config.torch_compile == "true", f"torch.compile {config.torch_compile} (set)"
+    if config.use_liger_kernel == "true":   # config.from_env refuses both set to true: dynamo cannot trace Liger
+        return False, "torch.compile off: USE_LIGER_KERNEL=true, and torch.compile cannot trace Liger's kernels"
     if not modern_gpu or not padding_free or not triton_available():
         return False, "torch.compile off: needs an Ampere or newer GPU, triton and padding-free batches"
     if world_size > 1:   # measured on one GPU only; TORCH_COMPILE=true compiles under DDP too
