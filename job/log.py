@@ -62,6 +62,11 @@ class Reporter:
         for line in self._mask(message).splitlines() or [""]:
             print(f"error: {line}", file=sys.stderr, flush=True)
 
+    def warning(self, message: str) -> None:
+        """Something the user should know but need not fix to go on: one `warning:` line on stderr."""
+        self.close_progress()
+        print(f"warning: {self._mask(message)}", file=sys.stderr, flush=True)
+
     def crash(self, phase: str, exc: BaseException, traceback: bool) -> None:
         """An error nothing in the job anticipated: one line naming the phase and the error, secrets masked; before
         it, at LOG_LEVEL=debug, the traceback, masked too."""
