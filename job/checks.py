@@ -225,6 +225,11 @@ def check_store(f: Found) -> str:
     _unless_launcher_checked(f)
     if not f.topology.is_main:
         raise Skip("opened; rank 0 probes it")
+    try:   # what the run reads first: a run.json or status.json that is not the job's is no retry's to fix
+        f.run_store.read_run()
+        f.run_store.read_status()
+    except StoreError as exc:
+        raise CheckFailed(str(exc), "run.json or status.json unreadable") from None
     return f"{store.uri}: wrote, read back and deleted a probe object"
 
 

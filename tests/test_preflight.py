@@ -291,6 +291,17 @@ def test_rejected_s3_credentials_fail_the_store_row_without_printing_them(settin
     assert AWS_SECRET not in line
 
 
+@pytest.mark.parametrize("name, content", [("run.json", b"[1, 2]"), ("status.json", b"{not json")])
+def test_a_run_file_that_is_not_a_json_object_stops_train_naming_it(settings, tmp_path, name, content):
+    (tmp_path / "store" / "my-run").mkdir(parents=True)
+    (tmp_path / "store" / "my-run" / name).write_bytes(content)
+    result = run_job("train", env=settings(RUN_ID="my-run"), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'store'}/my-run/{name} is not a JSON object. Delete it or use another RUN_ID."]
+    assert rows(result)["checkpoint store"] == "failed" and not result.events("model")
+
+
 # ---------------------------------------------------------------- hub push
 
 def test_a_read_only_token_fails_the_hub_push_row(settings):
