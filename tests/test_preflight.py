@@ -379,8 +379,10 @@ def measured_on_a_gpu(config_name: str) -> float:
 
 
 # What max_memory_allocated() measured is the estimate less RUNTIME_OVERHEAD (the CUDA context and the allocator's
-# reserve, which it does not count). The estimate may miss it by this much either way:
-MEASURED_TOLERANCE = 0.10
+# reserve, which it does not count). The estimate may miss it by this much either way: it came out 1.3% above
+# (5.57 against 5.50 GiB), and a term lost from it is caught (the layer inputs that checkpointing keeps are 0.49 GiB,
+# 9%; the LoRA weights and optimizer state 0.5 GiB).
+MEASURED_TOLERANCE = 0.05
 
 
 def test_the_default_recipe_fits_a_16_gb_gpu_by_the_estimate():
