@@ -79,6 +79,7 @@ class Found:
     run_store: RunStore | None = None
     splits: Splits | None = None
     model_shape: Any = None                 # the base model's transformers config (its text part)
+    run_record: dict | None = None          # the run's run.json, as rank 0 found it (None: a new run)
     downloads: dict[str, int] = field(default_factory=dict)   # variable -> bytes still to fetch into the HF cache
     warnings: list[str] = field(default_factory=list)         # the running check's warnings, one line each
 
@@ -222,14 +223,15 @@ def check_store(f: Found) -> str:
         raise CheckFailed(f"CHECKPOINT_URI {uri}: the write/read/delete probe failed ({type(exc).__name__}) after "
                           f"retries. Check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and try again") from None
     f.run_store = RunStore(store, f.config.resolved_run_id)
+    if f.topology.is_main:   # rank 0 compares run.json with these settings (job/run.py `Run._same_run`)
+        try:   # a run.json or status.json that is not the job's is no retry's to fix
+            f.run_record = f.run_store.read_run()
+            f.run_store.read_status()
+        except StoreError as exc:
+            raise CheckFailed(str(exc), "run.json or status.json unreadable") from None
     _unless_launcher_checked(f)
     if not f.topology.is_main:
         raise Skip("opened; rank 0 probes it")
-    try:   # what the run reads first: a run.json or status.json that is not the job's is no retry's to fix
-        f.run_store.read_run()
-        f.run_store.read_status()
-    except StoreError as exc:
-        raise CheckFailed(str(exc), "run.json or status.json unreadable") from None
     return f"{store.uri}: wrote, read back and deleted a probe object"
 
 

@@ -136,16 +136,16 @@ class Run:
         self.device, self.store, self.splits, self.model_shape = \
             found.device, found.run_store, found.splits, found.model_shape
         if self.topology.is_main:
-            self._same_run()
+            self._same_run(found.run_record)
         self.reporter.event("preflight", "checks passed", device=self.device, run_id=self.config.resolved_run_id,
                             train_rows=len(self.splits.train), eval_rows=len(self.splits.eval))
 
-    def _same_run(self) -> None:
-        """A restart must train the same thing, or it would mix two runs' checkpoints."""
+    def _same_run(self, found: dict | None) -> None:
+        """A restart must train the same thing, or it would mix two runs' checkpoints. `found`: the run.json that
+        preflight read, if any."""
         config, data_fp = self.config, self.splits.fingerprint()
         wanted = {"settings": config.result_settings(), "data_fingerprint": data_fp,
                   "fingerprint": config.fingerprint()}
-        found = self.store.read_run()
         if found is None:
             self.store.write_run({**wanted, "run_id": config.resolved_run_id, "created_at": time.time()})
             return
