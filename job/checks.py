@@ -66,6 +66,7 @@ class CheckResult:
     status: str                       # PASSED, FAILED or SKIPPED
     detail: str = ""
     problems: tuple[str, ...] = ()    # for a failure: one actionable line each
+    warnings: tuple[str, ...] = ()    # for a pass: what the user should know, one line each; no exit
 
 
 @dataclass
@@ -78,7 +79,9 @@ class Found:
     run_store: RunStore | None = None
     splits: Splits | None = None
     model_shape: Any = None                 # the base model's transformers config (its text part)
+    run_record: dict | None = None          # the run's run.json, as rank 0 found it (None: a new run)
     downloads: dict[str, int] = field(default_factory=dict)   # variable -> bytes still to fetch into the HF cache
+    warnings: list[str] = field(default_factory=list)         # the running check's warnings, one line each
 
 
 def failure_lines(results: list[CheckResult]) -> list[str]:
@@ -151,9 +154,9 @@ def check_base_model(f: Found) -> str:
         raise CheckedByLauncher()
     if not f.topology.is_main:
         raise Skip("rank 0 checks it")
-    shape, detail = _check_model("BASE_MODEL", f.config.base_model, f)
+    shape, detail, folder = _check_model("BASE_MODEL", f.config.base_model, f)
     f.model_shape = shape
-    return detail
+    return detail + _check_target_modules(f.config, folder)
 
 
 def check_nli_model(f: Found) -> str:
@@ -163,7 +166,7 @@ def check_nli_model(f: Found) -> str:
     if not f.topology.is_main:
         raise Skip("rank 0 checks it")
     from .evaluate import nli_labels
-    shape, detail = _check_model("NLI_MODEL", f.config.nli_model, f)
+    shape, detail, _ = _check_model("NLI_MODEL", f.config.nli_model, f)
     try:
         nli_labels(f.config.nli_model, getattr(shape, "id2label", None) or {})
     except ValueError as exc:
@@ -220,6 +223,12 @@ def check_store(f: Found) -> str:
         raise CheckFailed(f"CHECKPOINT_URI {uri}: the write/read/delete probe failed ({type(exc).__name__}) after "
                           f"retries. Check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and try again") from None
     f.run_store = RunStore(store, f.config.resolved_run_id)
+    if f.topology.is_main:   # rank 0 compares run.json with these settings (job/run.py `Run._same_run`)
+        try:   # a run.json or status.json that is not the job's is no retry's to fix
+            f.run_record = f.run_store.read_run()
+            f.run_store.read_status()
+        except StoreError as exc:
+            raise CheckFailed(str(exc), "run.json or status.json unreadable") from None
     _unless_launcher_checked(f)
     if not f.topology.is_main:
         raise Skip("opened; rank 0 probes it")
@@ -248,6 +257,11 @@ def check_hub_push(f: Found) -> str:
         raise CheckFailed(f"cannot check that HF_TOKEN may push to HUB_MODEL_ID={config.hub_model_id!r}: the Hub at "
                           f"{constants.ENDPOINT} failed ({describe_failure(exc)}); check the network and HF_ENDPOINT",
                           "Hub unreachable") from None
+    from .card import hub_base_model
+    if hub_base_model(config) is None:   # the Hub's metadata check refuses a path as base_model
+        f.warnings.append(f"BASE_MODEL={config.base_model!r} is a local directory whose config.json names no Hub "
+                          f"model: the model card will leave base_model out; set BASE_MODEL_ID to the Hub id it "
+                          f"came from to name it")
     return f"HF_TOKEN may push to {config.hub_model_id} (branch {config.hub_revision})"
 
 
@@ -359,8 +373,9 @@ def run_checks(config: Config, topology: Topology = Topology(),
         if missing:
             results.append(CheckResult(name, SKIPPED, f"needs {' and '.join(missing)}"))
             continue
+        found.warnings = []
         try:
-            results.append(CheckResult(name, PASSED, check(found)))
+            results.append(CheckResult(name, PASSED, check(found), warnings=tuple(found.warnings)))
         except CheckedByLauncher:
             pass
         except Skip as exc:
@@ -392,22 +407,27 @@ def render_table(results: list[CheckResult]) -> str:
 
 
 def report(results: list[CheckResult], reporter: Reporter) -> list[str]:
-    """Show the results: a table on a terminal (LOG_FORMAT=bar), one JSON event per check otherwise. Returns the
-    failures' lines; the caller reports them as `error:` lines (stderr) and exits 2."""
+    """Show the results: a table on a terminal (LOG_FORMAT=bar), one JSON event per check otherwise, then each
+    warning as a `warning:` line (stderr). Returns the failures' lines; the caller reports them as `error:` lines
+    (stderr) and exits 2."""
     if reporter.mode == "json":
         for r in results:
             extra = {"problems": list(r.problems)} if r.problems else {}
+            extra.update({"warnings": list(r.warnings)} if r.warnings else {})
             reporter.event("preflight", r.detail, check=r.name, status=r.status, **extra)
     elif results:   # none in a worker whose launcher ran every check
         reporter.text(render_table(results))
+    for line in (w for r in results for w in r.warnings):
+        reporter.warning(line)
     return failure_lines(results)
 
 
 # ---------------------------------------------------------------- helpers
 
-def _check_model(variable: str, name: str, f: Found) -> tuple[Any, str]:
+def _check_model(variable: str, name: str, f: Found) -> tuple[Any, str, Path]:
     """A model the job will load: a local directory or a Hub id it may read, with config, tokenizer and weights.
-    Never downloads weights: their sizes come from the Hub's listing. Returns (its shape, the row's detail)."""
+    Never downloads weights: their sizes come from the Hub's listing. Returns (its shape, the row's detail, the
+    folder of its config.json)."""
     if is_local_model(name):
         path = Path(name).expanduser()
         if not path.is_dir():
@@ -435,7 +455,34 @@ def _check_model(variable: str, name: str, f: Found) -> tuple[Any, str]:
     fetched = "" if fetch is None else f", {_gb(fetch)} to download" if fetch else ", all cached"
     kind = getattr(shape, "model_type", "?")
     return shape, (f"{where}: {kind}, {shape.num_hidden_layers} layers, hidden {shape.hidden_size}; "
-                   f"{_gb(size)} of weights{fetched}")
+                   f"{_gb(size)} of weights{fetched}"), config_dir
+
+
+def _check_target_modules(config: Config, folder: Path) -> str:
+    """Every name in LORA_TARGET_MODULES matches a linear layer of the base, as peft matches them (the module's
+    name, or its dotted tail). The base is built on the meta device from its config.json: its modules without
+    weights, in well under a second. peft itself would fail only after the base is loaded, and a name that
+    matches nothing when another does is not an error to peft at all. Returns the row's addition."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    wanted = config.target_modules
+    if wanted == "all-linear":
+        return ""
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
+    except Exception:   # a model type this transformers can't build (custom code): peft will say at load time
+        return "; LORA_TARGET_MODULES not checked (model type unknown to transformers)"
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    missing = [t for t in wanted if not any(name == t or name.endswith("." + t) for name in linear)]
+    if missing:
+        raise CheckFailed(f"LORA_TARGET_MODULES={config.lora_target_modules!r}: "
+                          f"{', '.join(repr(m) for m in missing)} {'matches' if len(missing) == 1 else 'match'} "
+                          f"no linear layer of BASE_MODEL; its linear layers are {', '.join(kinds)} "
+                          f"(or use all-linear)", f"LORA_TARGET_MODULES: no layer {missing[0]!r}")
+    return f"; LoRA on {', '.join(wanted)}"
 
 
 def _hub_model(variable: str, name: str, f: Found) -> tuple[dict[str, int], dict[str, int], Path]:

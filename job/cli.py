@@ -68,12 +68,16 @@ def train() -> None:
     from .run import Run, launch_workers
     topology, reporter = _topology(), _reporter(config)
     if wants_launch(config, topology):
-        sys.exit(_outcome(reporter, lambda: launch_workers(config, reporter, topology)))
-    sys.exit(_outcome(reporter, Run(config, reporter, topology).main))
+        sys.exit(_outcome(config, reporter, lambda: launch_workers(config, reporter, topology), lambda: "launch"))
+    run = Run(config, reporter, topology)
+    sys.exit(_outcome(config, reporter, run.main, lambda: run.phase))
 
 
-def _outcome(reporter, command: Callable[[], ExitCode | None]) -> ExitCode:
-    """The exit code of a command: 2 for bad input (one `error:` line per problem), 75 when a signal stopped it."""
+def _outcome(config: Config, reporter, command: Callable[[], ExitCode | None],
+             phase: Callable[[], str]) -> ExitCode:
+    """The exit code of a command: 2 for bad input (one `error:` line per problem), 75 when a signal stopped it.
+    The one handler of everything else that escapes: one line naming the phase (`phase()`) and the error, secrets
+    masked, exit 1; the traceback only at LOG_LEVEL=debug."""
     from .run import Stopped
     try:
         return command() or ExitCode.DONE
@@ -83,6 +87,9 @@ def _outcome(reporter, command: Callable[[], ExitCode | None]) -> ExitCode:
     except Stopped as exc:
         reporter.event("stopped", str(exc))
         return ExitCode.STOPPED
+    except Exception as exc:
+        reporter.crash(phase(), exc, traceback=config.log_level == "debug")
+        return ExitCode.FAILED
 
 
 @cli.command()
@@ -90,23 +97,29 @@ def preflight() -> None:
     """Check the settings, GPU and 4-bit kernels, model and dataset access, the checkpoint store, Hub push
     access, disk space and the memory estimate, in seconds and without loading the model. Prints a table (JSON
     events in a pod's log) and one `error:` line per failure; exit 2 if any check fails."""
-    from .checks import config_failed, report, run_checks
+    from .checks import config_failed, run_checks
     from .log import Reporter
     try:
         config = from_env(os.environ)
     except ConfigError as exc:   # no Config, so no LOG_FORMAT or secrets from it: take what the environment says
         mode = os.environ.get("LOG_FORMAT", "auto")
         reporter = Reporter(mode if mode in ("auto", "bar", "json") else "auto",
-                            secrets=[os.environ.get("HF_TOKEN", "")] + _foreign_secrets())
+                            secrets=[os.environ.get("HF_TOKEN", "").strip()] + _foreign_secrets())
         results = config_failed(exc.problems)
-    else:
-        _quiet_libraries()
-        reporter = _reporter(config)
-        results, _ = run_checks(config, _topology())
+        sys.exit(_shown(results, reporter))
+    _quiet_libraries()
+    reporter = _reporter(config)
+    sys.exit(_outcome(config, reporter, lambda: _shown(run_checks(config, _topology())[0], reporter),
+                      lambda: "preflight"))
+
+
+def _shown(results, reporter) -> ExitCode:
+    """The preflight table (or events), then one `error:` line per failure: exit 2 if any."""
+    from .checks import report
     problems = report(results, reporter)
     for problem in problems:
         reporter.error(problem)
-    sys.exit(ExitCode.BAD_INPUT if problems else ExitCode.DONE)
+    return ExitCode.BAD_INPUT if problems else ExitCode.DONE
 
 
 @cli.command()
@@ -116,7 +129,8 @@ def publish() -> None:
     _quiet_libraries()
     from .run import Run
     reporter = _reporter(config)
-    sys.exit(_outcome(reporter, Run(config, reporter).publish_only))
+    run = Run(config, reporter)
+    sys.exit(_outcome(config, reporter, run.publish_only, lambda: run.phase))
 
 
 @cli.command("config")

@@ -250,6 +250,8 @@ class Config:
                                 affects_result=False)
     log_format: str = setting("auto", "auto (progress bar on a terminal, else JSON lines), bar, json",
                               choices=_fixed("auto", "bar", "json"), affects_result=False)
+    log_level: str = setting("info", "info, or debug: an unexpected failure also logs its traceback (secrets masked)",
+                             choices=_fixed("info", "debug"), affects_result=False)
     # --- several GPUs (torchrun's names) ---
     nproc_per_node: int = setting(1, "GPUs (worker processes) per node; > 1 starts the job under torchrun",
                                   check=_at_least(1), affects_result=False)

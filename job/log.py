@@ -62,6 +62,24 @@ class Reporter:
         for line in self._mask(message).splitlines() or [""]:
             print(f"error: {line}", file=sys.stderr, flush=True)
 
+    def warning(self, message: str) -> None:
+        """Something the user should know but need not fix to go on: one `warning:` line on stderr."""
+        self.close_progress()
+        print(f"warning: {self._mask(message)}", file=sys.stderr, flush=True)
+
+    def crash(self, phase: str, exc: BaseException, traceback: bool) -> None:
+        """An error nothing in the job anticipated: one line naming the phase and the error, secrets masked; before
+        it, at LOG_LEVEL=debug, the traceback, masked too."""
+        import traceback as tb
+
+        self.close_progress()
+        if traceback:
+            print(self._mask("".join(tb.format_exception(exc))), end="", file=sys.stderr, flush=True)
+        text = self._mask(" ".join(str(exc).split()))   # masked before it is cut short, never a piece of a secret
+        text = f"{type(exc).__name__}: {text[:500]}" if text else type(exc).__name__
+        hint = "" if traceback else " (LOG_LEVEL=debug logs the traceback)"
+        print(f"error: {phase} failed: {text}{hint}", file=sys.stderr, flush=True)
+
     def start_progress(self, total: int, initial: int = 0) -> None:
         if self.mode == "bar" and not self.quiet:
             from tqdm.auto import tqdm

@@ -6,6 +6,7 @@ checkpoint, evaluates again, publishes from the committed final/ without retrain
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -49,11 +50,21 @@ class StopSignal:
         self.reporter.event("stop", f"{name}: finishing this step, then saving and exiting")
 
 
+def phase(method):
+    """A phase of the lifecycle: while it runs, `Run.phase` names it, for the line an unexpected error gets."""
+    @functools.wraps(method)
+    def run_phase(self, *args, **kwargs):
+        self.phase = method.__name__
+        return method(self, *args, **kwargs)
+    return run_phase
+
+
 class Run:
     """The job's recipe. `main` is the whole run; bench/speed.py reuses `setup` and the Trainer it builds."""
 
     def __init__(self, config: Config, reporter: Reporter, topology: Topology = Topology()):
         self.config, self.reporter, self.topology = config, reporter, topology
+        self.phase = "start"                    # the phase running now (see `phase`)
         self.stop = StopSignal(reporter)
         self.out = Path(config.output_dir)      # the finished adapter, tokenizer, summary and card
         self.work = self.out / "work"           # scratch: the Trainer's checkpoints, downloads to resume from
@@ -94,6 +105,7 @@ class Run:
 
     def publish_only(self) -> None:
         """`python -m job publish`: push the committed final/ of this run, without training."""
+        self.phase = "publish"
         try:
             store = open_store(self.config.checkpoint_uri)
             store.probe()
@@ -114,6 +126,7 @@ class Run:
 
     # ---------------------------------------------------------------- check
 
+    @phase
     def check(self) -> None:
         """Every preflight check (job/checks.py), before a byte of the model is loaded. All of them run; BadInput
         carries every failure, one line each. What they find on the way is the run's: nothing is read twice."""
@@ -124,16 +137,16 @@ class Run:
         self.device, self.store, self.splits, self.model_shape = \
             found.device, found.run_store, found.splits, found.model_shape
         if self.topology.is_main:
-            self._same_run()
+            self._same_run(found.run_record)
         self.reporter.event("preflight", "checks passed", device=self.device, run_id=self.config.resolved_run_id,
                             train_rows=len(self.splits.train), eval_rows=len(self.splits.eval))
 
-    def _same_run(self) -> None:
-        """A restart must train the same thing, or it would mix two runs' checkpoints."""
+    def _same_run(self, found: dict | None) -> None:
+        """A restart must train the same thing, or it would mix two runs' checkpoints. `found`: the run.json that
+        preflight read, if any."""
         config, data_fp = self.config, self.splits.fingerprint()
         wanted = {"settings": config.result_settings(), "data_fingerprint": data_fp,
                   "fingerprint": config.fingerprint()}
-        found = self.store.read_run()
         if found is None:
             self.store.write_run({**wanted, "run_id": config.resolved_run_id, "created_at": time.time()})
             return
@@ -149,6 +162,7 @@ class Run:
 
     # ---------------------------------------------------------------- setup
 
+    @phase
     def setup(self) -> None:
         """Everything training needs, in order: the tokenized rows, the checkpoint to resume from, the speed plan
         for this device and run length (weighing the compile cache's measured first step), the 4-bit base with
@@ -291,6 +305,7 @@ class Run:
 
     # ---------------------------------------------------------------- train
 
+    @phase
     def train(self) -> None:
         """Train (or resume) to the last step; every rank, each of its checkpoints committed. Raises Stopped on a
         signal, once the checkpoint of the step in flight is committed (or the budget ran out)."""
@@ -327,6 +342,7 @@ class Run:
 
     # ---------------------------------------------------------------- evaluate
 
+    @phase
     def evaluate(self) -> None:
         """The persona evaluation of the finished adapter against the base (job/evaluate.py). A stop signal here
         means exit 75: the last step is committed, so the restart only evaluates again."""
@@ -352,6 +368,7 @@ class Run:
 
     # ---------------------------------------------------------------- finalize
 
+    @phase
     def finalize(self) -> None:
         """The finished adapter, tokenizer, training_summary.json, loss curve and model card in OUTPUT_DIR,
         committed to the store's final/."""
@@ -403,6 +420,7 @@ class Run:
 
     # ---------------------------------------------------------------- publish
 
+    @phase
     def publish(self) -> None:
         """After final/ is committed: push it if HUB_MODEL_ID is set (unless the publish gate refuses), then mark
         the run done."""

@@ -216,6 +216,28 @@ def test_a_gated_model_passes_for_the_account_that_was_granted_access(settings, 
     assert rows(result)["base model"] == "passed"
 
 
+@pytest.mark.parametrize("modules, line", [
+    ("qproj", "LORA_TARGET_MODULES='qproj': 'qproj' matches no linear layer of BASE_MODEL; its linear layers are "
+              "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (or use all-linear)"),
+    # peft would train q_proj alone and say nothing of the typo.
+    ("q_proj,v_porj", "LORA_TARGET_MODULES='q_proj,v_porj': 'v_porj' matches no linear layer of BASE_MODEL"),
+])
+def test_a_lora_target_the_base_lacks_stops_train_before_the_model_loads(settings, modules, line):
+    result = run_job("train", env=settings(LORA_TARGET_MODULES=modules), timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {line}"), lines
+    assert rows(result)["base model"] == "failed"
+    assert not result.events("model") and not result.events("speed"), "checked before the base model loads"
+
+
+@pytest.mark.parametrize("modules", ["all-linear", "q_proj,v_proj", "self_attn.o_proj,mlp.down_proj"])
+def test_lora_targets_the_base_has_pass(settings, modules):
+    result = preflight_here(settings(LORA_TARGET_MODULES=modules, LOG_FORMAT="bar"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert table(result)["base model"][0] == "ok"
+
+
 # ---------------------------------------------------------------- dataset
 
 def test_a_missing_dataset_file_fails_the_dataset_row(settings, tmp_path):
@@ -269,11 +291,37 @@ def test_rejected_s3_credentials_fail_the_store_row_without_printing_them(settin
     assert AWS_SECRET not in line
 
 
+@pytest.mark.parametrize("name, content", [("run.json", b"[1, 2]"), ("status.json", b"{not json")])
+def test_a_run_file_that_is_not_a_json_object_stops_train_naming_it(settings, tmp_path, name, content):
+    (tmp_path / "store" / "my-run").mkdir(parents=True)
+    (tmp_path / "store" / "my-run" / name).write_bytes(content)
+    result = run_job("train", env=settings(RUN_ID="my-run"), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'store'}/my-run/{name} is not a JSON object. Delete it or use another RUN_ID."]
+    assert rows(result)["checkpoint store"] == "failed" and not result.events("model")
+
+
 # ---------------------------------------------------------------- hub push
 
 def test_a_read_only_token_fails_the_hub_push_row(settings):
     fails_alone(preflight_here(settings(HUB_MODEL_ID="alice/persona-adapter", HF_TOKEN="hf_alice_read")),
                 "hub push", "HF_TOKEN is a read-only token; pushing to HUB_MODEL_ID='alice/persona-adapter'")
+
+
+def test_a_local_base_the_card_cannot_name_is_a_warning_not_a_failure(settings, tiny_model):
+    # The tiny model was built here: its config.json remembers no Hub id, and the Hub would refuse a path as the
+    # card's base_model. Preflight says so once, and the run goes on; BASE_MODEL_ID names it.
+    env = settings(HUB_MODEL_ID="alice/persona-adapter", HF_TOKEN="hf_alice_write")
+    result = preflight_here(env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"warning: BASE_MODEL={str(tiny_model)!r} is a local directory whose config.json names no Hub model: the "
+        f"model card will leave base_model out; set BASE_MODEL_ID to the Hub id it came from to name it"]
+    assert [e.get("warnings") for e in result.events("preflight") if e["check"] == "hub push"] == [
+        [result.stderr.strip()[len("warning: "):]]]
+    named = preflight_here({**env, "BASE_MODEL_ID": "acme/tiny-llama"})
+    assert named.returncode == 0 and named.stderr == ""
 
 
 # ---------------------------------------------------------------- disk
@@ -331,8 +379,10 @@ def measured_on_a_gpu(config_name: str) -> float:
 
 
 # What max_memory_allocated() measured is the estimate less RUNTIME_OVERHEAD (the CUDA context and the allocator's
-# reserve, which it does not count). The estimate may miss it by this much either way:
-MEASURED_TOLERANCE = 0.10
+# reserve, which it does not count). The estimate may miss it by this much either way: it came out 1.3% above
+# (5.57 against 5.50 GiB), and a term lost from it is caught (the layer inputs that checkpointing keeps are 0.49 GiB,
+# 9%; the LoRA weights and optimizer state 0.5 GiB).
+MEASURED_TOLERANCE = 0.05
 
 
 def test_the_default_recipe_fits_a_16_gb_gpu_by_the_estimate():

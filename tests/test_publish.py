@@ -187,9 +187,15 @@ def test_a_crash_during_the_push_publishes_on_restart_without_training(publish_j
     assert len(run_commits(hub)) == 1
 
 
-def test_the_token_reaches_only_the_authorization_header(publish_job, hub, tmp_path):
-    result = run_job("train", env=publish_job())
+# `echo hf_... | kubectl create secret generic --from-file` keeps the newline. Sent as is, the HTTP client would
+# refuse the header, and its error would quote the token.
+@pytest.mark.parametrize("token", [WRITE, WRITE + "\n"], ids=["as given", "made with echo"])
+def test_the_token_reaches_only_the_authorization_header(publish_job, hub, tmp_path, token):
+    result = run_job("train", env=publish_job(HF_TOKEN=token))
     assert result.returncode == 0, result.stderr
+    assert len(run_commits(hub)) == 1
+    pushes = [r for r in hub.request_log if r.endpoint == "commit"]
+    assert pushes and all(r.header("Authorization") == f"Bearer {WRITE}" for r in pushes)
     assert hub.leaks(WRITE) == []
     assert WRITE not in result.stdout + result.stderr
     for path in list((tmp_path / "out").rglob("*")) + list((tmp_path / "store").rglob("*")):

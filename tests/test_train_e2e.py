@@ -1,6 +1,7 @@
 """A newcomer's story: the job trains the tiny model on the CPU through the real 4-bit path, its loss
 falls, and the adapter it leaves loads in stock peft with the same logits."""
 import json
+import shutil
 
 import torch
 
@@ -76,6 +77,31 @@ def test_without_a_gpu_the_default_stops_with_exit_2(cpu_job):
     assert result.stderr.strip().splitlines() == [
         "error: REQUIRE_GPU=true but no CUDA GPU is visible; run on a GPU node (docker: --gpus all; "
         "k8s: nvidia.com/gpu) or set REQUIRE_GPU=false to train on the CPU"]
+
+
+def test_an_error_nothing_anticipated_is_one_line_naming_its_phase_and_exit_1(cpu_job, tiny_model, tmp_path):
+    # A base whose tokenizer_config.json has a token index that is not a number (here it happens to be the token):
+    # preflight does not read that file, transformers fails on it as the run sets up. No mock: the real error.
+    token = "hf_UnexpectedFailureToken0123456789"
+    base = tmp_path / "odd-base"
+    shutil.copytree(tiny_model, base)
+    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
+    tokenizer_config["added_tokens_decoder"] = {token: {"content": "<odd>", "special": True}}
+    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+
+    result = run_job("train", env=cpu_job(BASE_MODEL=str(base), HF_TOKEN=token))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: setup failed: ValueError: invalid literal for int() with base 10: '***' "
+        "(LOG_LEVEL=debug logs the traceback)"]
+    assert token not in result.stdout
+
+    debug = run_job("train", env=cpu_job(BASE_MODEL=str(base), HF_TOKEN=token, LOG_LEVEL="debug"))
+    assert debug.returncode == 1
+    lines = debug.stderr.strip().splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and "tokenization_utils_base.py" in debug.stderr
+    assert lines[-1] == "error: setup failed: ValueError: invalid literal for int() with base 10: '***'"
+    assert token not in debug.stdout + debug.stderr
 
 
 def test_a_finished_run_started_again_does_nothing(cpu_job):
