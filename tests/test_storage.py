@@ -360,6 +360,21 @@ def test_a_file_that_changed_since_it_was_written_is_not_committed(tmp_path):
     assert RunStore(store, RUN).committed_steps() == []
 
 
+@pytest.mark.parametrize("permanent, code", [(True, 2), (False, 1)])
+def test_a_stalled_store_ends_the_job_with_one_line_and_an_exit_code_by_its_last_failure(permanent, code, capsys):
+    # A store that refused for good (AccessDenied: a StoreError) fails the Job at once (exit 2); one that is down or
+    # failing may work again, so the orchestrator retries it (exit 1). test_resume runs the first end to end.
+    from job.cli import _outcome
+    from job.log import Reporter
+    from job.store.uploader import UploadStalled
+
+    def stalled():
+        raise UploadStalled("no checkpoint committed since step 4 was saved", permanent=permanent)
+
+    assert _outcome(Reporter("json"), stalled) == code
+    assert capsys.readouterr().err == "error: no checkpoint committed since step 4 was saved\n"
+
+
 def test_an_isolated_uploader_commits_from_its_own_process_and_outlives_a_sigterm(store, tmp_path):
     """isolate=True (what the job uses): the hashing and uploading happen in a child process, which a SIGTERM to
     the process group does not stop; failures come back as errors, and close() ends the child."""
