@@ -281,8 +281,11 @@ def check_disk(f: Found) -> str:
     from .speed.plan import checkpoint_bytes
 
     checkpoint = checkpoint_bytes(config, f.model_shape)
+    # At most two checkpoints are on the local disk at once (job/trainer.py CheckpointCommitter): one uploading, and
+    # the one a stop or the last step writes behind it; besides them, the checkpoint the run resumed from.
     needs = [("OUTPUT_DIR", Path(config.output_dir), 3 * checkpoint + DISK_MARGIN,
-              "checkpoints being written, uploaded and resumed from, the final adapter, scratch"),
+              "two checkpoints (one uploading, one written behind it), the one resumed from, the final adapter, "
+              "scratch"),
              ("HF_HOME", cache, sum(f.downloads.values()),
               f"{' and '.join(v for v, size in f.downloads.items() if size)} to download into {cache}")]
     if not config.checkpoint_uri.startswith("s3://"):

@@ -231,6 +231,9 @@ class Config:
     shutdown_budget_seconds: float = setting(20.0, "on SIGTERM: seconds to save and upload before exit 75 "
                                              "(keep below the pod's terminationGracePeriodSeconds)",
                                              check=_positive, affects_result=False)
+    upload_stall_seconds: float = setting(1200.0, "stop when no checkpoint has been committed for this long since a "
+                                          "save (a store refusing or down): exit 1, or 2 when the store refuses for "
+                                          "good (e.g. AccessDenied)", check=_positive, affects_result=False)
     # --- publishing ---
     hub_model_id: str = setting("", "Hub repo 'user/name' to push the adapter to; empty = no push", check=_hub_id,
                                 affects_result=False)

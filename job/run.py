@@ -24,6 +24,7 @@ from .log import Reporter
 from .status import Phase, StatusWriter
 from .store import StoreError, open_store
 from .store.run_store import RunStore
+from .store.uploader import UploadStalled
 
 
 class Stopped(Exception):
@@ -282,11 +283,12 @@ class Run:
     def callbacks(self) -> list:
         """The job's part of the Trainer's loop: stop at a signal, commit each checkpoint in the background,
         report progress and status.json, and (EVAL_AT_CHECKPOINTS) evaluate each checkpoint."""
-        from .trainer import CheckpointCommitter, EvaluationCallback, ReportCallback, StopCallback
+        from .trainer import CheckpointCommitter, EvaluationCallback, ReportCallback, StopCallback, UploadGate
 
         config, is_main = self.config, self.topology.is_main
         self.committer = CheckpointCommitter(config, self.store, self.reporter, self.writer,
-                                             protect=self.resume[0] if self.resume else None, is_main=is_main)
+                                             protect=self.resume[0] if self.resume else None, is_main=is_main,
+                                             stop=self.stop)
         self.status = StatusWriter(config.resolved_run_id, self.store, self.reporter,
                                    newest=lambda: self.committer.last_committed, enabled=is_main)
         self.evaluator = None
@@ -298,7 +300,7 @@ class Run:
                                                  data_collator(self.plan, self.tokenizer), self.device)
             except ValueError as exc:   # an NLI_MODEL without entailment/contradiction labels
                 raise BadInput(str(exc)) from None
-        callbacks = [StopCallback(self.stop)]
+        callbacks = [UploadGate(self.committer), StopCallback(self.stop)]
         if self.evaluator and config.eval_at_checkpoints:
             callbacks.append(EvaluationCallback(self.evaluator, self.stop, self.reporter, self.status))
         return callbacks + [self.committer, ReportCallback(self.reporter, self.status)]
@@ -307,14 +309,21 @@ class Run:
 
     @phase
     def train(self) -> None:
-        """Train (or resume) to the last step; every rank, each of its checkpoints committed. Raises Stopped on a
-        signal, once the checkpoint of the step in flight is committed (or the budget ran out)."""
+        """Train (or resume) to the last step, on every rank, its checkpoints committed in the background (by the
+        rules of CheckpointCommitter). Raises Stopped on a signal, once the checkpoint of the step in flight is
+        committed (or the budget ran out), and UploadStalled when nothing was committed for UPLOAD_STALL_SECONDS."""
         if self.resume:
             self.reporter.event("resume", f"resuming from committed checkpoint step {self.resume[0]}",
                                 step=self.resume[0])
         self.status.write(phase=Phase.TRAINING, step=self.resume[0] if self.resume else 0)
         try:
             self.result = self.trainer.train(resume_from_checkpoint=str(self.resume[1]) if self.resume else None)
+            if not self.stop.received:
+                self.committer.finish()
+        except UploadStalled as exc:
+            self.status.write(phase=Phase.FAILED, error=str(exc))
+            self.status.flush()
+            raise
         finally:
             self.reporter.close_progress()
             if self.cache is not None:
@@ -327,8 +336,6 @@ class Run:
             raise Stopped(f"stopped by {self.stop.received} at step {self.trainer.state.global_step}; "
                           f"checkpoint {'committed' if committed else 'not committed in time'}; "
                           f"newest committed step {self.committer.last_committed}")
-        if not self.committer.wait(None):
-            raise RuntimeError(f"checkpoint upload failed: {self.committer.errors()}")
         self.final_eval = self._final_eval_loss() if self.eval_examples else {}
 
     def _final_eval_loss(self) -> dict[str, float]:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from .speed.plan import SpeedPlan
 from .speed.recompute import checkpoint_kwargs
 from .speed.snapshot import CheckpointWriter, HostSnapshot
 from .store.run_store import RunStore
-from .store.uploader import BackgroundUploader
+from .store.blob import StoreError
+from .store.uploader import BackgroundUploader, UploadStalled
 
 
 def training_arguments(config: Config, output_dir: Path, device: str, has_eval: bool,
@@ -144,10 +146,16 @@ class PersonaTrainer(Trainer):
             self._flops_per_token = 6 * self.model.num_parameters(exclude_embeddings=True)
         return self._flops_per_token * inputs["input_ids"].numel()
 
-    def _save_checkpoint(self, *args, **kwargs):
+    def _save_checkpoint(self, model, trial):
+        # A write that fails here (a full disk) skips this checkpoint, not the run: its folder is never committed
+        # (CheckpointWriter.seal raises the failure), and the next save tries again.
         self._in_checkpoint = True
         try:
-            return super()._save_checkpoint(*args, **kwargs)
+            super()._save_checkpoint(model, trial)
+        except OSError as e:
+            self.snapshot.discard()
+            self.checkpoint_writer.failed(
+                os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"), e)
         finally:
             self._in_checkpoint = False
             self.snapshot.submit()   # the adapter and optimizer files, written once both snapshots are taken
@@ -158,20 +166,21 @@ class PersonaTrainer(Trainer):
         # the uploader only once the file is complete.
         if not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
-        self.snapshot.write("optimizer", self.optimizer.state_dict(), torch.save,
-                            os.path.join(output_dir, OPTIMIZER_NAME))
-        torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+        self.snapshot.write("optimizer", self.optimizer.state_dict(), self.checkpoint_writer.write,
+                            os.path.join(output_dir, OPTIMIZER_NAME), _torch_save)
+        self.checkpoint_writer.write(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME),
+                                     _torch_save)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # The adapter's tensors, like the optimizer's, are snapshotted here and written by the checkpoint writer;
         # its config (what peft's save_pretrained writes beside them) and the tokenizer are small and written now.
         from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
 
         output_dir = output_dir or self.args.output_dir
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         self.snapshot.write("adapter", get_peft_model_state_dict(self.model, save_embedding_layers=False),
-                            save_file, os.path.join(output_dir, "adapter_model.safetensors"), {"format": "pt"})
+                            self.checkpoint_writer.write, os.path.join(output_dir, "adapter_model.safetensors"),
+                            _safetensors_save)
         if not self._in_checkpoint:
             self.snapshot.submit()
         adapter_config = copy.copy(self.model.peft_config["default"])
@@ -179,6 +188,16 @@ class PersonaTrainer(Trainer):
         adapter_config.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+
+
+def _torch_save(tree, f) -> None:
+    torch.save(tree, f)
+
+
+def _safetensors_save(tensors, f) -> None:
+    from safetensors.torch import save
+
+    f.write(save(tensors, {"format": "pt"}))   # the bytes safetensors' save_file writes, as peft's save_pretrained
 
 
 class StopCallback(TrainerCallback):
@@ -225,16 +244,30 @@ class EvaluationCallback(TrainerCallback):
 
 class CheckpointCommitter(TrainerCallback):
     """Hands each checkpoint the Trainer writes to the background uploader, once `writer` (PersonaTrainer's) has
-    finished its files; prunes after each commit."""
+    finished and sealed its files; prunes after each commit.
+
+    What a full disk or a slow, refusing or absent store does (README, "What can go wrong"):
+    - a checkpoint whose files could not all be written is skipped, with an event; the next save tries again;
+    - a save waits until the previous checkpoint's upload has ended (`before_save`), so at most one checkpoint waits
+      for upload and one is on the local disk; the save of a stop or of the last step does not wait, and queues
+      behind it (two on the disk);
+    - a failed upload is reported and its local copy deleted: the next save uploads a newer checkpoint;
+    - when no save has been committed for UPLOAD_STALL_SECONDS the job stops (UploadStalled), rather than train on
+      with nothing durable."""
 
     def __init__(self, config: Config, run_store: RunStore, reporter: Reporter, writer: CheckpointWriter,
-                 protect: int | None, is_main: bool = True):
+                 protect: int | None, is_main: bool = True, stop=None):
         self.config, self.run_store, self.reporter, self.protect = config, run_store, reporter, protect
-        self.writer = writer
+        self.writer, self.stop = writer, stop
         # Only rank 0 commits; the other ranks' part of a checkpoint (their RNG state) is in the same folder.
-        self.uploader = (BackgroundUploader(run_store, on_committed=self._committed, isolate=True)
-                         if is_main else None)
+        self.uploader = (BackgroundUploader(run_store, on_committed=self._committed, isolate=True,
+                                            on_failed=self._upload_failed) if is_main else None)
         self.local_dirs: dict[int, Path] = {}
+        self.newest_saved: int | None = None
+        self.last_error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._uncommitted: dict[int, float] = {}   # saves since the last commit: step -> when (monotonic)
+        self._store_leftovers = False              # a failed upload may have left files in the store
 
     @property
     def last_committed(self) -> int | None:
@@ -248,6 +281,23 @@ class CheckpointCommitter(TrainerCallback):
         if removed:
             self.reporter.event("checkpoint", f"removed {len(removed)} uncommitted checkpoint leftover(s)")
 
+    # ---------------------------------------------------------------- the training thread
+
+    def before_save(self, state, control) -> None:
+        """At a save step's end (UploadGate, before StopCallback): wait until the previous checkpoint's upload has
+        ended, at most until the stall limit, or until a stop signal; then stop every rank if nothing has been
+        committed for UPLOAD_STALL_SECONDS."""
+        if not control.should_save or state.global_step >= state.max_steps:
+            return
+        stalled = False
+        if self.uploader is not None:
+            while not (self.stop is not None and self.stop.received) and not self._stalled():
+                if self._idle(1.0):
+                    break
+            stalled = self._stalled()
+        if any_rank(stalled):
+            raise self._stall_error()
+
     def on_save(self, args, state, control, **kwargs):
         barrier()   # every rank has written its share of the checkpoint
         if self.uploader is None:
@@ -255,33 +305,119 @@ class CheckpointCommitter(TrainerCallback):
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
         self.local_dirs[step] = local
+        self.newest_saved = step
+        with self._lock:
+            self._uncommitted.setdefault(step, time.monotonic())
         # After the writer has finished this checkpoint's files.
-        self.writer.submit(self.uploader.submit, step, local, self.config.fingerprint())
+        self.writer.submit(self._hand_over, step, local, self.config.fingerprint())
         return control
 
-    def _committed(self, step: int) -> None:
-        self.reporter.event("checkpoint", f"committed step {step}", step=step)
-        deleted = self.run_store.prune(self.config.save_total_limit,
-                                       protect=[self.protect] if self.protect else [])
-        if deleted:
-            self.reporter.event("checkpoint", f"retention removed steps {deleted}")
-        for old in [s for s in self.local_dirs if s <= step]:
-            shutil.rmtree(self.local_dirs.pop(old), ignore_errors=True)
+    def finish(self) -> None:
+        """At the end of training: wait for the uploads to end, at most until the stall limit. A last checkpoint
+        that failed is reported, and the final adapter is committed all the same."""
+        if self.uploader is None:
+            return
+        while not self._idle(1.0):
+            if self._stalled():
+                raise self._stall_error()
+        if self.newest_saved is not None and self.uploader.last_committed() != self.newest_saved:
+            self.reporter.event("checkpoint", f"the last checkpoint (step {self.newest_saved}) was not committed; "
+                                              f"committing the final adapter all the same")
 
     def wait(self, timeout: float | None) -> bool:
-        started = time.monotonic()
-        if not self.writer.wait(timeout):
-            return False
-        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-        return self.uploader.wait(left) if self.uploader else True
-
-    def errors(self):
-        return self.writer.errors() + (self.uploader.errors() if self.uploader else [])
+        """True once the newest checkpoint saved is committed; False if it failed or `timeout` ran out."""
+        if self.uploader is None:
+            return self.writer.idle(timeout)
+        return self._idle(timeout) and self.uploader.last_committed() == self.newest_saved
 
     def close(self) -> None:
         self.writer.close()
         if self.uploader:
             self.uploader.close()
+
+    def _idle(self, timeout: float | None) -> bool:
+        """The writer and the uploader have nothing left to do."""
+        started = time.monotonic()
+        if not self.writer.idle(timeout):
+            return False
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return self.uploader.idle(left)
+
+    def _stalled(self) -> bool:
+        with self._lock:
+            oldest = min(self._uncommitted.values(), default=None)
+        return oldest is not None and time.monotonic() - oldest >= self.config.upload_stall_seconds
+
+    def _stall_error(self) -> UploadStalled:
+        limit = f"UPLOAD_STALL_SECONDS={self.config.upload_stall_seconds:g}"
+        if self.uploader is None:
+            return UploadStalled(f"rank 0 found no checkpoint committed for {limit}; stopping", permanent=False)
+        with self._lock:
+            since = min(self._uncommitted, default=None)
+        error = self.last_error
+        why = f"the last failure: {_one_line(error)}" if error else "the upload has not ended"
+        return UploadStalled(
+            f"no checkpoint committed since step {since} was saved, {limit} ago ({why}); stopping rather than "
+            f"training on with nothing durable. The newest committed checkpoint is step {self.last_committed}",
+            permanent=isinstance(error, StoreError))
+
+    # ---------------------------------------------------------------- the writer and uploader threads
+
+    def _hand_over(self, step: int, local: Path, fingerprint: str) -> None:
+        try:
+            written = self.writer.seal(local)
+        except Exception as e:
+            self.last_error = e
+            self._forget(step)
+            self.reporter.event("checkpoint_skipped", f"checkpoint step {step} not saved ({_one_line(e)}); the "
+                                                      f"next save tries again", step=step)
+            return
+        self.uploader.submit(step, local, fingerprint, written)
+
+    def _upload_failed(self, step: int, error: BaseException) -> None:
+        self.last_error = error
+        self._store_leftovers = True
+        self._forget(step)
+        self.reporter.event("upload_failed", f"checkpoint step {step} not committed ({_one_line(error)}); the "
+                                             f"next save uploads a newer one", step=step)
+
+    def _committed(self, step: int) -> None:
+        with self._lock:
+            self._uncommitted = {s: t for s, t in self._uncommitted.items() if s > step}
+        self.last_error = None
+        self.reporter.event("checkpoint", f"committed step {step}", step=step)
+        deleted = self.run_store.prune(self.config.save_total_limit,
+                                       protect=[self.protect] if self.protect else [])
+        if deleted:
+            self.reporter.event("checkpoint", f"retention removed steps {deleted}")
+        if self._store_leftovers:   # what failed uploads left in the store
+            self._store_leftovers = False
+            self.run_store.clean_uncommitted(older_than_step=step)
+        for old in [s for s in list(self.local_dirs) if s <= step]:
+            self._forget(old)
+
+    def _forget(self, step: int) -> None:
+        """Delete a checkpoint's local copy: committed, or not to be committed."""
+        local = self.local_dirs.pop(step, None)
+        if local is not None:
+            shutil.rmtree(local, ignore_errors=True)
+
+
+class UploadGate(TrainerCallback):
+    """CheckpointCommitter.before_save, at each step's end before StopCallback: a stop signal that ends its wait
+    then makes this step's save the stop's."""
+
+    def __init__(self, committer: CheckpointCommitter):
+        self.committer = committer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.committer.before_save(state, control)
+        return control
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 class ReportCallback(TrainerCallback):

@@ -361,6 +361,16 @@ def test_an_output_dir_that_cannot_be_created_fails_the_disk_row(settings, tmp_p
                 "point OUTPUT_DIR at a writable directory")
 
 
+def test_an_output_dir_without_room_for_two_checkpoints_fails_the_disk_row(settings, tmp_path):
+    # A LoRA this large makes a checkpoint (adapter and Adam's two moments) bigger than the free disk; it fails the
+    # memory row too, each with its line.
+    result = preflight_here(settings(LORA_R="20000000"))
+    assert result.returncode == 2 and rows(result)["disk"] == "failed", rows(result)
+    lines = [line for line in result.stderr.strip().splitlines() if f"OUTPUT_DIR={tmp_path / 'out'}" in line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "GB free on" in lines[0], result.stderr
+    assert "GB for two checkpoints (one uploading, one written behind it), the one resumed from" in lines[0]
+
+
 # ---------------------------------------------------------------- memory
 
 def test_a_batch_beyond_the_machines_memory_fails_the_memory_row(settings):

@@ -342,3 +342,101 @@ def test_a_checkpoint_holds_the_adapter_exactly_as_peft_writes_it(cpu_job, tmp_p
     checkpoint = next((tmp_path / "store").glob("*/checkpoints/step-00000004"))
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (checkpoint / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------- a full disk, a store that refuses
+
+FULL_DISK = ROOT / "tests" / "fakes" / "full_disk"
+
+
+def on_a_full_disk(env: dict[str, str], pattern: str) -> dict[str, str]:
+    """The job with its disk filling up halfway through the first file it writes whose path matches `pattern`
+    (tests/fakes/full_disk: ENOSPC at the file layer, in the job's own process)."""
+    return {**env, "PYTHONPATH": f"{FULL_DISK}{os.pathsep}{env['PYTHONPATH']}", "FULL_DISK": pattern}
+
+
+def assert_every_committed_checkpoint_loads(store: Store, where: Path) -> None:
+    """Each committed checkpoint downloads, matches its manifest, and its files load as the Trainer loads them."""
+    from job.store import open_store
+    from job.store.run_store import RunStore
+    run_store = RunStore(open_store(store.uri), RUN_ID)
+    for step in run_store.committed_steps():
+        folder = run_store.download_checkpoint(step, where / f"verify-{step}")
+        load_file(folder / "adapter_model.safetensors")
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            torch.load(folder / name, weights_only=False)
+        assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == step
+
+
+def skipped(step: int):
+    return lambda e: e["event"] == "checkpoint_skipped" and e["step"] == step
+
+
+@pytest.mark.parametrize("store", ["local"], indirect=True)
+def test_a_disk_that_fills_up_mid_checkpoint_never_commits_it_and_the_run_goes_on(job, store, tmp_path,
+                                                                                  uninterrupted):
+    # The disk fills up halfway through step 8's trainer_state.json (transformers writes it on the training thread).
+    run = Running(on_a_full_disk(job(), r"checkpoint-8/trainer_state\.json$"), tmp_path / "first.log")
+    event = run.until(skipped(8))
+    assert "No space left on device" in event["message"] and "the next save tries again" in event["message"]
+    run.proc.send_signal(signal.SIGKILL)
+    run.finish()
+    assert store.committed_steps() == [4]
+    assert_every_committed_checkpoint_loads(store, tmp_path)
+
+    # The restart resumes, and this time the disk fills up halfway through step 8's optimizer state (written off
+    # the training thread): that checkpoint is skipped again, and the run goes on to the end.
+    restart = run_job("train", env=on_a_full_disk(job(), r"checkpoint-8/\.optimizer\.pt\."))
+    assert restart.returncode == 0, restart.stderr
+    assert restart.events("resume")[-1]["message"] == "resuming from committed checkpoint step 4"
+    assert [e["step"] for e in restart.events("checkpoint_skipped")] == [8]
+    assert store.committed_steps() == [4, 12]
+    assert_every_committed_checkpoint_loads(store, tmp_path)
+    assert_bit_identical(final_adapter(tmp_path), uninterrupted)
+    assert not list((tmp_path / "out" / "work" / "trainer").rglob("checkpoint-*")), "local copies outlived commits"
+
+
+@pytest.fixture
+def hub(hub_server):
+    return hub_server()
+
+
+def test_an_upload_outage_of_two_saves_heals_and_the_run_publishes(s3_job, s3_store, s3_server, hub, tmp_path):
+    # The store refuses every upload of steps 8 and 12 (AccessDenied, as a policy change would), then takes 16.
+    job, store = s3_job, s3_store
+    with FlakyProxy(s3_server.endpoint) as proxy:
+        for step in (8, 12):
+            proxy.fail_next(1, "403", f"/{RUN_ID}/checkpoints/step-{step:08d}/")
+        env = job(MAX_STEPS="16", AWS_ENDPOINT_URL_S3=proxy.endpoint, HUB_MODEL_ID="alice/persona-adapter",
+                  HF_TOKEN="hf_alice_write")
+        env.pop("HF_HUB_OFFLINE")
+        result = run_job("train", env=hub.subprocess_env(hf_home=env["HF_HOME"], token=env["HF_TOKEN"], base=env))
+        assert [r.outcome for r in proxy.records if r.outcome != "forwarded"] == ["403", "403"]
+    assert result.returncode == 0, result.stderr
+    failed = result.events("upload_failed")
+    assert [e["step"] for e in failed] == [8, 12] and all("AccessDenied" in e["message"] for e in failed), failed
+    assert store.committed_steps() == [4, 16]
+    assert not store.checkpoint_keys(8) and not store.checkpoint_keys(12), "failed uploads leave nothing behind"
+    assert f"{RUN_ID}/final/MANIFEST.json" in store.keys()
+    assert len([c for c in hub.commits("alice/persona-adapter") if c["message"].startswith("persona-qlora run ")]) == 1
+    assert json.loads(store.read(f"{RUN_ID}/status.json"))["phase"] == "done"
+
+
+@pytest.mark.parametrize("s3_server", ["moto"], indirect=True)
+def test_an_outage_past_the_stall_limit_stops_the_job_with_one_line(s3_job, s3_store, s3_server, tmp_path):
+    # Every checkpoint upload is refused (AccessDenied after the probe passed): nothing durable is ever made, and the
+    # job stops once UPLOAD_STALL_SECONDS have passed since the first save, instead of training on for hours.
+    job, store = s3_job, s3_store
+    with FlakyProxy(s3_server.endpoint) as proxy:
+        proxy.fail_next(100_000, "403", f"/{RUN_ID}/checkpoints/")
+        result = run_job("train", env=job(MAX_STEPS="400", UPLOAD_STALL_SECONDS="3",
+                                          AWS_ENDPOINT_URL_S3=proxy.endpoint))
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert errors[0].startswith("error: no checkpoint committed since step 4 was saved, UPLOAD_STALL_SECONDS=3 ago")
+    assert "AccessDenied" in errors[0] and store.secret not in result.stderr
+    assert result.events("progress")[-1]["step"] < 400 and store.committed_steps() == []
+    assert f"{RUN_ID}/final/MANIFEST.json" not in store.keys()
+    status = json.loads(store.read(f"{RUN_ID}/status.json"))
+    assert status["phase"] == "failed" and status["error"] == errors[0][len("error: "):]

@@ -331,18 +331,48 @@ def test_waiting_for_an_upload_that_cannot_finish_gives_up_at_the_deadline(tmp_p
         uploader.submit(20, tmp_path, "fp")
 
 
-def test_a_failed_upload_is_reported_and_later_ones_still_commit(tmp_path):
+def test_a_failed_upload_is_reported_and_does_not_poison_the_later_ones(tmp_path):
     store = open_store(str(tmp_path / "s"))
-    committed = []
-    uploader = BackgroundUploader(RunStore(SpyStore(store, fail_on="step-00000020/"), RUN), committed.append)
-    for step in (10, 20, 30):
+    committed, failed = [], []
+    uploader = BackgroundUploader(RunStore(SpyStore(store, fail_on="step-00000020/"), RUN), committed.append,
+                                  on_failed=lambda step, e: failed.append(step))
+    for step in (10, 20):
         uploader.submit(step, write_checkpoint(tmp_path, step), "fp")
+    assert uploader.wait(timeout=30) is False, "the newest checkpoint submitted failed"
+    assert failed == [20] and uploader.last_committed() == 10
 
-    assert uploader.wait(timeout=30) is False, "not every submitted checkpoint was committed"
+    uploader.submit(30, write_checkpoint(tmp_path, 30), "fp")
+    assert uploader.wait(timeout=30) is True, "a later commit makes up for the failure"
     assert committed == [10, 30] and uploader.last_committed() == 30
     assert [str(e) for e in uploader.errors()] == [
         f"simulated crash while uploading {RUN}/checkpoints/step-00000020/adapter_model.safetensors"]
     uploader.close()
+
+
+def test_a_file_that_changed_since_it_was_written_is_not_committed(tmp_path):
+    from job.store.run_store import hash_file
+    store = open_store(str(tmp_path / "s"))
+    d = write_checkpoint(tmp_path, 10)
+    written = {p.relative_to(d).as_posix(): hash_file(p) for p in d.rglob("*") if p.is_file()}
+    (d / "optimizer.pt").write_bytes(b"half of it")   # what a later write left on the disk
+    with pytest.raises(CorruptCheckpoint, match="changed since it was written"):
+        RunStore(store, RUN).commit_checkpoint(10, d, "fp", written)
+    assert RunStore(store, RUN).committed_steps() == []
+
+
+@pytest.mark.parametrize("permanent, code", [(True, 2), (False, 1)])
+def test_a_stalled_store_ends_the_job_with_one_line_and_an_exit_code_by_its_last_failure(permanent, code, capsys):
+    # A store that refused for good (AccessDenied: a StoreError) fails the Job at once (exit 2); one that is down or
+    # failing may work again, so the orchestrator retries it (exit 1). test_resume runs the first end to end.
+    from job.cli import _outcome
+    from job.log import Reporter
+    from job.store.uploader import UploadStalled
+
+    def stalled():
+        raise UploadStalled("no checkpoint committed since step 4 was saved", permanent=permanent)
+
+    assert _outcome(Reporter("json"), stalled) == code
+    assert capsys.readouterr().err == "error: no checkpoint committed since step 4 was saved\n"
 
 
 def test_an_isolated_uploader_commits_from_its_own_process_and_outlives_a_sigterm(store, tmp_path):
@@ -358,7 +388,7 @@ def test_an_isolated_uploader_commits_from_its_own_process_and_outlives_a_sigter
     uploader.submit(10, write_checkpoint(tmp_path, 10), "fp")
     uploader.submit(20, tmp_path / "no-such-checkpoint", "fp")
     uploader.submit(30, write_checkpoint(tmp_path, 30), "fp")
-    assert uploader.wait(timeout=60) is False, "step 20 could not be committed"
+    assert uploader.wait(timeout=60) is True, "step 30, the newest, is committed though step 20 could not be"
     assert committed == [10, 30] and uploader.last_committed() == 30
     assert len(uploader.errors()) == 1 and "no-such-checkpoint" in str(uploader.errors()[0])
     run = RunStore(store, RUN)

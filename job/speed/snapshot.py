@@ -1,9 +1,17 @@
-"""A checkpoint's tensors copied to host memory and its files written off the training thread."""
+"""A checkpoint's tensors copied to host memory and its files written off the training thread, each through a
+temporary name, fsync and rename, hashed as it is written."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from ..store.local import fsync_folder, is_temporary, write_durably
+from ..store.run_store import hash_file
 
 
 def _write_when_ready(ready, write, snapshot, *args) -> None:
@@ -47,6 +55,10 @@ class HostSnapshot:
             ready = done.synchronize
         self._pending.append((slot, (_write_when_ready, ready, write, copied, *args)))
 
+    def discard(self) -> None:
+        """Drop the snapshots not yet submitted: their checkpoint failed before they were written."""
+        self._pending = []
+
     def submit(self) -> None:
         """Hand the snapshots taken so far to the writer thread, in order."""
         for slot, job in self._pending:
@@ -87,12 +99,65 @@ _TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.uint8: "|u1", torc
             torch.int64: "<i8"}
 
 
+def _fsync_and_hash(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a file another library wrote (the Trainer's state, the tokenizer), once it is on disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return hash_file(path)
+
+
+def _key(folder: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(folder))
+
+
 class CheckpointWriter:
-    """One thread that finishes checkpoint files off the training thread, in the order they were asked for."""
+    """One thread that finishes checkpoint files off the training thread, in the order they were asked for.
+
+    It keeps, per checkpoint folder, the (size, sha256) of each file as written, and the first write that failed:
+    `seal` turns a folder into the file list its commit may upload, or raises that failure."""
 
     def __init__(self):
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
         self._futures: list[concurrent.futures.Future] = []
+        self._lock = threading.Lock()
+        self._written: dict[Path, dict[str, tuple[int, str]]] = {}
+        self._failed: dict[Path, BaseException] = {}
+
+    def write(self, tree, path: str | os.PathLike, serialize: Callable[[object, object], None]) -> None:
+        """serialize(tree, f) into `path` through a temporary name, fsync and rename (write_durably), hashed as
+        written and remembered for its folder's seal; a failure is remembered too."""
+        path = Path(path)
+        try:
+            size, digest = write_durably(path, lambda f: serialize(tree, f))
+        except Exception as e:
+            self.failed(path.parent, e)
+            raise
+        with self._lock:
+            self._written.setdefault(_key(path.parent), {})[path.name] = (size, digest)
+
+    def failed(self, folder: str | os.PathLike, error: BaseException) -> None:
+        """A write into this checkpoint folder failed: its seal raises the first such error."""
+        with self._lock:
+            self._failed.setdefault(_key(folder), error)
+
+    def seal(self, folder: str | os.PathLike) -> dict[str, tuple[int, str]]:
+        """Every file of a finished checkpoint folder with its (size, sha256): the files written here as they were
+        written; the small ones the Trainer, peft and the tokenizer wrote on the training thread fsynced and hashed
+        now. Raises the first write into the folder that failed (OSError for a full disk)."""
+        folder = Path(folder)
+        with self._lock:
+            error = self._failed.pop(_key(folder), None)
+            written = self._written.pop(_key(folder), {})
+        if error is not None:
+            raise error
+        if not folder.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {folder} is missing")
+        files = {}
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not is_temporary(p.name)):
+            rel = path.relative_to(folder).as_posix()
+            files[rel] = written[rel] if rel in written else _fsync_and_hash(path)
+        fsync_folder(folder)   # the new files' names
+        return files
 
     def submit(self, fn, *args) -> concurrent.futures.Future:
         future = self._pool.submit(fn, *args)
@@ -103,6 +168,11 @@ class CheckpointWriter:
         """True once everything submitted has run without error; False on timeout or error."""
         _, pending = concurrent.futures.wait(self._futures, timeout)
         return not pending and not self.errors()
+
+    def idle(self, timeout: float | None) -> bool:
+        """True once everything submitted has run, failed or not; False on timeout."""
+        _, pending = concurrent.futures.wait(self._futures, timeout)
+        return not pending
 
     def errors(self) -> list[BaseException]:
         return [f.exception() for f in self._futures if f.done() and f.exception() is not None]

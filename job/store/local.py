@@ -1,6 +1,7 @@
 """A local directory (a mounted volume, or the CPU demo's folder) as the checkpoint store."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -11,6 +12,60 @@ from pathlib import Path
 from .blob import CheckpointStore, StoreError, check_key, check_prefix
 
 _TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
+
+
+def is_temporary(name: str) -> bool:
+    """A file name write_durably uses before the rename."""
+    return bool(_TMP_NAME.match(name))
+
+
+class _HashingFile:
+    """A file opened for writing that hashes the bytes as they pass: what was written, not what a later read of the
+    path finds."""
+
+    def __init__(self, f):
+        self._f, self._sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        written = self._f.write(view)
+        self._sha256.update(view[:written])
+        self.size += written
+        return written
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256.hexdigest()
+
+
+def write_durably(path: Path, fill: Callable[[object], None]) -> tuple[int, str]:
+    """Write `path` through a temporary name beside it: fill(f) writes the bytes, which are hashed as they pass;
+    fsync, rename, fsync the folder. (size, sha256) of exactly those bytes. A failure (a full disk) leaves no file."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            hashing = _HashingFile(f)
+            fill(hashing)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)   # the rename itself is durable only once the folder is synced
+    return hashing.size, hashing.sha256
+
+
+def fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class LocalStore(CheckpointStore):
@@ -33,22 +88,7 @@ class LocalStore(CheckpointStore):
     def _write(self, key: str, fill: Callable[[object], None]) -> None:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                fill(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        # The rename itself is durable only once the directory is synced; the manifest relies on it.
-        dir_fd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_durably(dest, fill)   # the manifest relies on the rename being durable
 
     def put_file(self, key: str, path: Path) -> None:
         with open(path, "rb") as src:
@@ -85,7 +125,7 @@ class LocalStore(CheckpointStore):
         for dirpath, _, filenames in os.walk(base):
             rel_dir = Path(dirpath).relative_to(self.root).as_posix()
             for name in filenames:
-                if _TMP_NAME.match(name):
+                if is_temporary(name):
                     continue
                 key = name if rel_dir == "." else f"{rel_dir}/{name}"
                 if key.startswith(prefix):

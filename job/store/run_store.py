@@ -130,8 +130,12 @@ class RunStore:
         self.store.delete([k for k in keys if k != manifest])
 
     def _commit(self, prefix: str, local_dir: Path, fingerprint: str, step: int | None,
-                files: Iterable[str] | None = None) -> str:
+                files: Iterable[str] | None = None, written: dict[str, tuple[int, str]] | None = None) -> str:
+        """`written`: the files to commit, each with its (size, sha256) as it was written; the manifest lists those,
+        and a file that no longer matches them is not committed."""
         local_dir = Path(local_dir)
+        if written is not None:
+            files = written
         if not local_dir.is_dir():
             raise NotADirectoryError(f"nothing to commit: {local_dir} is not a directory")
         if files is None:
@@ -152,6 +156,10 @@ class RunStore:
         entries = {}
         for path, rel in zip(files, rels):
             size, digest = hash_file(path)
+            if written is not None and (size, digest) != tuple(written[rel]):
+                raise CorruptCheckpoint(f"{path}: changed since it was written ({size} bytes, sha256 "
+                                        f"{digest[:12]}...; written: {written[rel][0]} bytes, "
+                                        f"{written[rel][1][:12]}...); not committed")
             entries[rel] = {"size": size, "sha256": digest}
             self.store.put_file(prefix + rel, path)
         self._put_manifest(prefix, {"step": step, "fingerprint": fingerprint, "created_at": _utc_now(),
@@ -195,9 +203,11 @@ class RunStore:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
-    def commit_checkpoint(self, step: int, local_dir: Path, fingerprint: str) -> str:
-        """Upload every file under local_dir, then MANIFEST.json. Returns the checkpoint's key prefix."""
-        return self._commit(self.checkpoint_prefix(step), local_dir, fingerprint, step)
+    def commit_checkpoint(self, step: int, local_dir: Path, fingerprint: str,
+                          written: dict[str, tuple[int, str]] | None = None) -> str:
+        """Upload every file under local_dir (only those in `written`, when given: see _commit), then
+        MANIFEST.json. Returns the checkpoint's key prefix."""
+        return self._commit(self.checkpoint_prefix(step), local_dir, fingerprint, step, written=written)
 
     def _checkpoint_dirs(self) -> dict[int, list[str]]:
         dirs: dict[int, list[str]] = {}

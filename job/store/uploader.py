@@ -16,6 +16,15 @@ from .run_store import RunStore
 
 log = logging.getLogger(__name__)
 
+class UploadStalled(Exception):
+    """No checkpoint committed for UPLOAD_STALL_SECONDS since a save: the job stops rather than train on with nothing
+    durable. `permanent`: the last failure is one a retry cannot fix (a StoreError: access denied, no bucket)."""
+
+    def __init__(self, message: str, permanent: bool):
+        super().__init__(message)
+        self.permanent = permanent
+
+
 class BackgroundUploader:
     """One worker thread that runs RunStore.commit_checkpoint jobs in order, so training goes on.
 
@@ -25,17 +34,19 @@ class BackgroundUploader:
     the store from its URI and ignores SIGTERM and SIGINT, so a stop signal sent to the whole process group cannot
     cut the last checkpoint's upload short; it ends when the uploader is closed, or with the job.
 
-    A submitted local_dir must stay unchanged until on_committed(step) has been called for it.
+    A submitted local_dir must stay unchanged until on_committed(step) or on_failed(step, error) has been called
+    for it. A failed upload is only reported: the next checkpoint submitted is tried as if nothing had happened.
     """
 
     def __init__(self, run_store: RunStore, on_committed: Callable[[int], None] | None = None,
-                 isolate: bool = False):
+                 isolate: bool = False, on_failed: Callable[[int, BaseException], None] | None = None):
         self._run_store = run_store
         self._on_committed = on_committed
+        self._on_failed = on_failed
         self._jobs: queue.Queue = queue.Queue()
         self._state = threading.Condition()
         self._pending = 0
-        self._failed = 0
+        self._newest: int | None = None   # the newest step submitted
         self._last: int | None = None
         self._errors: list[BaseException] = []
         self._closed = False
@@ -52,41 +63,59 @@ class BackgroundUploader:
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            step, local_dir, fingerprint = job
+            step, local_dir, fingerprint, written = job
             committed = False
             try:
                 if self._child:
-                    self._child.commit(step, local_dir, fingerprint)
+                    self._child.commit(step, local_dir, fingerprint, written)
                 else:
-                    self._run_store.commit_checkpoint(step, local_dir, fingerprint)
+                    self._run_store.commit_checkpoint(step, local_dir, fingerprint, written)
                 committed = True
                 with self._state:
                     self._last = step
                 if self._on_committed is not None:
                     self._on_committed(step)
             except Exception as e:
-                log.error("checkpoint step %d: %s: %s", step,
-                          "upload failed" if not committed else "on_committed failed", e)
                 with self._state:
                     self._errors.append(e)
+                if committed or self._on_failed is None:
+                    log.error("checkpoint step %d: %s: %s", step,
+                              "upload failed" if not committed else "on_committed failed", e)
+                else:
+                    self._report_failure(step, e)
             finally:
                 with self._state:
                     self._pending -= 1
-                    self._failed += not committed
                     self._state.notify_all()
 
-    def submit(self, step: int, local_dir: Path, fingerprint: str) -> None:
+    def _report_failure(self, step: int, error: Exception) -> None:
+        try:
+            self._on_failed(step, error)
+        except Exception as e:  # noqa: BLE001 - the worker must go on to the next checkpoint
+            log.error("checkpoint step %d: upload failed: %s; on_failed failed: %s", step, error, e)
+
+    def submit(self, step: int, local_dir: Path, fingerprint: str,
+               written: dict[str, tuple[int, str]] | None = None) -> None:
+        """`written`: each file's (size, sha256) as it was written (CheckpointWriter.seal), which the manifest
+        lists; None: as hashed now."""
         with self._state:
             if self._closed:
                 raise RuntimeError("BackgroundUploader is closed")
             self._pending += 1
-        self._jobs.put((step, Path(local_dir), fingerprint))
+            self._newest = step
+        self._jobs.put((step, Path(local_dir), fingerprint, written))
 
     def wait(self, timeout: float | None = None) -> bool:
-        """True once every submitted job has committed; False on timeout or if any job failed."""
+        """True once every submitted job has ended and the newest submitted one has committed; False on timeout or
+        if that one failed (an earlier failure, overtaken by a later commit, no longer counts)."""
         with self._state:
             done = self._state.wait_for(lambda: self._pending == 0, timeout)
-            return done and self._failed == 0
+            return done and self._last == self._newest
+
+    def idle(self, timeout: float | None = None) -> bool:
+        """True once every submitted job has ended, committed or failed; False on timeout."""
+        with self._state:
+            return self._state.wait_for(lambda: self._pending == 0, timeout)
 
     def last_committed(self) -> int | None:
         with self._state:
@@ -136,9 +165,10 @@ class _CommitProcess:
         # waits for them; so an upload the job gave up waiting for is ended here first.
         atexit.register(self._end)
 
-    def commit(self, step: int, local_dir: Path, fingerprint: str) -> None:
+    def commit(self, step: int, local_dir: Path, fingerprint: str,
+               written: dict[str, tuple[int, str]] | None = None) -> None:
         try:
-            self._conn.send((step, str(local_dir), fingerprint))
+            self._conn.send((step, str(local_dir), fingerprint, written))
             error = self._conn.recv()
         except (EOFError, OSError) as e:
             raise StoreError(f"checkpoint step {step}: the upload process ended "
@@ -176,9 +206,9 @@ def _commit_worker(conn, uri: str, run_id: str, parent: int) -> None:
             return
         if job is None:
             return
-        step, local_dir, fingerprint = job
+        step, local_dir, fingerprint, written = job
         try:
-            run_store.commit_checkpoint(step, Path(local_dir), fingerprint)
+            run_store.commit_checkpoint(step, Path(local_dir), fingerprint, written)
             conn.send(None)
         except Exception as e:  # noqa: BLE001 - every failure goes back to the parent, which records it
             conn.send(_portable(e))

@@ -7,8 +7,8 @@
 
 Both run as subprocesses so that a job under test, itself a subprocess, reaches them exactly as it would reach
 MinIO or AWS: through AWS_ENDPOINT_URL_S3. Each server's secret key is a marker that a test can look for in logs
-and files. ``FlakyProxy`` sits in front of either and misbehaves on request (503 SlowDown, 500, connection reset)
-to prove retries over the wire; it records each request's headers.
+and files. ``FlakyProxy`` sits in front of either and misbehaves on request (403 AccessDenied, 503 SlowDown, 500,
+connection reset) to prove retries and outages over the wire; it records each request's headers.
 
 Fixtures (tests/conftest.py imports them for every module): ``moto_server`` and ``seaweedfs_server``, one each per
 test session (per xdist worker), and ``s3_server``, parametrized over both, so that a test using it runs once
@@ -251,6 +251,7 @@ def s3_server(request):
 
 
 _ERRORS = {
+    "403": (403, "AccessDenied", "Access Denied"),   # a policy that refuses the request: not retried
     "503": (503, "SlowDown", "Please reduce your request rate."),
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
 }
@@ -260,7 +261,7 @@ _ERRORS = {
 class ProxyRecord:
     method: str
     path: str
-    outcome: str  # "forwarded", "503", "500" or "reset"
+    outcome: str  # "forwarded", "403", "503", "500" or "reset"
     headers: dict[str, str] = field(default_factory=dict)  # as the client sent them, names in lower case
 
 
@@ -268,7 +269,7 @@ class ProxyRecord:
 class FlakyProxy:
     """A threaded HTTP reverse proxy in front of ``upstream`` that fails on request.
 
-    ``fail_next(n, "503" | "500" | "reset")`` makes the next n requests fail that way (with ``path_part``: the next
+    ``fail_next(n, "403" | "503" | "500" | "reset")`` makes the next n requests fail that way (with ``path_part``: the next
     n whose path contains it); ``records`` lists every request with its outcome and headers. Use as a context
     manager or call ``close()``.
     """
