@@ -73,13 +73,18 @@ def train() -> None:
 
 
 def _outcome(reporter, command: Callable[[], ExitCode | None]) -> ExitCode:
-    """The exit code of a command: 2 for bad input (one `error:` line per problem), 75 when a signal stopped it."""
+    """The exit code of a command: 2 for bad input (one `error:` line per problem), 75 when a signal stopped it, 73
+    when another live process holds the run's lease."""
     from .run import Stopped
+    from .store.lease import LeaseHeld
     try:
         return command() or ExitCode.DONE
     except BadInput as exc:
         reporter.error(str(exc))
         return ExitCode.BAD_INPUT
+    except LeaseHeld as exc:
+        reporter.error(str(exc))
+        return ExitCode.LEASE_HELD
     except Stopped as exc:
         reporter.event("stopped", str(exc))
         return ExitCode.STOPPED

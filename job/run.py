@@ -22,6 +22,7 @@ from .distributed import Topology, barrier, init_process_group, launch, pin_gpu
 from .log import Reporter
 from .status import Phase, StatusWriter
 from .store import StoreError, open_store
+from .store.lease import Lease, LeaseHeld, LeaseLost
 from .store.run_store import RunStore
 
 
@@ -63,15 +64,22 @@ class Run:
         self.splits: Splits | None = None
         self.model_shape = None
         self.committer = None   # set up with the callbacks
+        self.lease: Lease | None = None   # rank 0's hold on the run: the one writer (job/store/lease.py)
 
     # ---------------------------------------------------------------- the whole run
 
     def main(self) -> None:
-        """The job: continue this RUN_ID's run from the phase its status.json shows. Raises BadInput (exit 2)
-        or Stopped (exit 75)."""
+        """The job: continue this RUN_ID's run from the phase its status.json shows. Raises BadInput (exit 2),
+        Stopped (exit 75) or LeaseHeld (exit 73). The run's lease is given up however it ends."""
         self.stop.install()
         pin_gpu(self.topology)
-        self.check()
+        try:
+            self.check()
+            self._continue()
+        finally:
+            self.let_go()
+
+    def _continue(self) -> None:
         status = self.store.read_status() or {}
         if status.get("phase") == Phase.DONE:
             self.reporter.event("done", "this run is already done; nothing to do", run_id=self.config.resolved_run_id,
@@ -99,17 +107,21 @@ class Run:
         except StoreError as exc:
             raise BadInput(str(exc)) from None
         self.store = RunStore(store, self.config.resolved_run_id)
-        if self.config.hub_model_id:
-            from .hub import HubAccessError, check_hub_access
-            try:
-                check_hub_access(self.config)
-            except HubAccessError as exc:
-                raise BadInput(str(exc)) from None
-        if not self.store.final_committed():
-            raise BadInput(f"RUN_ID={self.config.resolved_run_id!r} has no committed final adapter in "
-                           f"{self.config.checkpoint_uri}; run `train` first")
-        self.store.download_final(self.out)
-        self.publish()
+        try:
+            self.hold()
+            if self.config.hub_model_id:
+                from .hub import HubAccessError, check_hub_access
+                try:
+                    check_hub_access(self.config)
+                except HubAccessError as exc:
+                    raise BadInput(str(exc)) from None
+            if not self.store.final_committed():
+                raise BadInput(f"RUN_ID={self.config.resolved_run_id!r} has no committed final adapter in "
+                               f"{self.config.checkpoint_uri}; run `train` first")
+            self.store.download_final(self.out)
+            self.publish()
+        finally:
+            self.let_go()
 
     # ---------------------------------------------------------------- check
 
@@ -123,9 +135,30 @@ class Run:
         self.device, self.store, self.splits, self.model_shape = \
             found.device, found.run_store, found.splits, found.model_shape
         if self.topology.is_main:
+            self.hold()
             self._same_run()
         self.reporter.event("preflight", "checks passed", device=self.device, run_id=self.config.resolved_run_id,
                             train_rows=len(self.splits.train), eval_rows=len(self.splits.eval))
+
+    def hold(self) -> None:
+        """Take the run's lease (rank 0): one writer per run. Waits up to LEASE_TTL_SECONDS for a live holder, then
+        raises LeaseHeld; once held, it is renewed in the background and checked before every commit, delete and
+        publish, and losing it ends this process at once (exit 73) with nothing more committed."""
+        reporter = self.reporter
+        self.lease = Lease(self.store.store, self.config.resolved_run_id, self.config.lease_ttl_seconds)
+        self.lease.acquire(say=lambda message: reporter.event("lease", message))
+        self.lease.on_lost = self._lost
+        self.store.hold(self.lease)
+        self.lease.keep_renewed(lambda message: reporter.event("lease", message))
+        reporter.event("lease", "holding the run's lease", generation=self.lease.ticket.generation)
+
+    def _lost(self, lost: LeaseLost) -> None:
+        self.reporter.error(str(lost))
+        os._exit(ExitCode.LEASE_HELD)   # from whichever thread found out: nothing after this may reach the store
+
+    def let_go(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
     def _same_run(self) -> None:
         """A restart must train the same thing, or it would mix two runs' checkpoints."""
@@ -396,6 +429,7 @@ class Run:
                 raise BadInput(refusal)
         if config.hub_model_id:
             from .hub import publish
+            store.check_lease()
             status = {**status, "phase": Phase.PUBLISHING}
             store.write_status(status)
             url = publish(config, self.reporter, self.out)

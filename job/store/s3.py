@@ -221,6 +221,39 @@ class S3Store(CheckpointStore):
         k = self._key(key)
         self._call(f"put {key}", lambda: self._client.put_object(Bucket=self.bucket, Key=k, Body=data))
 
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        k = self._key(key)
+
+        def get():
+            try:
+                reply = self._client.get_object(Bucket=self.bucket, Key=k)
+            except botocore.exceptions.ClientError as e:
+                if _error_code(e)[0] == "NoSuchKey":
+                    return None
+                raise
+            return reply["Body"].read(), reply["ETag"]
+
+        return self._call(f"get {key}", get)
+
+    def put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        k = self._key(key)
+        condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+
+        def put():
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=k, Body=data, **condition)
+                return True
+            except botocore.exceptions.ClientError as e:
+                code, status = _error_code(e)
+                # 412: not as last seen. 409 ConditionalRequestConflict: a concurrent conditional write won (AWS).
+                # NoSuchKey: If-Match on an object that is gone (moto).
+                if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                    return False
+                raise
+
+        # A retried write whose first try landed reads as False; the lease compares what it finds (lease.py).
+        return self._call(f"conditional put {key}", put)
+
     def get_file(self, key: str, path: Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
