@@ -151,6 +151,9 @@ class Run:
         self.store.hold(self.lease)
         self.lease.keep_renewed(lambda message: reporter.event("lease", message))
         reporter.event("lease", "holding the run's lease", generation=self.lease.ticket.generation)
+        aborted = self.store.abort_stale_uploads()
+        if aborted:
+            reporter.event("checkpoint", f"aborted {aborted} unfinished multipart upload(s) of an earlier attempt")
 
     def _lost(self, lost: LeaseLost) -> None:
         self.reporter.error(str(lost))

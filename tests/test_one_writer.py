@@ -195,3 +195,45 @@ def test_a_frozen_holder_that_wakes_after_a_takeover_commits_nothing_and_exits_7
     assert not [e for e in stale.events[woke:] if e["event"] == "checkpoint"], "the stale writer committed"
     assert every_committed_checkpoint_verifies(shared_run.store, tmp_path)[-1] == 12
     assert_bit_identical(load_file(tmp_path / "b" / "adapter_model.safetensors"), uninterrupted)
+
+
+# ---------------------------------------------------------------- multipart uploads left by a kill
+
+UPLOAD_ONE_BIG_FILE = """
+import sys
+from pathlib import Path
+from job.store.s3 import S3Store
+store = S3Store(sys.argv[1], multipart_threshold=5 << 20)   # S3's smallest part
+store.put_file(sys.argv[2], Path(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize("s3_server", ["moto"], indirect=True)
+def test_a_multipart_upload_killed_midway_is_aborted_by_the_next_start(shared_run, s3_server, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from fakes.s3 import FlakyProxy
+
+    store = shared_run.store
+    big = tmp_path / "optimizer.pt"
+    big.write_bytes(os.urandom(12 << 20))                    # three parts of 5 MiB
+    key = f"{RUN_ID}/checkpoints/step-00000004/optimizer.pt"
+    with FlakyProxy(s3_server.endpoint) as proxy:
+        second_part = proxy.hold("partNumber=2")
+        env = {**shared_run(tmp_path / "a"), "AWS_ENDPOINT_URL_S3": proxy.endpoint}
+        upload = subprocess.Popen([sys.executable, "-c", UPLOAD_ONE_BIG_FILE, store.uri, key, str(big)], env=env,
+                                  cwd=ROOT)
+        assert second_part.wait(60), "the upload never reached its second part"
+        upload.kill()                                        # the pod dies mid-upload
+        upload.wait()
+        proxy.release()
+    pending = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.prefix).get("Uploads", [])
+    assert [u["Key"] for u in pending] == [store.prefix + key]
+
+    result = run_job("train", env=shared_run(tmp_path / "b", MAX_STEPS="2", SAVE_STEPS="2"))
+    assert result.returncode == 0, result.stderr
+    assert "aborted 1 unfinished multipart upload(s) of an earlier attempt" in \
+        [e["message"] for e in result.events("checkpoint")]
+    assert store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.prefix).get("Uploads", []) == []

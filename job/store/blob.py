@@ -61,6 +61,11 @@ class CheckpointStore(abc.ABC):
     def delete(self, keys: Iterable[str]) -> None:
         """Absent keys are fine."""
 
+    def abort_uploads(self, prefix: str) -> int:
+        """Abort the unfinished multipart uploads under prefix (S3 keeps, and bills, the parts of an upload killed
+        midway); how many. A local store has none."""
+        return 0
+
     # Conditional writes, for the run's lease (job/store/lease.py).
 
     def get_tagged(self, key: str) -> tuple[bytes, str] | None:

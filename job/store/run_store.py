@@ -277,6 +277,12 @@ class RunStore:
                 deleted.append(prefix)
         return deleted
 
+    def abort_stale_uploads(self) -> int:
+        """At start, under the lease: abort this run's multipart uploads that a killed writer left unfinished
+        (the bucket's AbortIncompleteMultipartUpload lifecycle rule is the backstop, docs/DEPLOY.md)."""
+        self.check_lease()
+        return self.store.abort_uploads(self._root)
+
     def commit_final(self, local_dir: Path, fingerprint: str, files: Iterable[str] | None = None) -> None:
         """Commit the finished adapter under final/: every file under local_dir, or only `files`
         (paths relative to local_dir) when OUTPUT_DIR also holds scratch."""
