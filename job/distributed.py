@@ -96,6 +96,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_rank_0(value):
+    """Rank 0's value (anything picklable) on every rank: one decision, taken once, for all."""
+    if not _initialized():
+        return value
+    import torch.distributed as dist
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any rank: a signal to one worker stops them all at one step."""
     if not _initialized():

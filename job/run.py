@@ -18,12 +18,12 @@ import torch
 from .checks import report, run_checks
 from .config import BadInput, Config, ExitCode
 from .data import Splits, encode_rows
-from .distributed import Topology, barrier, init_process_group, launch, pin_gpu
+from .distributed import Topology, barrier, from_rank_0, init_process_group, launch, pin_gpu
 from .log import Reporter
 from .status import Phase, StatusWriter
 from .store import StoreError, open_store
 from .store.lease import Lease, LeaseHeld, LeaseLost
-from .store.run_store import RunStore
+from .store.run_store import CorruptCheckpoint, RunStore
 
 
 class Stopped(Exception):
@@ -89,6 +89,7 @@ class Run:
             if not self.topology.is_main:
                 return
             self.reporter.event("final", "final adapter already committed; skipping training")
+            self._written_by_this_run(None)
             self.store.download_final(self.out)
         else:
             self.setup()
@@ -182,6 +183,16 @@ class Run:
             raise BadInput(f"RUN_ID={config.resolved_run_id!r} was started with other settings: {'; '.join(changes)}. "
                            f"Restore them, or use a new RUN_ID for a new run")
 
+    def _written_by_this_run(self, step: int | None) -> None:
+        """A checkpoint (None: final/) resumed or published must carry this run's settings fingerprint; one written
+        under other settings (run.json replaced, or a store shared by mistake) is refused, never mixed in."""
+        wanted, found = self.config.fingerprint(), self.store.fingerprint_of(step)
+        if found != wanted:
+            what = "final/" if step is None else f"checkpoint step {step}"
+            raise BadInput(f"RUN_ID={self.config.resolved_run_id!r}: {what} in {self.config.checkpoint_uri} was "
+                           f"written with settings fingerprint {found}, not this run's {wanted}; it belongs to another "
+                           f"run. Use another RUN_ID, or delete that run's folder")
+
     # ---------------------------------------------------------------- setup
 
     def setup(self) -> None:
@@ -245,22 +256,30 @@ class Run:
         return train, held_out
 
     def resume_point(self) -> tuple[int, Path] | None:
-        """The newest verified checkpoint, downloaded once per node (by its local rank 0) for all its ranks."""
-        topology = self.topology
-        choice = self.work / "resume" / "chosen.json"
-        if topology.local_rank == 0:
-            choice.unlink(missing_ok=True)
-            found = self.store.latest_verified_checkpoint(self.work / "resume",
-                                                          log=lambda m: self.reporter.event("resume", m))
-            if topology.is_worker:
-                choice.parent.mkdir(parents=True, exist_ok=True)
-                choice.write_text(json.dumps([found[0], str(found[1])] if found else None))
-        if topology.is_worker:
-            init_process_group()
-            barrier()
-            chosen = json.loads(choice.read_text())
-            found = (chosen[0], Path(chosen[1])) if chosen else None
-        return found
+        """The newest verified checkpoint, chosen by global rank 0 alone and broadcast: every node resumes from exactly
+        that step. Each node's local rank 0 downloads it for its ranks; a node that cannot fails the run (a retry
+        starts over) rather than fall back to another step than the others."""
+        topology, where = self.topology, self.work / "resume"
+        found = None
+        if topology.is_main:
+            found = self.store.latest_verified_checkpoint(where, log=lambda m: self.reporter.event("resume", m))
+            if found:
+                self._written_by_this_run(found[0])
+        if not topology.is_worker:
+            return found
+        init_process_group()
+        step = from_rank_0(found[0] if found else None)
+        if step is None:
+            return None
+        dest = where / f"step-{step:08d}"
+        if topology.local_rank == 0 and not topology.is_main:
+            try:
+                self.store.download_checkpoint(step, dest)
+            except (CorruptCheckpoint, FileNotFoundError) as exc:
+                raise RuntimeError(f"rank {topology.rank}: cannot download checkpoint step {step}, which rank 0 "
+                                   f"resumes from ({exc}); failing rather than resuming from another step") from None
+        barrier()   # the node's other ranks read what its local rank 0 downloaded
+        return step, dest
 
     def speed_plan(self):
         """The levers for this device, sized by the base model's shape and the run's length."""

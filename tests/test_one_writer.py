@@ -237,3 +237,27 @@ def test_a_multipart_upload_killed_midway_is_aborted_by_the_next_start(shared_ru
     assert "aborted 1 unfinished multipart upload(s) of an earlier attempt" in \
         [e["message"] for e in result.events("checkpoint")]
     assert store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.prefix).get("Uploads", []) == []
+
+
+# ---------------------------------------------------------------- integrity
+
+
+def test_a_checkpoint_written_under_other_settings_is_refused_not_resumed(cpu_job, tmp_path):
+    env = cpu_job(RUN_ID=RUN_ID, MAX_STEPS="12", SAVE_STEPS="2")
+    first = Running(env, tmp_path / "first.log")
+    first.until(committed(4))
+    first.proc.send_signal(signal.SIGKILL)
+    first.finish()
+    manifests = sorted((tmp_path / "store" / RUN_ID / "checkpoints").glob("*/MANIFEST.json"))
+    newest = manifests[-1]
+    manifest = json.loads(newest.read_text())
+    ours = manifest["fingerprint"]
+    newest.write_text(json.dumps({**manifest, "fingerprint": "0123456789ab"}))   # another run's checkpoint
+
+    restart = run_job("train", env=env)
+    assert restart.returncode == 2, restart.stderr
+    lines = restart.stderr.strip().splitlines()
+    step = int(newest.parent.name[5:])
+    assert len(lines) == 1 and f"checkpoint step {step} in {tmp_path / 'store'} was written with settings " \
+        f"fingerprint 0123456789ab, not this run's {ours}; it belongs to another run" in lines[0], lines
+    assert not restart.events("progress"), "nothing was trained on top of it"

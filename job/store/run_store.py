@@ -237,6 +237,11 @@ class RunStore:
             and self._manifest(self.checkpoint_prefix(step), step) is not None
         )
 
+    def fingerprint_of(self, step: int | None) -> str | None:
+        """The settings fingerprint a committed checkpoint (or, for None, final/) was written with."""
+        manifest = self._manifest(self._final if step is None else self.checkpoint_prefix(step), step)
+        return manifest["fingerprint"] if manifest else None
+
     def download_checkpoint(self, step: int, dest: Path) -> Path:
         """Download every file the manifest lists and verify it; only verified files land in dest."""
         return self._download(self.checkpoint_prefix(step), step, dest)
