@@ -136,8 +136,10 @@ class Run:
         self.device, self.store, self.splits, self.model_shape = \
             found.device, found.run_store, found.splits, found.model_shape
         if self.topology.is_main:
+            first = self._same_run()   # read only: a refused restart touches nothing, not even the lease
             self.hold()
-            self._same_run()
+            if first and self._same_run():   # again under the lease: the holder it waited for may have written it
+                self.store.write_run(first)
         self.reporter.event("preflight", "checks passed", device=self.device, run_id=self.config.resolved_run_id,
                             train_rows=len(self.splits.train), eval_rows=len(self.splits.eval))
 
@@ -164,15 +166,15 @@ class Run:
         if self.lease is not None:
             self.lease.release()
 
-    def _same_run(self) -> None:
-        """A restart must train the same thing, or it would mix two runs' checkpoints."""
+    def _same_run(self) -> dict | None:
+        """A restart must train the same thing, or it would mix two runs' checkpoints. Returns run.json's record
+        for the first start, to be written once the run is held."""
         config, data_fp = self.config, self.splits.fingerprint()
         wanted = {"settings": config.result_settings(), "data_fingerprint": data_fp,
                   "fingerprint": config.fingerprint()}
         found = self.store.read_run()
         if found is None:
-            self.store.write_run({**wanted, "run_id": config.resolved_run_id, "created_at": time.time()})
-            return
+            return {**wanted, "run_id": config.resolved_run_id, "created_at": time.time()}
         differ = [k for k in sorted(set(wanted["settings"]) | set(found.get("settings", {})))
                   if wanted["settings"].get(k) != found.get("settings", {}).get(k)]
         changes = [f"{k} (stored {found.get('settings', {}).get(k)!r}, now {wanted['settings'].get(k)!r})"
@@ -182,6 +184,7 @@ class Run:
         if changes:
             raise BadInput(f"RUN_ID={config.resolved_run_id!r} was started with other settings: {'; '.join(changes)}. "
                            f"Restore them, or use a new RUN_ID for a new run")
+        return None
 
     def _written_by_this_run(self, step: int | None) -> None:
         """A checkpoint (None: final/) resumed or published must carry this run's settings fingerprint; one written
