@@ -26,7 +26,7 @@ demo: install
 	REQUIRE_GPU=false BASE_MODEL=output/tiny-llama DATASET=data/persona_sample.jsonl \
 	OPTIM=adamw_torch LORA_TARGET_MODULES=all-linear LEARNING_RATE=1e-2 MAX_STEPS=40 SAVE_STEPS=20 \
 	LOGGING_STEPS=5 EVAL_STEPS=20 NUM_SAMPLES=200 RUN_ID=cpu-demo \
-	CHECKPOINT_URI=output/demo-checkpoints OUTPUT_DIR=output/demo $(BIN)/python -m job train
+	CHECKPOINT_URI=./output/demo-checkpoints OUTPUT_DIR=output/demo $(BIN)/python -m job train
 
 clean:
 	rm -rf output checkpoints

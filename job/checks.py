@@ -22,7 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from .config import FIELDS, BadInput, Config, is_local_model
+from .config import FIELDS, BadInput, Config, is_local_model, local_store_path
 from .data import Splits
 from .distributed import BatchSplitError, Topology, split_batch
 from .hub import HubAccessError, check_read_access, describe_failure, with_retries
@@ -289,7 +289,7 @@ def check_disk(f: Found) -> str:
              ("HF_HOME", cache, sum(f.downloads.values()),
               f"{' and '.join(v for v, size in f.downloads.items() if size)} to download into {cache}")]
     if not config.checkpoint_uri.startswith("s3://"):
-        needs.append(("CHECKPOINT_URI", Path(config.checkpoint_uri).expanduser().resolve(),
+        needs.append(("CHECKPOINT_URI", Path(local_store_path(config.checkpoint_uri)).expanduser().resolve(),
                       (config.save_total_limit + 2) * checkpoint, f"SAVE_TOTAL_LIMIT={config.save_total_limit} "
                       f"committed checkpoints, one in flight and one kept to resume from"))
     disks: dict[int, list[tuple[str, Path, int, str]]] = {}

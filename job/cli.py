@@ -76,10 +76,12 @@ def train() -> None:
 def _outcome(config: Config, reporter, command: Callable[[], ExitCode | None],
              phase: Callable[[], str]) -> ExitCode:
     """The exit code of a command: 2 for bad input (one `error:` line per problem), 75 when a signal stopped it; a
-    stalled checkpoint store is one line too, and 2 when the store refuses for good (UPLOAD_STALL_SECONDS).
+    stalled checkpoint store is one line too, and 2 when the store refuses for good (UPLOAD_STALL_SECONDS); 73
+    when another live process holds the run's lease.
     The one handler of everything else that escapes: one line naming the phase (`phase()`) and the error, secrets
     masked, exit 1; the traceback only at LOG_LEVEL=debug."""
     from .run import Stopped
+    from .store.lease import LeaseHeld
     from .store.uploader import UploadStalled
     try:
         return command() or ExitCode.DONE
@@ -89,6 +91,9 @@ def _outcome(config: Config, reporter, command: Callable[[], ExitCode | None],
     except UploadStalled as exc:
         reporter.error(str(exc))
         return ExitCode.BAD_INPUT if exc.permanent else ExitCode.FAILED
+    except LeaseHeld as exc:
+        reporter.error(str(exc))
+        return ExitCode.LEASE_HELD
     except Stopped as exc:
         reporter.event("stopped", str(exc))
         return ExitCode.STOPPED

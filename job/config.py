@@ -41,6 +41,7 @@ class ExitCode(enum.IntEnum):
     FAILED = 1       # anything else
     BAD_INPUT = 2    # bad configuration or input: a retry cannot fix it
     STOPPED = 75     # stopped by a signal after committing a checkpoint: retry to resume
+    LEASE_HELD = 73  # another live process writes this run (its lease), or took it over from this one
 
 
 class ConfigError(ValueError):
@@ -128,6 +129,59 @@ def _branch(v: str) -> str | None:
            or any(ch in v for ch in " ~^:?*[\\") or any(ord(ch) < 32 or ord(ch) == 127 for ch in v))
     return "must be a git branch name, e.g. main (no spaces, '..', '~^:?*[\\', control characters; " \
            "not starting with '-', '.' or '/')" if bad else None
+
+
+CHECKPOINT_URI_FORMS = "s3://bucket/prefix, an absolute path, ./path or file:///path"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_USER_INFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:/*)[^/@]*@")
+
+
+def checkpoint_uri_problem(uri: str) -> str | None:
+    """What is wrong with a CHECKPOINT_URI, or None. Strict, because a mistyped S3 URI used to become a folder in
+    the container, lost with it while the logs looked healthy. The text never repeats credentials."""
+    accepted = f"use {CHECKPOINT_URI_FORMS}"
+    if _USER_INFO.match(uri):
+        return ("holds credentials (user:password@); they are refused and not shown. Remove them and set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead")
+    if not uri.strip():
+        return f"is empty; {accepted}"
+    scheme = (_SCHEME.match(uri)[1] if _SCHEME.match(uri) else "").lower()
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[5:].partition("/")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{2,254}", bucket):
+            return f"has no valid bucket name after s3:// (letters, digits, '.', '-', '_'); {accepted}"
+        if prefix.strip("/") and any(p in ("", ".", "..") for p in prefix.strip("/").split("/")):
+            return f"has empty, '.' or '..' parts in its key prefix; {accepted}"
+        return None
+    if uri.startswith("file://"):
+        return None if uri[7:].startswith("/") else f"a file:// URI needs an absolute path (file:///path); {accepted}"
+    if scheme == "s3":
+        rest = re.sub(r"^[A-Za-z0-9]+:?/*", "", uri)
+        return f"is not a valid S3 URI; did you mean s3://{rest}? ({accepted})"
+    if re.match(r"^s3/+", uri):
+        return f"is not a valid S3 URI; did you mean s3://{uri.lstrip('s3').lstrip('/')}? ({accepted})"
+    if scheme in ("gs", "gcs"):
+        return ("Google Cloud Storage is reached through its S3-interoperable API: set CHECKPOINT_URI=s3://bucket/prefix, "
+                "AWS_ENDPOINT_URL_S3=https://storage.googleapis.com and HMAC keys as AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY")
+    if scheme and uri[len(scheme) + 1:].startswith("/"):
+        return f"the scheme '{scheme}:' is not supported; {accepted}"
+    if uri.startswith(("/", "./", "../", "~/")) or uri in (".", ".."):
+        return None
+    return (f"is neither an S3 URI nor an explicit local path; for S3 write s3://{uri.strip('/')}, for a local "
+            f"directory ./{uri}")
+
+
+def without_credentials(text: str) -> str:
+    """A URI with any user:password@ replaced by ***@, for messages."""
+    return _USER_INFO.sub(rf"\1{SECRET_MARK}@", text)
+
+
+def local_store_path(uri: str) -> str | None:
+    """The directory a valid local CHECKPOINT_URI names; None for S3."""
+    if uri.startswith("s3://"):
+        return None
+    return uri[7:] if uri.startswith("file://") else uri
 
 
 def _port(v: int) -> str | None:
@@ -222,7 +276,8 @@ class Config:
                               affects_result=False)
     run_id: str = setting("", "name under which checkpoints are stored; empty = derived from the settings",
                           check=_run_id, affects_result=False)
-    checkpoint_uri: str = setting("./checkpoints", "s3://bucket/prefix or a local path", affects_result=False)
+    checkpoint_uri: str = setting("./checkpoints", f"where the run's checkpoints live: {CHECKPOINT_URI_FORMS}",
+                                  check=checkpoint_uri_problem, affects_result=False)
     allow_pod_local_checkpoints: bool = setting(False, "in a Kubernetes pod, accept a local CHECKPOINT_URI on the "
                                                 "pod's own disk (root filesystem, emptyDir, tmpfs), which is lost "
                                                 "with the pod", affects_result=False)
@@ -234,6 +289,9 @@ class Config:
     upload_stall_seconds: float = setting(1200.0, "stop when no checkpoint has been committed for this long since a "
                                           "save (a store refusing or down): exit 1, or 2 when the store refuses for "
                                           "good (e.g. AccessDenied)", check=_positive, affects_result=False)
+    lease_ttl_seconds: float = setting(60.0, "one writer per run: its lease on the run lasts this long unless renewed "
+                                       "(every third of it); a new start waits this long for a live holder, then "
+                                       "exits 73", check=_at_least(2), affects_result=False)
     # --- publishing ---
     hub_model_id: str = setting("", "Hub repo 'user/name' to push the adapter to; empty = no push", check=_hub_id,
                                 affects_result=False)
@@ -335,7 +393,7 @@ def _parse(name: str, raw: str, f: dataclasses.Field) -> tuple[Any, str | None]:
 
 
 def _shown(f: dataclasses.Field, raw: str) -> str:
-    return SECRET_MARK if f.metadata["secret"] else repr(raw)
+    return SECRET_MARK if f.metadata["secret"] else repr(without_credentials(raw))
 
 
 def from_env(environ: Mapping[str, str]) -> Config:

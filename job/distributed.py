@@ -96,6 +96,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_rank_0(value):
+    """Rank 0's value (anything picklable) on every rank: one decision, taken once, for all."""
+    if not _initialized():
+        return value
+    import torch.distributed as dist
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any rank: a signal to one worker stops them all at one step."""
     if not _initialized():
@@ -111,7 +121,7 @@ def any_rank(flag: bool) -> bool:
 def launch(config: Config) -> ExitCode:
     """Start `python -m job train` once per GPU under torchrun (PyTorch's own elastic launcher), once the
     preflight checks passed here (job/cli.py), and turn the workers' fate into the job's exit code: 2 if any got
-    bad input, 75 if stopped by a signal, else 0 or 1."""
+    bad input, 73 if another process holds the run, 75 if stopped by a signal, else 0 or 1."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -133,6 +143,8 @@ def launch(config: Config) -> ExitCode:
         codes = {failure.exitcode for failure in exc.failures.values()}
         if ExitCode.BAD_INPUT in codes:
             return ExitCode.BAD_INPUT
+        if ExitCode.LEASE_HELD in codes:
+            return ExitCode.LEASE_HELD
         if codes <= {ExitCode.STOPPED, -signal.SIGTERM, -signal.SIGINT}:
             return ExitCode.STOPPED
         return ExitCode.FAILED

@@ -67,7 +67,8 @@ def local_checkpoints_problem(checkpoint_uri: str, allowed: bool, environ: Mappi
         table = mounts(mountinfo)
     except OSError:   # no /proc: nothing to judge by
         return None
-    path = Path(os.path.abspath(os.path.expanduser(checkpoint_uri)))
+    from .config import local_store_path
+    path = Path(os.path.abspath(os.path.expanduser(local_store_path(checkpoint_uri))))
     why = pod_disk(mount_of(path, table))
     if why is None:
         return None

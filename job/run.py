@@ -19,11 +19,12 @@ import torch
 from .checks import report, run_checks
 from .config import BadInput, Config, ExitCode
 from .data import Splits, encode_rows
-from .distributed import Topology, barrier, init_process_group, launch, pin_gpu
+from .distributed import Topology, barrier, from_rank_0, init_process_group, launch, pin_gpu
 from .log import Reporter
 from .status import Phase, StatusWriter
 from .store import StoreError, open_store
-from .store.run_store import RunStore
+from .store.lease import Lease, LeaseHeld, LeaseLost
+from .store.run_store import CorruptCheckpoint, RunStore
 from .store.uploader import UploadStalled
 
 
@@ -76,15 +77,22 @@ class Run:
         self.model_shape = None
         self.committer = None   # set up with the callbacks
         self.cache = None       # the compile cache of this run's compiled layers (job/speed/compile_cache.py)
+        self.lease: Lease | None = None   # rank 0's hold on the run: the one writer (job/store/lease.py)
 
     # ---------------------------------------------------------------- the whole run
 
     def main(self) -> None:
-        """The job: continue this RUN_ID's run from the phase its status.json shows. Raises BadInput (exit 2)
-        or Stopped (exit 75)."""
+        """The job: continue this RUN_ID's run from the phase its status.json shows. Raises BadInput (exit 2),
+        Stopped (exit 75) or LeaseHeld (exit 73). The run's lease is given up however it ends."""
         self.stop.install()
         pin_gpu(self.topology)
-        self.check()
+        try:
+            self.check()
+            self._continue()
+        finally:
+            self.let_go()
+
+    def _continue(self) -> None:
         status = self.store.read_status() or {}
         if status.get("phase") == Phase.DONE:
             self.reporter.event("done", "this run is already done; nothing to do", run_id=self.config.resolved_run_id,
@@ -94,6 +102,7 @@ class Run:
             if not self.topology.is_main:
                 return
             self.reporter.event("final", "final adapter already committed; skipping training")
+            self._written_by_this_run(None)
             self.store.download_final(self.out)
         else:
             self.setup()
@@ -113,17 +122,21 @@ class Run:
         except StoreError as exc:
             raise BadInput(str(exc)) from None
         self.store = RunStore(store, self.config.resolved_run_id)
-        if self.config.hub_model_id:
-            from .hub import HubAccessError, check_hub_access
-            try:
-                check_hub_access(self.config)
-            except HubAccessError as exc:
-                raise BadInput(str(exc)) from None
-        if not self.store.final_committed():
-            raise BadInput(f"RUN_ID={self.config.resolved_run_id!r} has no committed final adapter in "
-                           f"{self.config.checkpoint_uri}; run `train` first")
-        self.store.download_final(self.out)
-        self.publish()
+        try:
+            self.hold()
+            if self.config.hub_model_id:
+                from .hub import HubAccessError, check_hub_access
+                try:
+                    check_hub_access(self.config)
+                except HubAccessError as exc:
+                    raise BadInput(str(exc)) from None
+            if not self.store.final_committed():
+                raise BadInput(f"RUN_ID={self.config.resolved_run_id!r} has no committed final adapter in "
+                               f"{self.config.checkpoint_uri}; run `train` first")
+            self.store.download_final(self.out)
+            self.publish()
+        finally:
+            self.let_go()
 
     # ---------------------------------------------------------------- check
 
@@ -138,19 +151,45 @@ class Run:
         self.device, self.store, self.splits, self.model_shape = \
             found.device, found.run_store, found.splits, found.model_shape
         if self.topology.is_main:
-            self._same_run(found.run_record)
+            first = self._same_run(found.run_record)   # read only: a refused restart touches nothing, not even the lease
+            self.hold()
+            if first and self._same_run(self.store.read_run()):   # again under the lease: the holder it waited for may have written it
+                self.store.write_run(first)
         self.reporter.event("preflight", "checks passed", device=self.device, run_id=self.config.resolved_run_id,
                             train_rows=len(self.splits.train), eval_rows=len(self.splits.eval))
 
-    def _same_run(self, found: dict | None) -> None:
-        """A restart must train the same thing, or it would mix two runs' checkpoints. `found`: the run.json that
-        preflight read, if any."""
+    def hold(self) -> None:
+        """Take the run's lease (rank 0): one writer per run. Waits up to LEASE_TTL_SECONDS for a live holder, then
+        raises LeaseHeld; once held, it is renewed in the background and checked before every commit, delete and
+        publish, and losing it ends this process at once (exit 73) with nothing more committed."""
+        reporter = self.reporter
+        self.lease = Lease(self.store.store, self.config.resolved_run_id, self.config.lease_ttl_seconds)
+        self.lease.acquire(say=lambda message: reporter.event("lease", message))
+        self.lease.on_lost = self._lost
+        self.store.hold(self.lease)
+        self.lease.keep_renewed(lambda message: reporter.event("lease", message))
+        reporter.event("lease", "holding the run's lease", generation=self.lease.ticket.generation)
+        aborted = self.store.abort_stale_uploads()
+        if aborted:
+            reporter.event("checkpoint", f"aborted {aborted} unfinished multipart upload(s) of an earlier attempt")
+
+    def _lost(self, lost: LeaseLost) -> None:
+        self.reporter.error(str(lost))
+        os._exit(ExitCode.LEASE_HELD)   # from whichever thread found out: nothing after this may reach the store
+
+    def let_go(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+
+    def _same_run(self, found: dict | None) -> dict | None:
+        """A restart must train the same thing, or it would mix two runs' checkpoints. `found`: the stored run.json,
+        if any (preflight's read, then a read under the lease). Returns run.json's record for the first start, to be
+        written once the run is held."""
         config, data_fp = self.config, self.splits.fingerprint()
         wanted = {"settings": config.result_settings(), "data_fingerprint": data_fp,
                   "fingerprint": config.fingerprint()}
         if found is None:
-            self.store.write_run({**wanted, "run_id": config.resolved_run_id, "created_at": time.time()})
-            return
+            return {**wanted, "run_id": config.resolved_run_id, "created_at": time.time()}
         differ = [k for k in sorted(set(wanted["settings"]) | set(found.get("settings", {})))
                   if wanted["settings"].get(k) != found.get("settings", {}).get(k)]
         changes = [f"{k} (stored {found.get('settings', {}).get(k)!r}, now {wanted['settings'].get(k)!r})"
@@ -160,6 +199,17 @@ class Run:
         if changes:
             raise BadInput(f"RUN_ID={config.resolved_run_id!r} was started with other settings: {'; '.join(changes)}. "
                            f"Restore them, or use a new RUN_ID for a new run")
+        return None
+
+    def _written_by_this_run(self, step: int | None) -> None:
+        """A checkpoint (None: final/) resumed or published must carry this run's settings fingerprint; one written
+        under other settings (run.json replaced, or a store shared by mistake) is refused, never mixed in."""
+        wanted, found = self.config.fingerprint(), self.store.fingerprint_of(step)
+        if found != wanted:
+            what = "final/" if step is None else f"checkpoint step {step}"
+            raise BadInput(f"RUN_ID={self.config.resolved_run_id!r}: {what} in {self.config.checkpoint_uri} was "
+                           f"written with settings fingerprint {found}, not this run's {wanted}; it belongs to another "
+                           f"run. Use another RUN_ID, or delete that run's folder")
 
     # ---------------------------------------------------------------- setup
 
@@ -233,22 +283,30 @@ class Run:
         return train, held_out
 
     def resume_point(self) -> tuple[int, Path] | None:
-        """The newest verified checkpoint, downloaded once per node (by its local rank 0) for all its ranks."""
-        topology = self.topology
-        choice = self.work / "resume" / "chosen.json"
-        if topology.local_rank == 0:
-            choice.unlink(missing_ok=True)
-            found = self.store.latest_verified_checkpoint(self.work / "resume",
-                                                          log=lambda m: self.reporter.event("resume", m))
-            if topology.is_worker:
-                choice.parent.mkdir(parents=True, exist_ok=True)
-                choice.write_text(json.dumps([found[0], str(found[1])] if found else None))
-        if topology.is_worker:
-            init_process_group()
-            barrier()
-            chosen = json.loads(choice.read_text())
-            found = (chosen[0], Path(chosen[1])) if chosen else None
-        return found
+        """The newest verified checkpoint, chosen by global rank 0 alone and broadcast: every node resumes from exactly
+        that step. Each node's local rank 0 downloads it for its ranks; a node that cannot fails the run (a retry
+        starts over) rather than fall back to another step than the others."""
+        topology, where = self.topology, self.work / "resume"
+        found = None
+        if topology.is_main:
+            found = self.store.latest_verified_checkpoint(where, log=lambda m: self.reporter.event("resume", m))
+            if found:
+                self._written_by_this_run(found[0])
+        if not topology.is_worker:
+            return found
+        init_process_group()
+        step = from_rank_0(found[0] if found else None)
+        if step is None:
+            return None
+        dest = where / f"step-{step:08d}"
+        if topology.local_rank == 0 and not topology.is_main:
+            try:
+                self.store.download_checkpoint(step, dest)
+            except (CorruptCheckpoint, FileNotFoundError) as exc:
+                raise RuntimeError(f"rank {topology.rank}: cannot download checkpoint step {step}, which rank 0 "
+                                   f"resumes from ({exc}); failing rather than resuming from another step") from None
+        barrier()   # the node's other ranks read what its local rank 0 downloaded
+        return step, dest
 
     def compile_cache(self):
         """This run's compile cache in its store (None off a GPU, or where the store cannot be read)."""
@@ -440,6 +498,7 @@ class Run:
                 raise BadInput(refusal)
         if config.hub_model_id:
             from .hub import publish
+            store.check_lease()
             status = {**status, "phase": Phase.PUBLISHING}
             store.write_status(status)
             url = publish(config, self.reporter, self.out)

@@ -166,3 +166,33 @@ def test_a_setting_added_later_leaves_the_runs_before_it_alone_while_at_its_defa
     assert later().fingerprint() == Config().fingerprint() and "NEW_KNOB" not in later().result_settings()
     assert later(new_knob=1).fingerprint() != Config().fingerprint()
     assert later(new_knob=1).result_settings()["NEW_KNOB"] == 1
+
+
+@pytest.mark.parametrize("uri, says", [
+    ("s3:/bucket/x", "is not a valid S3 URI; did you mean s3://bucket/x?"),
+    ("s3//bucket", "is not a valid S3 URI; did you mean s3://bucket?"),
+    ("bucket/prefix", "is neither an S3 URI nor an explicit local path; for S3 write s3://bucket/prefix, for a "
+                      "local directory ./bucket/prefix"),
+    ("S3://bucket/x", "did you mean s3://bucket/x?"),
+    ("gs://bucket/x", "S3-interoperable API: set CHECKPOINT_URI=s3://bucket/prefix, "
+                      "AWS_ENDPOINT_URL_S3=https://storage.googleapis.com"),
+    ("s3://trainer:pw-SECRET-42@bucket/x", "CHECKPOINT_URI='s3://***@bucket/x': holds credentials"),
+    ("file://relative/x", "a file:// URI needs an absolute path"),
+])
+def test_a_malformed_checkpoint_uri_stops_train_with_one_line_and_exit_2_before_loading(tmp_path, uri, says):
+    # Each of these used to open a folder inside the container (lost with it) or echo the password.
+    env = job_env(BASE_MODEL=str(tmp_path / "no-model"), REQUIRE_GPU="false", CHECKPOINT_URI=uri,
+                  OUTPUT_DIR=str(tmp_path / "out"))
+    before = set(ROOT.iterdir())
+    result = run_job("train", env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: CHECKPOINT_URI=") and says in lines[0], lines
+    assert "pw-SECRET-42" not in result.stdout + result.stderr and "trainer" not in lines[0]
+    assert set(ROOT.iterdir()) == before, "no local folder may be made of a mistyped URI"
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket", "s3://bucket/runs/", "/abs/path", "./checkpoints", "../up",
+                                 "file:///abs/path", "~/checkpoints"])
+def test_the_accepted_checkpoint_uris(uri):
+    assert from_env({"CHECKPOINT_URI": uri}).checkpoint_uri == uri

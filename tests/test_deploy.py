@@ -578,6 +578,10 @@ def test_bad_input_fails_the_job_at_once_and_a_stop_or_disruption_costs_no_retry
     assert _pod_failure_action(job, ExitCode.BAD_INPUT, ("DisruptionTarget",)) == "Ignore"
     assert _pod_failure_action(job, 1) == "Count"
     assert _pod_failure_action(job, 137) == "Count"  # OOM-killed: a real failure
+    # Another live writer: retried with back-off, and named in a rule of its own so that the choice is visible.
+    assert _pod_failure_action(job, ExitCode.LEASE_HELD) == "Count"
+    assert any(ExitCode.LEASE_HELD in rule.get("onExitCodes", {}).get("values", [])
+               for rule in job["spec"]["podFailurePolicy"]["rules"])
     spec = job["spec"]
     assert spec["template"]["spec"]["restartPolicy"] == "Never", "podFailurePolicy requires it"
     assert spec["podReplacementPolicy"] == "Failed"

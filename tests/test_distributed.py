@@ -167,3 +167,45 @@ def test_a_run_resumes_on_another_gpu_count_at_the_same_data_position(ddp_job, c
     assert sum(spread) / len(spread) > 2e-2, "the losses must tell batches apart for this check to mean anything"
     final = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert final.keys() and all(torch.isfinite(t).all() for t in final.values())
+
+
+def test_every_node_resumes_from_the_step_rank_0_chose_or_the_run_fails(ddp_job, moto_server, tmp_path):
+    # Two nodes of one process each, one bucket. At the restart node 1 reads the newest checkpoint through a proxy
+    # that corrupts it: node 1 must fail the run, not resume from an older step than node 0 (which diverges).
+    from fakes.s3 import FlakyProxy
+    from test_resume import RUN_ID, s3_bucket_store
+
+    store = s3_bucket_store(moto_server)
+
+    def node(rank: int, port: str, **extra: str) -> dict[str, str]:
+        return ddp_job(**{"RUN_ID": RUN_ID, "CHECKPOINT_URI": store.uri, **store.env, "NNODES": "2",
+                          "NODE_RANK": str(rank), "MASTER_PORT": port, "OUTPUT_DIR": str(tmp_path / f"node{rank}"),
+                          "MAX_STEPS": "16", "SAVE_STEPS": "4", "LEASE_TTL_SECONDS": "3", **extra})
+
+    port = free_port()
+    first = [Running(node(rank, port), tmp_path / f"first-{rank}.log") for rank in (0, 1)]
+    first[0].until(committed(8))
+    first[0].proc.send_signal(signal.SIGTERM)
+    assert [run.finish() for run in first] == [75, 75]
+    newest = store.committed_steps()[-1]
+    assert newest >= 8
+
+    port = free_port()
+    with FlakyProxy(moto_server.endpoint) as proxy:
+        proxy.fail_next(100, "corrupt", f"/checkpoints/step-{newest:08d}/adapter_model.safetensors")
+        broken = [Running(node(0, port), tmp_path / "broken-0.log"),
+                  Running(node(1, port, AWS_ENDPOINT_URL_S3=proxy.endpoint), tmp_path / "broken-1.log")]
+        codes = [run.finish() for run in broken]
+    assert codes[1] not in (0, 75) and codes[0] != 0, codes
+    said = (tmp_path / "broken-1.log").read_text()
+    assert f"cannot download checkpoint step {newest}, which rank 0 resumes from" in said, said[-3000:]
+    assert "failing rather than resuming from another step" in said
+    assert not [e for run in broken for e in run.events if e["event"] == "progress"], "nobody trained"
+
+    port = free_port()
+    healed = [Running(node(rank, port), tmp_path / f"healed-{rank}.log") for rank in (0, 1)]
+    assert [run.finish() for run in healed] == [0, 0]
+    assert healed[0].events[[e["event"] for e in healed[0].events].index("resume")]["message"] == \
+        f"resuming from committed checkpoint step {newest}"
+    assert [p.name for p in (tmp_path / "node1" / "work" / "resume").iterdir()] == [f"step-{newest:08d}"]
+    assert min(logged_losses(healed[0].events)) == newest + 1

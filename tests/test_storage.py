@@ -411,12 +411,12 @@ def test_probe_passes_on_a_working_store_and_leaves_nothing_behind(store):
     assert store.list("_probe/") == []
 
 
-@pytest.mark.parametrize("uri", ["gs://bucket/ckpt", "http://minio:9000/bucket", "hf://user/repo"])
+@pytest.mark.parametrize("uri", ["http://minio:9000/bucket", "hf://user/repo", "relative/ckpt"])
 def test_an_unsupported_uri_is_refused_naming_the_accepted_forms(uri):
     with pytest.raises(StoreError) as caught:
         open_store(uri)
     text = one_clean_line(caught.value)
-    assert uri in text and "s3://bucket/prefix" in text and "local directory" in text
+    assert uri in text and "s3://" in text and "./" in text
 
 
 def test_a_local_path_that_cannot_be_a_directory_is_refused(tmp_path):

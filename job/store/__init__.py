@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import os
-import re
 import urllib.parse
 
-from .blob import ACCEPTED_FORMS, CheckpointStore, StoreError
+from ..config import checkpoint_uri_problem, local_store_path, without_credentials
+from .blob import CheckpointStore, StoreError
 from .local import LocalStore
 from .run_store import RunStore
 from .s3 import S3Store
@@ -22,19 +22,15 @@ __all__ = ["CheckpointStore", "StoreError", "open_store", "read_status"]
 
 
 def open_store(uri: str, *, look: bool = False) -> CheckpointStore:
-    """'s3://bucket/prefix' gives an S3Store; a path gives a LocalStore (created if missing). `look`: for a quick
-    look rather than a job, one try per request, so a wrong or dead endpoint answers in seconds, not minutes."""
+    """'s3://bucket/prefix' gives an S3Store; an absolute or ./ path, or file:///path, a LocalStore (created if
+    missing); anything else is refused (config.checkpoint_uri_problem). `look`: for a quick look rather than a job,
+    one try per request, so a wrong or dead endpoint answers in seconds, not minutes."""
+    problem = checkpoint_uri_problem(uri)
+    if problem:
+        raise StoreError(f"CHECKPOINT_URI {without_credentials(uri)}: {problem}")
     if uri.startswith("s3://"):
         return S3Store(uri, max_attempts=2, object_attempts=1) if look else S3Store(uri)
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", uri):
-        scheme = uri.split("://", 1)[0]
-        raise StoreError(
-            f"CHECKPOINT_URI {uri}: the scheme '{scheme}://' is not supported. "
-            f"Use {ACCEPTED_FORMS}."
-        )
-    if not uri:
-        raise StoreError(f"CHECKPOINT_URI is empty. Use {ACCEPTED_FORMS}.")
-    return LocalStore(uri)
+    return LocalStore(local_store_path(uri))
 
 
 def read_status(uri: str, run_id: str) -> tuple[dict | None, list[int]]:
@@ -42,7 +38,8 @@ def read_status(uri: str, run_id: str) -> tuple[dict | None, list[int]]:
     StoreError (one line, no credentials) when the store can't be read."""
     import botocore.exceptions
 
-    if "://" not in uri and not os.path.isdir(os.path.expanduser(uri)):
+    local = local_store_path(uri)
+    if local is not None and not checkpoint_uri_problem(uri) and not os.path.isdir(os.path.expanduser(local)):
         return None, []   # a look must not create the store directory, as opening a LocalStore would
     try:
         run_store = RunStore(open_store(uri, look=True), run_id)

@@ -61,6 +61,22 @@ class CheckpointStore(abc.ABC):
     def delete(self, keys: Iterable[str]) -> None:
         """Absent keys are fine."""
 
+    def abort_uploads(self, prefix: str) -> int:
+        """Abort the unfinished multipart uploads under prefix (S3 keeps, and bills, the parts of an upload killed
+        midway); how many. A local store has none."""
+        return 0
+
+    # Conditional writes, for the run's lease (job/store/lease.py).
+
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """The object and a tag that changes with every write (S3: its ETag); None if the key is absent."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
+
+    def put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Write only if the object is still as last seen: absent when tag is None (S3: If-None-Match: *), else
+        carrying that tag (If-Match). False when it is not: another writer got there first."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
+
     def probe(self) -> None:
         """Write, read back and delete a small object; StoreError on any permanent problem."""
         key = f"_probe/{uuid.uuid4().hex}"

@@ -1,6 +1,7 @@
 """A local directory (a mounted volume, or the CPU demo's folder) as the checkpoint store."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from .blob import CheckpointStore, StoreError, check_key, check_prefix
 
-_TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
+_TMP_NAME = re.compile(r"^\..+\.([0-9a-f]{32}\.tmp|lock)$")   # a write in flight, or a conditional write's lock
 
 
 def is_temporary(name: str) -> bool:
@@ -96,6 +97,29 @@ class LocalStore(CheckpointStore):
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, lambda f: f.write(data))
+
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        data = self.get_bytes(key)
+        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+    def put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        # S3 compares and writes in one request; here an flock on a lock file beside the object makes the
+        # read-compare-write one step for every process on this machine (and on NFS v4, which maps flock to locks).
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest.parent / f".{dest.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            now = self.get_tagged(key)
+            if (now and now[1]) != tag:
+                return False
+            if tag is None:   # an exclusive create: two creators cannot both succeed
+                with open(dest, "xb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            else:
+                self.put_bytes(key, data)
+            return True
 
     def get_file(self, key: str, path: Path) -> None:
         path = Path(path)

@@ -3,7 +3,8 @@
 and sha256.
 
 Every change this module makes to a run's checkpoints goes through two methods: `_put_manifest` (the commit) and
-`_delete_prefix` (retention, leftovers, a replaced commit). A writer's lease, checked before each, belongs there.
+`_delete_prefix` (retention, leftovers, a replaced commit). Each first renews the writer's lease (lease.py), if the
+RunStore holds one, so that a process that lost the run commits and deletes nothing.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .blob import CheckpointStore, StoreError, check_key
+from .lease import Lease, LeaseLost
 
 MANIFEST = "MANIFEST.json"
 
@@ -88,6 +90,22 @@ class RunStore:
         self._root = f"{run_id}/"
         self._checkpoints = f"{run_id}/checkpoints/"
         self._final = f"{run_id}/final/"
+        self.lease: Lease | None = None
+
+    def hold(self, lease: Lease) -> None:
+        """From now on every commit and delete first checks (renews) this lease."""
+        self.lease = lease
+
+    def check_lease(self) -> None:
+        """Raises LeaseLost (after telling lease.on_lost) if this process no longer holds the run."""
+        if self.lease is None:
+            return
+        try:
+            self.lease.renew()
+        except LeaseLost as lost:
+            if self.lease.on_lost:
+                self.lease.on_lost(lost)
+            raise
 
     def checkpoint_prefix(self, step: int) -> str:
         return f"{self._checkpoints}step-{step:08d}/"
@@ -123,6 +141,8 @@ class RunStore:
 
     def _delete_prefix(self, prefix: str) -> None:
         keys = self.store.list(prefix)
+        if keys:
+            self.check_lease()
         manifest = prefix + MANIFEST
         if manifest in keys:
             # The manifest goes first: a checkpoint deleted halfway must not look committed.
@@ -150,6 +170,7 @@ class RunStore:
             raise ValueError(f"nothing to commit: {local_dir} holds no files")
         if MANIFEST in rels:
             raise ValueError(f"{local_dir} already holds a {MANIFEST}; the store writes its own")
+        self.check_lease()   # before a byte is uploaded: a stale writer must not touch another holder's files
         # Committing a step again (after its first copy proved corrupt) replaces it; it must not
         # look committed while its files are being replaced.
         self._delete_prefix(prefix)
@@ -168,6 +189,7 @@ class RunStore:
 
     def _put_manifest(self, prefix: str, manifest: dict) -> None:
         """The commit itself: from here on the files under prefix are a checkpoint (or final/)."""
+        self.check_lease()
         self.store.put_bytes(prefix + MANIFEST, _json_bytes(manifest))
 
     def _manifest(self, prefix: str, step: int | None) -> dict | None:
@@ -225,6 +247,11 @@ class RunStore:
             and self._manifest(self.checkpoint_prefix(step), step) is not None
         )
 
+    def fingerprint_of(self, step: int | None) -> str | None:
+        """The settings fingerprint a committed checkpoint (or, for None, final/) was written with."""
+        manifest = self._manifest(self._final if step is None else self.checkpoint_prefix(step), step)
+        return manifest["fingerprint"] if manifest else None
+
     def download_checkpoint(self, step: int, dest: Path) -> Path:
         """Download every file the manifest lists and verify it; only verified files land in dest."""
         return self._download(self.checkpoint_prefix(step), step, dest)
@@ -264,6 +291,12 @@ class RunStore:
                 self._delete_prefix(prefix)
                 deleted.append(prefix)
         return deleted
+
+    def abort_stale_uploads(self) -> int:
+        """At start, under the lease: abort this run's multipart uploads that a killed writer left unfinished
+        (the bucket's AbortIncompleteMultipartUpload lifecycle rule is the backstop, docs/DEPLOY.md)."""
+        self.check_lease()
+        return self.store.abort_uploads(self._root)
 
     def commit_final(self, local_dir: Path, fingerprint: str, files: Iterable[str] | None = None) -> None:
         """Commit the finished adapter under final/: every file under local_dir, or only `files`

@@ -91,7 +91,8 @@ class S3Store(CheckpointStore):
     variables, including AWS_ENDPOINT_URL_S3 and AWS_ENDPOINT_URL, which botocore reads itself).
     """
 
-    def __init__(self, uri: str, *, max_attempts: int = 10, object_attempts: int = 4, backoff_s: float = 1.0):
+    def __init__(self, uri: str, *, max_attempts: int = 10, object_attempts: int = 4, backoff_s: float = 1.0,
+                 multipart_threshold: int = 64 << 20):
         parts = urllib.parse.urlsplit(uri)
         self.bucket = parts.netloc
         prefix = parts.path.strip("/")
@@ -137,7 +138,7 @@ class S3Store(CheckpointStore):
             raise StoreError(f"CHECKPOINT_URI {self.uri}: cannot set up the S3 client "
                              f"({type(e).__name__}). Check the AWS_* settings.") from e
         self._transfer = boto3.s3.transfer.TransferConfig(
-            multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=8
+            multipart_threshold=multipart_threshold, multipart_chunksize=multipart_threshold, max_concurrency=8
         )
 
     def _key(self, key: str) -> str:
@@ -221,6 +222,39 @@ class S3Store(CheckpointStore):
         k = self._key(key)
         self._call(f"put {key}", lambda: self._client.put_object(Bucket=self.bucket, Key=k, Body=data))
 
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        k = self._key(key)
+
+        def get():
+            try:
+                reply = self._client.get_object(Bucket=self.bucket, Key=k)
+            except botocore.exceptions.ClientError as e:
+                if _error_code(e)[0] == "NoSuchKey":
+                    return None
+                raise
+            return reply["Body"].read(), reply["ETag"]
+
+        return self._call(f"get {key}", get)
+
+    def put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        k = self._key(key)
+        condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+
+        def put():
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=k, Body=data, **condition)
+                return True
+            except botocore.exceptions.ClientError as e:
+                code, status = _error_code(e)
+                # 412: not as last seen. 409 ConditionalRequestConflict: a concurrent conditional write won (AWS).
+                # NoSuchKey: If-Match on an object that is gone (moto).
+                if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                    return False
+                raise
+
+        # A retried write whose first try landed reads as False; the lease compares what it finds (lease.py).
+        return self._call(f"conditional put {key}", put)
+
     def get_file(self, key: str, path: Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -281,6 +315,25 @@ class S3Store(CheckpointStore):
                     )
 
             self._call(f"delete {len(batch)} objects", delete_batch)
+
+    def abort_uploads(self, prefix: str) -> int:
+        full = self._base + check_prefix(prefix)
+
+        def abort_all() -> int:
+            aborted = 0
+            for page in self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                     Prefix=full):
+                for upload in page.get("Uploads", []):
+                    try:
+                        self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                            UploadId=upload["UploadId"])
+                        aborted += 1
+                    except botocore.exceptions.ClientError as e:
+                        if _error_code(e)[0] != "NoSuchUpload":   # gone meanwhile: fine
+                            raise
+            return aborted
+
+        return self._call(f"abort unfinished uploads under {prefix}", abort_all)
 
     def probe(self) -> None:
         key = f"_probe/{uuid.uuid4().hex}"

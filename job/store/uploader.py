@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import open_store
 from .blob import StoreError
+from .lease import Lease, LeaseLost
 from .run_store import RunStore
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,10 @@ class _CommitProcess:
 
         context = multiprocessing.get_context("spawn")
         self._conn, child_end = context.Pipe()
+        self._run_store = run_store
+        ticket = run_store.lease.ticket if run_store.lease else None   # the child commits under the same lease
         self._process = context.Process(target=_commit_worker, name="checkpoint-upload", daemon=True,
-                                        args=(child_end, run_store.store.uri, run_store.run_id, os.getpid()))
+                                        args=(child_end, run_store.store.uri, run_store.run_id, os.getpid(), ticket))
         # Blocked here, the stop signals stay blocked in the child from its first instruction (the mask survives
         # fork and exec) until it ignores them; this thread gets any that came meanwhile once unblocked. The
         # resource tracker, which spawning starts the first time, is started first: starting it unblocks them.
@@ -174,6 +177,9 @@ class _CommitProcess:
             raise StoreError(f"checkpoint step {step}: the upload process ended "
                              f"(exit code {self._process.exitcode})") from e
         if error is not None:
+            lease = self._run_store.lease
+            if isinstance(error, LeaseLost) and lease is not None and lease.on_lost:
+                lease.on_lost(error)   # the job stops here, as it would had this process found the loss itself
             raise error
 
     def close(self) -> None:
@@ -193,12 +199,14 @@ class _CommitProcess:
             self._process.join(5)
 
 
-def _commit_worker(conn, uri: str, run_id: str, parent: int) -> None:
+def _commit_worker(conn, uri: str, run_id: str, parent: int, ticket=None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the parent decides when uploads end (BackgroundUploader)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     _die_with(parent)
     run_store = RunStore(open_store(uri), run_id)
+    if ticket is not None:
+        run_store.hold(Lease.join(run_store.store, ticket))
     while True:
         try:
             job = conn.recv()

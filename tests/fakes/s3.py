@@ -261,7 +261,7 @@ _ERRORS = {
 class ProxyRecord:
     method: str
     path: str
-    outcome: str  # "forwarded", "403", "503", "500" or "reset"
+    outcome: str  # "forwarded", "403", "503", "500", "reset" or "corrupt" (forwarded with one byte of the body flipped)
     headers: dict[str, str] = field(default_factory=dict)  # as the client sent them, names in lower case
 
 
@@ -269,7 +269,7 @@ class ProxyRecord:
 class FlakyProxy:
     """A threaded HTTP reverse proxy in front of ``upstream`` that fails on request.
 
-    ``fail_next(n, "403" | "503" | "500" | "reset")`` makes the next n requests fail that way (with ``path_part``: the next
+    ``fail_next(n, "403" | "503" | "500" | "reset" | "corrupt")`` makes the next n requests fail that way (with ``path_part``: the next
     n whose path contains it); ``records`` lists every request with its outcome and headers. Use as a context
     manager or call ``close()``.
     """
@@ -314,8 +314,8 @@ class FlakyProxy:
         return bool(matches)
 
     def fail_next(self, n: int, how: str = "503", path_part: str | None = None) -> None:
-        if how not in (*_ERRORS, "reset"):
-            raise ValueError(f"how must be one of {[*_ERRORS, 'reset']}, got {how!r}")
+        if how not in (*_ERRORS, "reset", "corrupt"):
+            raise ValueError(f"how must be one of {[*_ERRORS, 'reset', 'corrupt']}, got {how!r}")
         with self._lock:
             self._faults.extend([(how, path_part)] * n)
 
@@ -389,6 +389,8 @@ def _handler_for(proxy: FlakyProxy):
                 conn.request(self.command, self.path, body=body, headers=headers)
                 reply = conn.getresponse()
                 data = reply.read()
+                if how == "corrupt" and data:   # the bytes a bad NIC, disk or cache would hand over
+                    data = data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) + data[len(data) // 2 + 1:]
                 self.send_response(reply.status, reply.reason)
                 for k, v in reply.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
