@@ -37,6 +37,8 @@ CPU_SETTINGS = {
     "EVAL_GENERATIONS": "4",
     "EVAL_MAX_NEW_TOKENS": "8",
     "LOG_FORMAT": "json",
+    # A run SIGKILLed by a test leaves its lease behind; the restart waits this long for it to expire (60 s by default).
+    "LEASE_TTL_SECONDS": "4",
 }
 
 

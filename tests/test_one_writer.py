@@ -245,7 +245,7 @@ def test_a_multipart_upload_killed_midway_is_aborted_by_the_next_start(shared_ru
 def test_a_checkpoint_written_under_other_settings_is_refused_not_resumed(cpu_job, tmp_path):
     env = cpu_job(RUN_ID=RUN_ID, MAX_STEPS="12", SAVE_STEPS="2")
     first = Running(env, tmp_path / "first.log")
-    first.until(committed(4))
+    first.until(committed(2))
     first.proc.send_signal(signal.SIGKILL)
     first.finish()
     manifests = sorted((tmp_path / "store" / RUN_ID / "checkpoints").glob("*/MANIFEST.json"))

@@ -11,9 +11,11 @@ another process has taken the run over: a stale writer (a pod that was frozen, o
 TTL) then stops without committing anything. The check and the write that follows it are two requests: a writer
 frozen for a TTL exactly between them could still land that one write, which no S3 API can rule out.
 
-A newcomer waits up to LEASE_TTL for a live lease: it takes it over once it is released, expired by its own
+A newcomer waits up to LEASE_TTL_SECONDS for a live lease: it takes it over once it is released, expired by its own
 clock, or unchanged (not renewed) for a whole TTL by the newcomer's clock, which is immune to skewed clocks. A
-holder that renews meanwhile is alive: the newcomer gives up with LeaseHeld (exit 73).
+holder that renews meanwhile is alive: the newcomer gives up with LeaseHeld (exit 73). A newcomer whose clock runs
+ahead of the holder's by more than two thirds of the TTL could take a live lease too early; the holder then finds
+it lost at its next renewal and stops, so the run stays with one writer.
 """
 from __future__ import annotations
 
