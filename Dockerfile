@@ -11,10 +11,12 @@
 # bitsandbytes 0.50.2 from PyPI already carries CUDA 13 kernels: its wheel ships
 # bitsandbytes/libbitsandbytes_cuda130.so (and _cuda132.so), picked by torch.version.cuda == "13.0".
 # That library needs libcudart.so.13, libcublas.so.13 and libcublasLt.so.13 and has the RUNPATH
-# /usr/local/cuda-13.0/targets/x86_64-linux/lib, which is where the -runtime image keeps them. torch's own
-# wheels bring the same libraries (nvidia-cuda-runtime, nvidia-cublas) and load them at `import torch`, which
-# comes first; bench/toolchain_check.sh checks on a GPU whether bitsandbytes then runs without the -runtime
-# copy (docs/IMAGE.md has the sizes). Not -cudnn-runtime: torch's wheel brings its own cuDNN as a pip package.
+# /usr/local/cuda-13.0/targets/x86_64-linux/lib, where a -runtime image would keep them. torch's own wheels
+# bring the same libraries (nvidia-cuda-runtime, nvidia-cublas) and load them at `import torch`, which comes
+# first. So the base is CUDA's -base image (the NVIDIA container variables, no CUDA libraries to speak of), not
+# -runtime, which would add ~1.9 GB of second copies: on an H200 with every system CUDA library hidden, the 4-bit
+# matmul and the whole `train` (inductor's Triton kernels; Liger's) ran from torch's pip copies alone
+# (bench/toolchain_check.sh steps c, c2, c3; docs/IMAGE.md). Not -cudnn: torch's wheel brings its own cuDNN.
 #
 # Build arguments, for builds without the registries (CI: .ci/image-test.sh); the defaults are the production
 # build: BASE_IMAGE, TORCH_VERSION (PyPI spells the same cu130 build 2.11.0), and pip's own variables for
@@ -24,7 +26,7 @@
 # Run:    docker run --rm --gpus all --shm-size 8g --env-file .env persona-qlora:dev
 #         (or `docker compose up train`, see docs/DEPLOY.md; with --read-only add --tmpfs /tmp)
 
-ARG BASE_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
+ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 FROM ${BASE_IMAGE} AS base
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Ubuntu 24.04's python3.12 is 3.12.3, the bench machines' Python. tini is PID 1 (see ENTRYPOINT).

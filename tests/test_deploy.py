@@ -232,7 +232,7 @@ def test_the_image_pins_the_cuda_build_the_gpu_checks_used():
     assert bases[0] == "${BASE_IMAGE}"
     # The production defaults; CI changes them to build without the registries (.ci/image-test.sh).
     args = _build_args()
-    assert args["BASE_IMAGE"] == "nvidia/cuda:13.0.2-runtime-ubuntu24.04"
+    assert args["BASE_IMAGE"] == "nvidia/cuda:13.0.2-base-ubuntu24.04"   # -runtime not needed (docs/IMAGE.md)
     assert args["TORCH_VERSION"] == "2.11.0+cu130"
     assert args["PIP_EXTRA_INDEX_URL"] == "https://download.pytorch.org/whl/cu130"
     assert args["PIP_NO_INDEX"] is None and args["PIP_FIND_LINKS"] is None, "the indexes, unless a build says not"
