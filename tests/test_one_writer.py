@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,19 @@ def test_of_many_racing_starts_exactly_one_takes_the_lease(store):
         t.join()
     assert len(won) == 1 and won[0].generation == 1 and len(held) == 5
     assert all(socket.gethostname() in line and f"pid {os.getpid()}" in line and "\n" not in line for line in held)
+
+
+def test_a_newcomer_with_a_shorter_ttl_does_not_take_a_renewed_lease_over(store):
+    # Staleness is judged by the holder's own TTL (in lease.json), not the newcomer's: settings may differ.
+    holder = Lease(store, RUN, ttl=30)
+    holder.acquire()
+    holder.keep_renewed(said=print)                          # renews every 10 s: unchanged for the newcomer's 2 s
+    try:
+        with pytest.raises(LeaseHeld):
+            Lease(store, RUN, ttl=2).acquire(say=lambda m: None, poll=0.1)
+    finally:
+        holder.release()
+    assert json.loads(store.get_bytes(f"{RUN}/lease.json"))["released"] is True
 
 
 def test_a_lease_that_stops_being_renewed_is_taken_over_and_the_old_holder_commits_nothing(store, tmp_path):
@@ -141,9 +155,31 @@ def shared_run(cpu_job, s3_server):
     return settings
 
 
+def _uploader_child(pid: int) -> int:
+    """The job's checkpoint-upload child (a spawned process), not multiprocessing's resource tracker."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError(f"job {pid} has no upload child")
+
+
 def test_two_jobs_started_together_one_trains_and_the_other_exits_73(shared_run, tmp_path, uninterrupted):
     jobs = [Running(shared_run(tmp_path / name), tmp_path / f"{name}.log") for name in ("a", "b")]
-    codes = [job.finish() for job in jobs]
+    # The winner must still be alive when the loser, slower to start on a loaded machine, asks for the lease: its
+    # upload child is frozen once training starts, so its second save waits for that upload, holding the lease
+    # (renewed from the main process) until the loser has given up.
+    first = jobs[0].until(lambda e: e["event"] == "lease")
+    winner = jobs[0] if first["message"] == "holding the run's lease" else jobs[1]
+    winner.until(lambda e: e["event"] == "progress")
+    frozen = _uploader_child(winner.proc.pid)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        loser = jobs[1] if winner is jobs[0] else jobs[0]
+        loser_code = loser.finish()
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    codes = [job.finish() if job is winner else loser_code for job in jobs]
     trained = [i for i, job in enumerate(jobs) if any(e["event"] == "progress" for e in job.events)]
     assert sorted(codes) == [0, 73] and trained == [codes.index(0)], codes
     winner, loser = codes.index(0), codes.index(73)

@@ -365,13 +365,14 @@ def test_a_stalled_store_ends_the_job_with_one_line_and_an_exit_code_by_its_last
     # A store that refused for good (AccessDenied: a StoreError) fails the Job at once (exit 2); one that is down or
     # failing may work again, so the orchestrator retries it (exit 1). test_resume runs the first end to end.
     from job.cli import _outcome
+    from job.config import from_env
     from job.log import Reporter
     from job.store.uploader import UploadStalled
 
     def stalled():
         raise UploadStalled("no checkpoint committed since step 4 was saved", permanent=permanent)
 
-    assert _outcome(Reporter("json"), stalled) == code
+    assert _outcome(from_env({}), Reporter("json"), stalled, lambda: "train") == code
     assert capsys.readouterr().err == "error: no checkpoint committed since step 4 was saved\n"
 
 

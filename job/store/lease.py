@@ -75,6 +75,7 @@ class Lease:
         self.ticket = ticket   # set once held
         self.on_lost: Callable[[LeaseLost], None] | None = None
         self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     @classmethod
     def join(cls, store: CheckpointStore, ticket: Ticket) -> Lease:
@@ -114,9 +115,11 @@ class Lease:
                 return self._taken(holder_id, lease["generation"])
             if tag != seen_tag:
                 seen_tag, seen_since = tag, time.monotonic()
-            expires = lease.get("expires_at")
+            expires, held_ttl = lease.get("expires_at"), lease.get("ttl_seconds")
+            held_ttl = held_ttl if isinstance(held_ttl, (int, float)) and held_ttl > 0 else self.ttl
+            # Unchanged for the holder's own TTL (not ours: settings may differ) also counts, whatever the clocks say.
             free = (lease.get("released") is True or not isinstance(expires, (int, float))
-                    or expires <= time.time() or time.monotonic() - seen_since >= self.ttl)
+                    or expires <= time.time() or time.monotonic() - seen_since >= held_ttl)
             if free:
                 generation = lease.get("generation")
                 generation = generation + 1 if isinstance(generation, int) and generation > 0 else 1
@@ -177,23 +180,31 @@ class Lease:
                     return
                 except Exception as exc:   # noqa: BLE001 - the next tick tries again; a takeover shows there
                     said(f"could not renew the run's lease ({type(exc).__name__}); trying again")
-        threading.Thread(target=renew_forever, name="lease-renewer", daemon=True).start()
+        self._renewer = threading.Thread(target=renew_forever, name="lease-renewer", daemon=True)
+        self._renewer.start()
 
     def release(self) -> None:
         """Give the lease up (marked released, so a newcomer takes it at once). Best effort: if this fails, the
         lease simply expires after the TTL."""
         self._stop.set()
         self.on_lost = None   # what is still uploading now finds the lease released and commits nothing
+        if self._renewer is not None and self._renewer is not threading.current_thread():
+            # A renewal in flight would overwrite the release (or make its conditional write fail): let it land.
+            self._renewer.join(timeout=self.ttl)
         ticket, self.ticket = self.ticket, None
         if ticket is None:
             return
         try:
-            found = self.store.get_tagged(self.key)
-            if found is None:
-                return
-            lease = _parse(found[0])
-            holder = lease.get("holder") if isinstance(lease.get("holder"), dict) else {}
-            if (holder.get("id"), lease.get("generation")) == (ticket.holder_id, ticket.generation):
-                self.store.put_if(self.key, self._body(ticket.generation, ticket.holder_id, released=True), found[1])
+            for _ in range(3):   # a conflict: the uploader's child renewed it in between; read again
+                found = self.store.get_tagged(self.key)
+                if found is None:
+                    return
+                lease = _parse(found[0])
+                holder = lease.get("holder") if isinstance(lease.get("holder"), dict) else {}
+                if (holder.get("id"), lease.get("generation")) != (ticket.holder_id, ticket.generation):
+                    return
+                if self.store.put_if(self.key, self._body(ticket.generation, ticket.holder_id, released=True),
+                                     found[1]):
+                    return
         except Exception:   # noqa: BLE001 - see the docstring
             pass
