@@ -12,7 +12,8 @@ TTL) then stops without committing anything. The check and the write that follow
 frozen for a TTL exactly between them could still land that one write, which no S3 API can rule out.
 
 A newcomer waits up to LEASE_TTL_SECONDS for a live lease: it takes it over once it is released, expired by its own
-clock, or unchanged (not renewed) for a whole TTL by the newcomer's clock, which is immune to skewed clocks. A
+clock, or unchanged (not renewed) for a whole TTL of the holder's (from lease.json, since settings may differ) by
+the newcomer's clock, which is immune to skewed clocks. A
 holder that renews meanwhile is alive: the newcomer gives up with LeaseHeld (exit 73). A newcomer whose clock runs
 ahead of the holder's by more than two thirds of the TTL could take a live lease too early; the holder then finds
 it lost at its next renewal and stops, so the run stays with one writer.
@@ -51,8 +52,12 @@ class Ticket:
     pid: int    # the job's process, which the uploader's child names too
 
 
+def _holder(lease: dict) -> dict:
+    return lease.get("holder") if isinstance(lease.get("holder"), dict) else {}
+
+
 def _describe(lease: dict) -> str:
-    holder = lease.get("holder") if isinstance(lease.get("holder"), dict) else {}
+    holder = _holder(lease)
     return f"{holder.get('host', '?')} pid {holder.get('pid', '?')} (generation {lease.get('generation', '?')})"
 
 
@@ -110,7 +115,7 @@ class Lease:
                 continue
             data, tag = found
             lease = _parse(data)
-            holder = lease.get("holder") if isinstance(lease.get("holder"), dict) else {}
+            holder = _holder(lease)
             if holder.get("id") == holder_id:   # our own write, whose answer was lost and retried
                 return self._taken(holder_id, lease["generation"])
             if tag != seen_tag:
@@ -155,7 +160,7 @@ class Lease:
         for _ in range(10):
             found = self.store.get_tagged(self.key)
             lease = _parse(found[0]) if found else {}
-            holder = lease.get("holder") if isinstance(lease.get("holder"), dict) else {}
+            holder = _holder(lease)
             if (holder.get("id"), lease.get("generation"), lease.get("released")) != \
                     (ticket.holder_id, ticket.generation, False):
                 now = f"now held by {_describe(lease)}" if found and not lease.get("released") else \
@@ -200,7 +205,7 @@ class Lease:
                 if found is None:
                     return
                 lease = _parse(found[0])
-                holder = lease.get("holder") if isinstance(lease.get("holder"), dict) else {}
+                holder = _holder(lease)
                 if (holder.get("id"), lease.get("generation")) != (ticket.holder_id, ticket.generation):
                     return
                 if self.store.put_if(self.key, self._body(ticket.generation, ticket.holder_id, released=True),
