@@ -420,6 +420,7 @@ class Run:
 
         self.reporter.event("evaluation", f"evaluating base and tuned model on {len(self.evaluator.examples)} "
                                           f"held-out rows ({len(self.evaluator.cases)} answered greedily)")
+        started = time.time()
         try:
             self.evaluation = self.evaluator.run(self.trainer.model, should_stop=lambda: self.stop.received)
         except EvaluationStopped:
@@ -428,7 +429,7 @@ class Run:
             raise Stopped(f"stopped by {self.stop.received} during the final evaluation; step {step} is "
                           f"committed") from None
         self.reporter.event("evaluation", "persona evaluation of the final adapter", step=step,
-                            **brief(self.evaluation))
+                            seconds=round(time.time() - started, 2), **brief(self.evaluation))
         self.status.write(evaluation={"step": step, **brief(self.evaluation)})
 
     # ---------------------------------------------------------------- finalize

@@ -441,7 +441,8 @@ class ReportCallback(TrainerCallback):
         logs = logs or {}
         if "loss" not in logs:
             if "eval_loss" in logs:
-                self.reporter.event("eval", "eval loss", step=state.global_step, eval_loss=logs["eval_loss"])
+                self.reporter.event("eval", "eval loss", step=state.global_step, eval_loss=logs["eval_loss"],
+                                    seconds=logs.get("eval_runtime"))
                 self.status.write(eval_loss=round(float(logs["eval_loss"]), 5))
             return
         now = time.time()

@@ -179,6 +179,9 @@ def test_a_trained_adapter_beats_the_base_on_held_out_conversations(cpu_job, tmp
     assert set(evaluation["samples"][0]) == {"persona", "context", "reference", "base_reply", "tuned_reply"}
     logged = result.events("evaluation")[-1]
     assert logged["tuned_loss"] == evaluation["tuned"]["loss"] and logged["base_loss"] == evaluation["base"]["loss"]
+    # What evaluation cost is in its events (bench/e2e_race.py reports it apart from the training's time).
+    assert logged["seconds"] > 0
+    assert all(e["seconds"] > 0 for e in result.events("eval")) and result.events("eval")
 
     # The card shows the comparison, the replies and the curve; the curve is a real picture of the losses.
     card = (out / "README.md").read_text()
