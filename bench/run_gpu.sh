@@ -3,7 +3,7 @@
 #   bash bench/run_gpu.sh OUT_DIR [speed.py configs] [configs to profile] [e2e|numerics|no-e2e]
 # Carry .whl (the job's stack, bench/fetch_wheels.sh); .whl-extra for checkpointing configurations, e2e and PYSPY;
 # .whl-unsloth (bench/fetch_unsloth_wheels.sh) for the unsloth* configurations.
-# Environment: CLI_SPEED=job configs to also run through `python -m job train` (bench/cli_speed.py; CLI_STEPS steps,
+# Environment: RACE=contenders of bench/e2e_race.py (the seed's whole run, end to end; RACE_TIMEOUT), CLI_SPEED=job configs to also run through `python -m job train` (bench/cli_speed.py; CLI_STEPS steps,
 # default 40; CLI_PYSPY=1 samples both sides), PYSPY=configs to sample with py-spy, SKIP_SNAPSHOT=1 to skip bench/snapshot_check.py,
 # OLD_TREE=a copy of an older checkout to run OLD_CONFIGS (default job) of too and compare first losses with,
 # SPEED_TIMEOUT / CONFIG_TIMEOUT / OLD_TIMEOUT / CLI_TIMEOUT / CLI_CONFIG_TIMEOUT / E2E_TIMEOUT seconds.
@@ -36,6 +36,15 @@ if [ -d .whl-unsloth ]; then
         | grep -v "^WARNING: Target directory" | tail -3
     export UNSLOTH_SITE=/tmp/site-unsloth
 fi
+# Bytecode for every installed module, as the image has it (pip compiles at install): this machine's Python has
+# none for its own torch and writes none, so without this every process compiles its imports from source (11 s
+# of a CLI start on 2026-11-29, py-spy). The cache goes under PYTHONPYCACHEPREFIX, for every process below.
+export PYTHONPYCACHEPREFIX=/tmp/pycache
+unset PYTHONDONTWRITEBYTECODE
+started=$(date +%s)
+timeout 120 python3 -m compileall -q -j 0 "$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')" \
+    $(ls -d /tmp/site /tmp/site-unsloth 2>/dev/null) > /dev/null 2>&1
+echo "bytecode compiled in $(( $(date +%s) - started )) s" | tee -a "$out/gpu.txt"
 python3 - <<'PY' | tee "$out/versions.txt"
 import importlib.metadata as md, sys
 import torch
@@ -93,6 +102,12 @@ if [ -n "${CLI_SPEED:-}" ]; then
     timeout "${CLI_TIMEOUT:-540}" python3 bench/cli_speed.py --out "$scratch/cli" --configs "$CLI_SPEED" \
         --steps "${CLI_STEPS:-40}" --timeout "${CLI_CONFIG_TIMEOUT:-200}" ${CLI_PYSPY:+--pyspy} || status=1
     cp "$scratch/cli/results.json" "$out/cli_results.json" 2>/dev/null
+fi
+if [ -n "${RACE:-}" ]; then
+    # The seed's run end to end (bench/e2e_race.py): RACE=seed,unsloth,job[,job-compile,job-compile-again]
+    timeout "${RACE_TIMEOUT:-560}" python3 bench/e2e_race.py --out "$scratch/race" --contenders "$RACE" \
+        --timeout "${RACE_CONTENDER_TIMEOUT:-300}" || status=1
+    cp "$scratch/race/results.json" "$out/race_results.json" 2>/dev/null
 fi
 if [ "$e2e" = "e2e" ]; then
     timeout "${E2E_TIMEOUT:-240}" python3 bench/gpu_e2e.py --out "$scratch" || status=1

@@ -101,7 +101,14 @@ CONFIGS = {
                                         "TORCH_COMPILE": "true"}),
     "job-b48-selective-compile": ("job", 48, 12, {"PER_DEVICE_TRAIN_BATCH_SIZE": "48",
                                                   "GRADIENT_CHECKPOINTING": "selective", "TORCH_COMPILE": "true"}),
+    # The seed's whole run, end to end (bench/e2e_race.py): every row of E2E_ROWS (a JSON file of encoded rows, the
+    # job's train split) once, in the seed's length-grouped order, then the adapter saved; the parent times the
+    # process from its start to the adapter on disk.
+    "seed-e2e": ("seed", 4, 0, {"e2e": True}),
+    "unsloth-e2e": ("unsloth", 4, 0, {"e2e": True}),
+    "unsloth-d0-e2e": ("unsloth", 4, 0, {"e2e": True}),
 }
+E2E_ROWS = "E2E_ROWS"
 WARMUP_STEPS = 5
 DEFAULT_RECIPE_STEPS = 250   # the seed's 1000 rows at 4 a step, one epoch
 DEVICE = "cuda"      # "cpu" only for --cpu-smoke, a check of this script without a GPU
@@ -167,6 +174,23 @@ def shared_token_stream(out: Path) -> list[dict]:
     transformers), or one drawn here."""
     path = out / STREAM_FILE
     return json.loads(path.read_text()) if path.exists() else token_stream()
+
+
+def e2e_rows(path: Path, batch: int) -> list[dict]:
+    """The encoded rows of an end-to-end race (bench/e2e_race.py) in the seed's order: transformers' length-grouped
+    order (the seed's `group_by_length=True`), as token_stream orders its rows. The persona tokens the job adds to
+    its tokenizer (ids from the base vocabulary's size on) read as <unk> (id 0) here: the seed and Unsloth train the
+    base vocabulary; the lengths, and so the computation, stay the same."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    vocab = LLAMA2_7B["vocab_size"]
+    rows = [{"input_ids": [i if i < vocab else 0 for i in r["input_ids"]],
+             "labels": [i if i < vocab else (0 if i != -100 else -100) for i in r["labels"]]}
+            for r in json.loads(path.read_text())]
+    order = get_length_grouped_indices([len(r["input_ids"]) for r in rows], batch,
+                                       generator=torch.Generator().manual_seed(42))
+    return [rows[i] for i in order]
 
 
 def token_stream(n: int = 2400, seed: int = 0) -> list[dict]:
@@ -521,7 +545,11 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
     import torch
 
     recipe, batch, steps, settings = CONFIGS[name]
-    stream = shared_token_stream(out)
+    if settings.get("e2e"):
+        stream = e2e_rows(Path(os.environ[E2E_ROWS]), batch)
+        steps = len(stream) // batch
+    else:
+        stream = shared_token_stream(out)
     rows = stream[: batch * steps]
     work = out / "work" / name
     work.mkdir(parents=True, exist_ok=True)
@@ -548,6 +576,10 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
     loaded = time.time()
     trainer.train()
     train_peak = torch.cuda.max_memory_allocated() if gpu else 0
+    adapter_saved = None
+    if settings.get("e2e"):
+        trainer.model.save_pretrained(work / "adapter")
+        adapter_saved = time.time()
     times = meter.times
     step_seconds = [b - a for a, b in zip(times[:-1], times[1:])]
     tokens = [sum(len(r["input_ids"]) for r in rows[i * batch:(i + 1) * batch]) for i in range(steps)]
@@ -569,6 +601,8 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
         "host_ms_per_step_median": meter.phases.medians(WARMUP_STEPS),
         "first_step_seconds": step_seconds[0],
     }
+    if adapter_saved:
+        result.update(adapter_saved_epoch=adapter_saved, train_tokens=sum(tokens))
     if info.get("plan", {}).get("torch_compile"):
         from torch._dynamo.utils import counters
         result["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles")}
@@ -801,6 +835,8 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             result = {"config": name, "error": f"timed out after {args.timeout:.0f} s"}
         result["wall_seconds"] = time.time() - started
+        if "adapter_saved_epoch" in result:   # an end-to-end configuration: process start to the adapter on disk
+            result["end_to_end_seconds"] = result["adapter_saved_epoch"] - started
         if name in args.pyspy.split(","):
             try:
                 result["pyspy"] = summarize_pyspy(raw)

@@ -34,6 +34,8 @@ SETTINGS = {
     "unsloth": (0.1, False),          # the seed's math
     "unsloth-d0": (0.0, False),       # Unsloth's best: dropout 0 lets it fuse the LoRA kernels
     "unsloth-d0-pf": (0.0, True),     # and padding-free batches, as its SFTTrainer makes them by default
+    "unsloth-e2e": (0.1, False),      # the seed's whole run, end to end (bench/e2e_race.py)
+    "unsloth-d0-e2e": (0.0, False),
 }
 DEFAULT_SITE = "/tmp/site-unsloth"
 REQUIRED_ENV = {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1"}
