@@ -88,6 +88,9 @@ RUN groupadd --gid 10001 app \
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 COPY job/ /app/job/
+# The job's own bytecode, like the venv's (pip compiled it at install): PYTHONDONTWRITEBYTECODE and a read-only
+# root filesystem would otherwise have every start compile it from source again.
+RUN /opt/venv/bin/python -m compileall -q /app/job
 COPY data/persona_sample.jsonl /app/data/persona_sample.jsonl
 COPY --chmod=0755 entrypoint.sh /app/entrypoint.sh
 # HF_HOME holds downloaded models (a 7B base is about 13 GB): keep it on a volume so a restart reuses it. The
