@@ -237,6 +237,46 @@ def test_a_compiled_run_trains_like_the_eager_one(cpu_job, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
 
 
+_ISA_PROBES = """
+import subprocess, sys, torch
+from job.speed import kernels
+if sys.argv[1] == "job":
+    kernels.without_cpu_isa_probes()
+started = []
+popen = subprocess.Popen.__init__
+subprocess.Popen.__init__ = lambda self, args, *a, **k: started.append(args) or popen(self, args, *a, **k)
+from torch._inductor.cpu_vec_isa import pick_vec_isa
+isa = pick_vec_isa()
+if sys.argv[1] == "job":   # and inductor's C++ kernels, scalar now, still compute right
+    compiled = torch.compile(lambda x: (x * 2 + 1).sin().sum(), backend="inductor")
+    x = torch.randn(257)
+    assert torch.allclose(compiled(x), (x * 2 + 1).sin().sum(), atol=1e-4)
+print(bool(isa), sum(1 for a in started if "python" in str(a[0] if isinstance(a, list) else a).split()[0]))
+"""
+
+
+def test_compiled_layers_generate_cpu_code_without_probing_the_cpus_vector_isas(tmp_path):
+    """Before its first C++ kernel, inductor probes each vector ISA of the CPU by building a test library and
+    loading it in a new Python process: 37.5 s of the compiled first step on an H200 machine. compile_layers turns
+    the probe off (scalar C++ for the graph's few CPU operations); inductor's C++ kernels still compute right."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def probes(who):
+        env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / who)}
+        env.pop("TORCHINDUCTOR_VEC_ISA_OK", None)
+        result = subprocess.run([sys.executable, "-c", _ISA_PROBES, who], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.split()
+
+    assert probes("job") == ["False", "0"]             # no ISA picked, no Python process started
+    vector, started = probes("inductor")               # inductor's default: probes in Python processes
+    assert int(started) > 0
+
+
 def test_a_checkpoints_snapshots_are_all_taken_before_its_files_are_written_and_alternate_buffers():
     """HostSnapshot: nothing is written until submit() (a write beside a snapshot slowed it); a checkpoint's
     snapshot does not wait for the previous checkpoint's file, only for the one before it (same buffers); what is

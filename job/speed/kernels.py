@@ -40,9 +40,22 @@ def compile_layers(model) -> int:
     on_gpu = next(model.parameters()).is_cuda
     if on_gpu:
         _persistent_compile_cache()
+    without_cpu_isa_probes()
     for layer in layers:
         layer.compile(dynamic=True, backend="inductor" if on_gpu else "aot_eager")
     return len(layers)
+
+
+def without_cpu_isa_probes() -> None:
+    """Inductor's C++ kernels (a compiled layer's graph on a GPU still holds a few small CPU operations) in plain
+    scalar C++, without first probing the CPU's vector instruction sets. That probe compiles a test library per
+    instruction set and loads each in a new Python process, once per process: on an H200 machine it was 37.5 s of
+    the compiled run's 56.6 s first step (py-spy, docs/PERFORMANCE.md). Those CPU operations are a few scalars, so
+    vector code would not make them faster. TORCHINDUCTOR_VEC_ISA_OK set by the user wins."""
+    import torch._inductor.config as inductor_config
+
+    if "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ:
+        inductor_config.cpp.vec_isa_ok = False
 
 
 def _persistent_compile_cache() -> None:
