@@ -79,6 +79,10 @@ CONFIGS = {
                                         "os_env": {"TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor-cold"}}),
     "job-compile-cached": ("job", 4, 30, {"TORCH_COMPILE": "true", "compile_cache": True,
                                           "os_env": {"TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor-cached"}}),
+    # After job-compile-cold, on the same machine: its inductor cache and its portable cache both there, as a
+    # restarted or resumed run on the same node finds them.
+    "job-compile-rerun": ("job", 4, 30, {"TORCH_COMPILE": "true", "compile_cache": True,
+                                         "os_env": {"TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor-cold"}}),
     "job-b24-compile": ("job", 24, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false",
                                         "TORCH_COMPILE": "true"}),
     "job-b32-compile": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32", "GRADIENT_CHECKPOINTING": "false",
@@ -819,8 +823,10 @@ def main() -> int:
                 child_env = child_environment(child_env)
             spy = shutil.which("py-spy") if name in args.pyspy.split(",") else None
             raw = args.out / f"pyspy-{name}.txt"
+            # PYSPY_ARGS adds py-spy options, e.g. "--idle --subprocesses": where a thread waits, and inductor's
+            # compile workers.
             prefix = [spy, "record", "--nonblocking", "--threads", "-r", "200", "-f", "raw", "-o", str(raw),
-                      "--"] if spy else []
+                      *os.environ.get("PYSPY_ARGS", "").split(), "--"] if spy else []
             proc = subprocess.run(prefix + [sys.executable, __file__, "--out", str(args.out), "--model-dir", str(model_dir),
                                    "--run-one", name, "--profile", args.profile] + (["--cpu-smoke"] if args.cpu_smoke else []),
                                   stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=args.timeout, env=child_env)
