@@ -64,4 +64,9 @@ def test_the_configurations_are_the_seeds_math_and_its_dropout_0_best():
     assert unsloth_bench.SETTINGS["unsloth"] == (0.1, False)
     assert unsloth_bench.SETTINGS["unsloth-d0"] == (0.0, False)
     from speed import CONFIGS
-    assert all(CONFIGS[name][:3] == ("unsloth", 4, 30) for name in unsloth_bench.SETTINGS)
+    timed = [name for name in unsloth_bench.SETTINGS if not name.endswith("-e2e")]
+    assert all(CONFIGS[name][:3] == ("unsloth", 4, 30) for name in timed)
+    # The end-to-end race's (bench/e2e_race.py): every row of its file once, as many steps as that takes.
+    assert unsloth_bench.SETTINGS["unsloth-e2e"] == unsloth_bench.SETTINGS["unsloth"]
+    assert all(CONFIGS[name][:2] == ("unsloth", 4) and CONFIGS[name][3] == {"e2e": True}
+               for name in unsloth_bench.SETTINGS if name not in timed)
