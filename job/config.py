@@ -202,6 +202,14 @@ def _optimizer_names() -> list[str]:
     return [o.value for o in OptimizerNames]
 
 
+# The names most runs set, accepted without importing transformers for its lists (5-6 s): a command that fails
+# on another setting says so at once. tests/test_config.py holds them to transformers' own lists.
+_scheduler_names.common = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
+                           "polynomial")
+_optimizer_names.common = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused",
+                           "adamw_8bit", "adafactor", "sgd")
+
+
 def _fixed(*names: str) -> Callable[[], list[str]]:
     return lambda: list(names)
 
@@ -407,8 +415,9 @@ def from_env(environ: Mapping[str, str]) -> Config:
         value, problem = _parse(name, raw, f)
         if problem is None and f.metadata["check"]:
             problem = f.metadata["check"](value)
-        if problem is None and f.metadata["choices"]:
-            allowed = f.metadata["choices"]()
+        choices = f.metadata["choices"]
+        if problem is None and choices and value not in getattr(choices, "common", ()):
+            allowed = choices()
             if value not in allowed:
                 close = difflib.get_close_matches(value, allowed, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""

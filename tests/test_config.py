@@ -196,3 +196,23 @@ def test_a_malformed_checkpoint_uri_stops_train_with_one_line_and_exit_2_before_
                                  "file:///abs/path", "~/checkpoints"])
 def test_the_accepted_checkpoint_uris(uri):
     assert from_env({"CHECKPOINT_URI": uri}).checkpoint_uri == uri
+
+
+def test_the_names_accepted_without_importing_transformers_are_transformers_own():
+    """OPTIM and LR_SCHEDULER_TYPE: the common names pass the config check without importing transformers for its
+    lists (a command failing on another setting says so in a tenth of a second, not six); each is a name
+    transformers itself accepts, and any other name is still checked against transformers' list."""
+    from job.config import _optimizer_names, _scheduler_names
+
+    import subprocess
+    import sys
+
+    for names in (_optimizer_names, _scheduler_names):
+        assert names.common and set(names.common) <= set(names())
+    checked = subprocess.run([sys.executable, "-c", "import sys; from job.config import from_env; "
+                              "from_env({'OPTIM': 'paged_adamw_32bit', 'LR_SCHEDULER_TYPE': 'cosine'}); "
+                              "print('transformers' in sys.modules)"], cwd=ROOT, capture_output=True, text=True)
+    assert checked.stdout.strip() == "False", checked.stderr
+    assert from_env({"OPTIM": "adamw_torch_xla"}).optim == "adamw_torch_xla"     # not common: transformers' list
+    with pytest.raises(ConfigError, match="OPTIM='adamw_torh': must be one of: .*did you mean adamw_torch"):
+        from_env({"OPTIM": "adamw_torh"})
