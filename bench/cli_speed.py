@@ -125,37 +125,51 @@ def bench_one(env: dict[str, str], out: Path) -> dict:
 
 # ---------------------------------------------------------------- the CLI side
 
-def pyspy(raw: Path | None) -> list[str]:
-    """A py-spy prefix sampling every thread of the command (bench/speed.py summarizes its raw output), or none."""
-    import shutil
-    spy = shutil.which("py-spy") if raw else None
-    return [spy, "record", "--nonblocking", "--threads", "-r", "200", "-f", "raw", "-o", str(raw), "--"] if spy else []
+def run_train(env: dict[str, str], log: Path, timeout: float, prefix: list[str] = ()) -> tuple[int, list]:
+    """`python -m job train` (after `prefix`, e.g. py-spy's) with these settings: its exit code and its JSON events,
+    each with the seconds from process start to the line's arrival; stdout, stamped, to `log`, stderr beside it.
+    Killed after `timeout` seconds (exit code -9)."""
+    import threading
+
+    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    started = time.time()
+    with open(log.with_suffix(".stderr"), "w") as err:
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "job", "train"], env=full_env, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+        watchdog = threading.Timer(timeout, proc.kill)
+        watchdog.start()
+        stamped = [(time.time() - started, line.rstrip("\n")) for line in proc.stdout]
+        code = proc.wait()
+        watchdog.cancel()
+    log.write_text("".join(f"{t:8.2f} {line}\n" for t, line in stamped))
+    return code, [(t, json.loads(line)) for t, line in stamped if line.startswith("{")]
+
+
+def milestones(events: list) -> dict[str, float]:
+    """Seconds from process start to each kind of event's first line (final, evaluation and speed events by
+    their message too)."""
+    first: dict[str, float] = {}
+    for t, e in events:
+        first.setdefault(e["event"] + (":" + e["message"] if e["event"] in ("final", "evaluation", "speed") else ""),
+                         round(t, 2))
+    return first
 
 
 def run_cli(env: dict[str, str], log: Path, timeout: float, raw: Path | None = None) -> dict:
     """`python -m job train`: its progress intervals and the seconds from start to the committed final adapter."""
+    from speed import pyspy_prefix
+
     started = time.time()
-    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(pyspy(raw) + [sys.executable, "-m", "job", "train"], env=full_env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
-    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0:
-        raise RuntimeError(f"python -m job train exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-    seconds = {}
-    for e in events:   # seconds from process start to each milestone (events carry whole-second UTC stamps)
-        seconds.setdefault(e["event"] + (":" + e["message"] if e["event"] in ("final", "evaluation") else ""),
-                           _epoch(e["time"]) - started)
+    code, stamped = run_train(env, log, timeout, pyspy_prefix(raw))
+    if code != 0:
+        said = log.with_suffix(".stderr").read_text().strip().splitlines()[-1:]
+        raise RuntimeError(f"python -m job train exited {code}: {said}")
+    events = [e for _, e in stamped]
     return {"intervals": [{"step": e["step"], "tokens_per_second": e["tokens_per_second"]}
                           for e in events if e["event"] == "progress"],
             "first_losses": [e["loss"] for e in events if e["event"] == "progress"][:5],
             "speed": next((e for e in events if e["event"] == "speed" and "padding_free" in e), None),
-            "wall_seconds": time.time() - started, "milestones_seconds": seconds}
-
-
-def _epoch(stamp: str) -> float:
-    import calendar
-    return calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+            "wall_seconds": time.time() - started, "milestones_seconds": milestones(stamped)}
 
 
 def summary(intervals: list[dict]) -> dict:
@@ -236,7 +250,8 @@ def main() -> int:
             cli = run_cli(env, work / "cli.log", args.timeout, work / "pyspy-cli.txt" if args.pyspy else None)
             result["cli"] = {**cli, "summary": summary(cli["intervals"])}
             (work / "env.json").write_text(json.dumps({**env, "RUN_ID": f"bench-{name}"}))
-            proc = subprocess.run(pyspy(work / "pyspy-bench.txt" if args.pyspy else None) + [sys.executable, __file__, "--out", str(args.out), "--bench-one",
+            from speed import pyspy_prefix
+            proc = subprocess.run(pyspy_prefix(work / "pyspy-bench.txt" if args.pyspy else None) + [sys.executable, __file__, "--out", str(args.out), "--bench-one",
                                    str(work / "env.json")], capture_output=True, text=True, timeout=args.timeout,
                                   env={**os.environ, **({"OMP_NUM_THREADS": "1"} if args.cpu_smoke else {})})
             (work / "bench.log").write_text(proc.stdout + proc.stderr)

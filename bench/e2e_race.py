@@ -13,8 +13,8 @@ from process start to the adapter on disk, on the same 1000 persona-length rows,
      encoded rows once, in the seed's length-grouped order, batch 4 (237 steps: the last 2 rows left out; the job
      runs 238), then `save_pretrained` of the adapter. No evaluation, no checkpoints: what the seed's notebook did.
    - `job` (and `job-compile`, `job-compile-again`: TORCH_COMPILE=true, the second a later run in the same store
-     that finds the first one's compile caches): `python -m job train` with the job's defaults (checkpoints every 50 steps committed to a local store,
-     eval loss every 50 steps, the final persona evaluation of base and tuned model) except EVAL_GENERATIONS=0
+     that finds the first one's compile caches): `python -m job train` with the job's defaults (checkpoints every
+     50 steps committed to a local store, eval loss every 50 steps, the final persona evaluation of base and tuned model) except EVAL_GENERATIONS=0
      (the greedy answers: evaluation, reported apart anyway), until `final adapter committed`. Its evaluation
      time (the `seconds` of its `eval` and `evaluation` events) is reported apart and taken off.
    Steady-state tokens/s: the seed's and Unsloth's from bench/speed.py's meter (steps after the warm-up), the job's
@@ -29,7 +29,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,14 +56,14 @@ def job_settings(name: str, model_dir: Path, data: Path, work: Path, device: str
 
 def encoded_train_rows(env: dict[str, str], path: Path) -> int:
     """The job's own train rows for these settings (its preflight, split and encoding), written to `path`."""
+    from job.config import from_env
     from job.log import Reporter
     from job.model import load_tokenizer
     from job.run import Run
 
     work = Path(env["CHECKPOINT_URI"]).parent / "encode"
-    run = Run(__import__("job.config", fromlist=["from_env"]).from_env(
-        {**env, "RUN_ID": "race-encode", "CHECKPOINT_URI": str(work / "store"), "OUTPUT_DIR": str(work / "out")}),
-        Reporter("json"))
+    run = Run(from_env({**env, "RUN_ID": "race-encode", "CHECKPOINT_URI": str(work / "store"),
+                        "OUTPUT_DIR": str(work / "out")}), Reporter("json"))
     try:
         run.check()
         run.tokenizer = load_tokenizer(run.config)
@@ -76,29 +75,14 @@ def encoded_train_rows(env: dict[str, str], path: Path) -> int:
 
 
 def run_job(env: dict[str, str], log: Path, timeout: float) -> dict:
-    """`python -m job train`, its stdout lines stamped as they arrive: seconds from process start to each event,
-    its evaluation seconds, and its progress intervals."""
-    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    started = time.time()
-    with open(log.with_suffix(".stderr"), "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "job", "train"], env=full_env, cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=err, text=True)
-        stamped = []
-        deadline = started + timeout
-        for line in proc.stdout:
-            stamped.append((time.time() - started, line.rstrip("\n")))
-            if time.time() > deadline:
-                proc.kill()
-                break
-        code = proc.wait()
-    log.write_text("".join(f"{t:8.2f} {line}\n" for t, line in stamped))
-    events = [(t, json.loads(line)) for t, line in stamped if line.startswith("{")]
+    """`python -m job train` (bench/cli_speed.py's runner, its lines stamped as they arrive): seconds from process
+    start to each event, its evaluation seconds, and its progress intervals."""
+    from cli_speed import milestones, run_train
+
+    code, events = run_train(env, log, timeout)
     if code != 0:
         raise RuntimeError(f"python -m job train exited {code}: {[e for _, e in events][-1:]}")
-    first = {}
-    for t, e in events:
-        first.setdefault(e["event"] + (":" + e["message"] if e["event"] in ("final", "evaluation", "speed") else ""),
-                         round(t, 2))
+    first = milestones(events)
     evaluation = sum(e.get("seconds") or 0 for _, e in events if e["event"] in ("eval", "evaluation"))
     final = first.get("final:final adapter committed")
     progress = [e for _, e in events if e["event"] == "progress"]

@@ -189,8 +189,7 @@ def e2e_rows(path: Path, batch: int) -> list[dict]:
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     vocab = LLAMA2_7B["vocab_size"]
-    rows = [{"input_ids": [i if i < vocab else 0 for i in r["input_ids"]],
-             "labels": [i if i < vocab else (0 if i != -100 else -100) for i in r["labels"]]}
+    rows = [{k: [i if i < vocab else 0 for i in r[k]] for k in ("input_ids", "labels")}   # -100 stays -100
             for r in json.loads(path.read_text())]
     order = get_length_grouped_indices([len(r["input_ids"]) for r in rows], batch,
                                        generator=torch.Generator().manual_seed(42))
@@ -660,6 +659,15 @@ def _package(path: str) -> str:
     return parts[-1]
 
 
+def pyspy_prefix(raw: Path | None) -> list[str]:
+    """A py-spy command prefix sampling every thread of the command into `raw` (summarize_pyspy reads it), or none
+    (no `raw`, or no py-spy). PYSPY_ARGS adds py-spy options, e.g. "--idle --subprocesses": where a thread waits,
+    and inductor's compile workers."""
+    spy = shutil.which("py-spy") if raw else None
+    return [spy, "record", "--nonblocking", "--threads", "-r", "200", "-f", "raw", "-o", str(raw),
+            *os.environ.get("PYSPY_ARGS", "").split(), "--"] if spy else []
+
+
 def summarize_pyspy(raw: Path, top: int = 40) -> dict:
     """Where the training's host time goes, from py-spy's raw samples (one line per distinct stack, with
     --threads): the main thread's samples inside the Trainer's loop, and every other thread (the autograd
@@ -821,13 +829,8 @@ def main() -> int:
             if CONFIGS[name][0] == "unsloth":
                 from unsloth_bench import child_environment
                 child_env = child_environment(child_env)
-            spy = shutil.which("py-spy") if name in args.pyspy.split(",") else None
             raw = args.out / f"pyspy-{name}.txt"
-            # PYSPY_ARGS adds py-spy options, e.g. "--idle --subprocesses": where a thread waits, and inductor's
-            # compile workers.
-            prefix = [spy, "record", "--nonblocking", "--threads", "-r", "200", "-f", "raw", "-o", str(raw),
-                      *os.environ.get("PYSPY_ARGS", "").split(), "--"] if spy else []
-            proc = subprocess.run(prefix + [sys.executable, __file__, "--out", str(args.out), "--model-dir", str(model_dir),
+            proc = subprocess.run(pyspy_prefix(raw if name in args.pyspy.split(",") else None) + [sys.executable, __file__, "--out", str(args.out), "--model-dir", str(model_dir),
                                    "--run-one", name, "--profile", args.profile] + (["--cpu-smoke"] if args.cpu_smoke else []),
                                   stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=args.timeout, env=child_env)
             path = args.out / f"result-{name}.json"
