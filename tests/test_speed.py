@@ -237,6 +237,39 @@ def test_a_compiled_run_trains_like_the_eager_one(cpu_job, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
 
 
+def test_compiled_layers_take_the_layers_floats_as_constants_not_cpu_tensors(tiny_model, monkeypatch):
+    """Dynamo's default turns each Python float of a layer (RMSNorm's epsilon, LoRA's dropout and scaling,
+    attention's scale) into a float64 CPU tensor input read back with `.item()`: CPU operations in a GPU graph,
+    which made inductor compile C++. compile_layers compiles them in as constants; the compiled layers still
+    compute the eager loss and gradients."""
+    import torch._dynamo
+
+    from job.speed.kernels import compile_layers
+
+    monkeypatch.setattr(torch._dynamo.config, "specialize_float", False)   # the default, whatever ran before
+    torch._dynamo.reset()
+    feats = sequences(5, 9, 4)
+    eager_loss, eager_grads, _ = loss_and_grads(tiny_model, "true", feats, LORA_DROPOUT="0")
+    graphs = []
+
+    def recording(gm, inputs):
+        graphs.append([type(x).__name__ if not isinstance(x, torch.Tensor) else (x.dim(), x.dtype)
+                       for x in inputs])
+        return torch._dynamo.backends.debugging.aot_eager(gm, inputs)
+
+    from job import model as job_model
+    add_lora = job_model.add_lora
+    monkeypatch.setattr(job_model, "add_lora", lambda *a: (m := add_lora(*a), compile_layers(m, recording))[0])
+    loss, grads, _ = loss_and_grads(tiny_model, "true", feats, LORA_DROPOUT="0")
+    torch._dynamo.reset()
+    assert graphs, "nothing was compiled"
+    floats = [x for g in graphs for x in g if isinstance(x, tuple) and x[0] == 0 and x[1].is_floating_point]
+    assert not floats, f"float scalars passed as tensors: {floats}"
+    assert loss == pytest.approx(eager_loss, rel=1e-5)
+    for a, b in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 _ISA_PROBES = """
 import subprocess, sys, torch
 from job.speed import kernels

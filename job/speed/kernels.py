@@ -27,12 +27,12 @@ def apply_liger(model) -> bool:
 
 
 
-def compile_layers(model) -> int:
+def compile_layers(model, backend=None) -> int:
     """torch.compile each decoder layer of the (peft-wrapped) model in place, for sequence lengths that change
     from batch to batch; returns how many. Every layer runs the same code, so one compiled graph serves them all.
     The parameters and their names are untouched: checkpoints and the adapter are the same as eager ones.
     On a GPU, inductor's kernels; on a CPU, `aot_eager` (the same captured forward and backward graphs, run by
-    eager kernels), which is what the CPU tests check."""
+    eager kernels), which is what the CPU tests check. `backend`: another torch.compile backend."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:
@@ -40,10 +40,21 @@ def compile_layers(model) -> int:
     on_gpu = next(model.parameters()).is_cuda
     if on_gpu:
         _persistent_compile_cache()
+    with_constant_floats()
     without_cpu_isa_probes()
     for layer in layers:
-        layer.compile(dynamic=True, backend="inductor" if on_gpu else "aot_eager")
+        layer.compile(dynamic=True, backend=backend or ("inductor" if on_gpu else "aot_eager"))
     return len(layers)
+
+
+def with_constant_floats() -> None:
+    """Python floats in the layers' code (RMSNorm's epsilon, LoRA's dropout rate and scaling, attention's scale)
+    compiled in as constants. Dynamo's default makes each a float64 CPU tensor input read back with `.item()`:
+    arithmetic on those is what put CPU operations, and so inductor's C++ compiler, in a GPU layer's graph. They are
+    the same in every layer and every step, so nothing recompiles for them."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.specialize_float = True
 
 
 def without_cpu_isa_probes() -> None:
