@@ -100,11 +100,16 @@ def _one_cpu_kernel(model) -> None:
 
 
 def add_lora(config: Config, model, tokenizer):
-    """LoRA on the target modules; the persona tokens' embedding and output rows train as well, alone."""
+    """LoRA on the target modules; the persona tokens' embedding and output rows train as well, alone (without
+    copies of the embedding and output matrices: speed/tokens.py)."""
     from peft import LoraConfig, get_peft_model
+
+    from .speed.tokens import lean_trainable_tokens
 
     ids = persona_token_ids(tokenizer)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM",
                       trainable_token_indices={"embed_tokens": ids, "lm_head": ids})
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    lean_trainable_tokens(model)
+    return model

@@ -270,6 +270,63 @@ def test_compiled_layers_take_the_layers_floats_as_constants_not_cpu_tensors(tin
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_the_persona_tokens_rows_train_as_peft_trains_them_without_copying_the_embedding_or_output_matrix(
+        tiny_model):
+    """peft's trainable tokens merge the two trainable rows into a copy of the whole embedding and lm_head matrix on
+    every forward, and lm_head's copy is kept for the backward pass; the job's lean forward (speed/tokens.py) gives
+    the same loss and gradients and keeps no matrix-sized tensor for the backward pass but the frozen weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from job.model import add_lora, load_base_model, load_tokenizer, persona_token_ids
+
+    config = from_env({"BASE_MODEL": str(tiny_model), "REQUIRE_GPU": "false", "LORA_DROPOUT": "0"})
+    speed = plan(config, "cpu")
+    tokenizer = load_tokenizer(config)
+    persona = persona_token_ids(tokenizer)
+    feats = sequences(12, 9)
+    for f in feats:   # the persona tokens in the input and as labels
+        f["input_ids"][2], f["input_ids"][-3] = persona[0], persona[-1]
+        f["labels"][-4], f["labels"][-3] = persona[-1], persona[0]
+
+    def run(lean):
+        torch.manual_seed(0)
+        base = load_base_model(config, tokenizer, "cpu", speed)
+        if lean:
+            model = add_lora(config, base, tokenizer)
+        else:
+            model = get_peft_model(base, LoraConfig(
+                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=config.target_modules,
+                bias="none", task_type="CAUSAL_LM", trainable_token_indices={"embed_tokens": persona, "lm_head": persona}))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "trainable_tokens_delta" in name or "lora_B" in name:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append((t.numel(), t.untyped_storage().data_ptr())) or t, lambda t: t):
+            loss = model(**data_collator(speed, tokenizer)(feats)).loss
+        loss.backward()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = [n for n, storage in saved if storage not in weights]   # views of the weights cost nothing
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss.item(), grads, saved, model
+
+    peft_loss, peft_grads, peft_saved, _ = run(lean=False)
+    loss, grads, saved, model = run(lean=True)
+    matrix = model.get_input_embeddings().weight.numel()
+    big = lambda sizes: [n for n in sizes if n >= matrix]   # noqa: E731
+    assert big(peft_saved)                         # peft's copy of lm_head, kept for the backward pass
+    assert not big(saved), big(saved)
+    assert loss == pytest.approx(peft_loss, rel=1e-6)
+    assert grads.keys() == peft_grads.keys() and any("trainable_tokens_delta" in n for n in grads)
+    for name in grads:
+        assert grads[name] is not None and peft_grads[name] is not None, name
+        torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, g in grads.items():   # the persona rows learn from both the input and the labels
+        if "trainable_tokens_delta" in name:
+            assert g.abs().sum(-1).gt(0).all(), name
+
+
 _ISA_PROBES = """
 import subprocess, sys, torch
 from job.speed import kernels

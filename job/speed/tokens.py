@@ -1,0 +1,67 @@
+"""The persona tokens' trainable rows (peft's trainable tokens on embed_tokens and lm_head) without a copy of either
+whole matrix.
+
+peft computes each forward with a merged copy of the matrix (`weight.index_copy(rows, deltas)`): 32,002 x 4,096
+bf16 values, 250 MiB, for the embedding and again for lm_head, where the copy stays alive for the backward pass and
+the backward pass then computes a full-size gradient for it only to keep its two trainable rows. Here the frozen
+matrix is used as it is and only the trainable rows are computed apart:
+
+- embedding: the frozen matrix's rows, with the positions that hold a trainable token taken from that token's
+  delta row instead;
+- lm_head: the frozen matrix's logits, with the trainable tokens' columns overwritten in place by the hidden states
+  times their delta rows.
+
+The values are the same as peft's (the same rows, the same products); what changes is what is kept in memory. The
+saved adapter is untouched: only `forward` is replaced, and peft's own forward still serves whatever this does not
+cover (adapters disabled or merged, several active at once)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def lean_trainable_tokens(model) -> int:
+    """Give every trainable-tokens layer of a peft model the lean forward; returns how many layers."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, TrainableTokensLayer) and not getattr(module, "lean_forward", False):
+            module.forward = _lean(module, module.forward)
+            module.lean_forward = True
+            count += 1
+    return count
+
+
+def _lean(layer, peft_forward):
+    base = layer.get_base_layer()
+
+    def forward(x, *args, **kwargs):
+        active = layer.active_adapters
+        if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1:
+            return peft_forward(x, *args, **kwargs)
+        adapter = active[0]
+        delta = layer.trainable_tokens_delta[adapter]
+        rows = torch.as_tensor(layer.token_indices[adapter], device=delta.device)
+        if type(base) is torch.nn.Embedding:     # exactly: a subclass may scale or otherwise change the lookup
+            return _embed(base, x, rows, delta)
+        if type(base) is torch.nn.Linear and base.bias is None:
+            return _output(base, x, rows, delta)
+        return peft_forward(x, *args, **kwargs)
+
+    return forward
+
+
+def _embed(base: torch.nn.Embedding, ids: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    if base.max_norm is not None or base.sparse or base.scale_grad_by_freq:
+        raise NotImplementedError("lean trainable tokens: an embedding with max_norm, sparse or scale_grad_by_freq")
+    out = F.embedding(ids, base.weight, padding_idx=base.padding_idx)
+    match = ids.unsqueeze(-1) == rows                       # [..., trainable tokens]
+    hit = match.any(-1, keepdim=True)
+    own = F.embedding(match.int().argmax(-1), delta.to(out.dtype))
+    return torch.where(hit, own, out)
+
+
+def _output(base: torch.nn.Linear, hidden: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, base.weight)
+    return logits.index_copy_(-1, rows, F.linear(hidden, delta.to(base.weight.dtype)))
