@@ -42,7 +42,7 @@ def _lean(layer, peft_forward):
             return peft_forward(x, *args, **kwargs)
         adapter = active[0]
         delta = layer.trainable_tokens_delta[adapter]
-        rows = torch.as_tensor(layer.token_indices[adapter], device=delta.device)
+        rows = _rows(layer, adapter, delta.device)
         if type(base) is torch.nn.Embedding:     # exactly: a subclass may scale or otherwise change the lookup
             return _embed(base, x, rows, delta)
         if type(base) is torch.nn.Linear and base.bias is None:
@@ -50,6 +50,18 @@ def _lean(layer, peft_forward):
         return peft_forward(x, *args, **kwargs)
 
     return forward
+
+
+def _rows(layer, adapter: str, device: torch.device) -> torch.Tensor:
+    # The trainable tokens' ids as a tensor on the device, made once: peft makes it from its list on every forward,
+    # a copy from host memory that makes the host wait for the GPU each time (before lm_head, after every layer's
+    # forward has been queued).
+    key = (adapter, tuple(layer.token_indices[adapter]), device)
+    cached = getattr(layer, "lean_rows", None)
+    if cached is None or cached[0] != key:
+        cached = key, torch.as_tensor(key[1], device=device)
+        layer.lean_rows = cached
+    return cached[1]
 
 
 def _embed(base: torch.nn.Embedding, ids: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
