@@ -11,9 +11,11 @@ matrix is used as it is and only the trainable rows are computed apart:
 - lm_head: the frozen matrix's logits, with the trainable tokens' columns overwritten in place by the hidden states
   times their delta rows.
 
-The values are the same as peft's (the same rows, the same products); what changes is what is kept in memory. The
-saved adapter is untouched: only `forward` is replaced, and peft's own forward still serves whatever this does not
-cover (adapters disabled or merged, several active at once)."""
+The embedding's values are peft's exactly; lm_head's trainable columns are the same products computed apart, which
+can round differently in the last bit, so only training (gradients on) takes that path: evaluation and generation
+keep peft's forward, whose logits a user reloading the adapter with stock peft gets bit for bit
+(tests/test_train_e2e.py). The saved adapter is untouched: only `forward` is replaced, and peft's own forward still
+serves whatever this does not cover (adapters disabled or merged, several active at once)."""
 from __future__ import annotations
 
 import torch
@@ -37,19 +39,40 @@ def _lean(layer, peft_forward):
     base = layer.get_base_layer()
 
     def forward(x, *args, **kwargs):
-        active = layer.active_adapters
-        if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1:
+        parts = None if args or kwargs else _parts(layer)
+        if parts is None:
             return peft_forward(x, *args, **kwargs)
-        adapter = active[0]
-        delta = layer.trainable_tokens_delta[adapter]
-        rows = _rows(layer, adapter, delta.device)
+        rows, delta = parts
         if type(base) is torch.nn.Embedding:     # exactly: a subclass may scale or otherwise change the lookup
             return _embed(base, x, rows, delta)
-        if type(base) is torch.nn.Linear and base.bias is None:
+        if type(base) is torch.nn.Linear and base.bias is None and torch.is_grad_enabled():
             return _output(base, x, rows, delta)
         return peft_forward(x, *args, **kwargs)
 
     return forward
+
+
+def _parts(layer):
+    """(the trainable tokens' ids on the device, their delta rows) of a layer's one active, unmerged adapter."""
+    active = layer.active_adapters
+    if layer.disable_adapters or layer.merged or len(active) != 1:
+        return None
+    delta = layer.trainable_tokens_delta[active[0]]
+    return _rows(layer, active[0], delta.device), delta
+
+
+def output_parts(lm_head):
+    """An output layer as (frozen weight, trainable tokens' ids or None, their delta rows or None): a bias-free
+    Linear, or one under peft's trainable tokens with one active adapter. None for anything else."""
+    layer = getattr(lm_head, "token_adapter", None)
+    if layer is None:
+        if type(lm_head) is torch.nn.Linear and lm_head.bias is None:
+            return lm_head.weight, None, None
+        return None
+    base, parts = layer.get_base_layer(), _parts(layer)
+    if parts is None or type(base) is not torch.nn.Linear or base.bias is not None:
+        return None
+    return (base.weight, *parts)
 
 
 def _rows(layer, adapter: str, device: torch.device) -> torch.Tensor:
