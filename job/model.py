@@ -101,9 +101,11 @@ def _one_cpu_kernel(model) -> None:
 
 def add_lora(config: Config, model, tokenizer):
     """LoRA on the target modules; the persona tokens' embedding and output rows train as well, alone (without
-    copies of the embedding and output matrices: speed/tokens.py)."""
+    copies of the embedding and output matrices: speed/tokens.py). The training loss is computed without the
+    whole batch's logits (speed/loss.py)."""
     from peft import LoraConfig, get_peft_model
 
+    from .speed.loss import chunked_loss
     from .speed.tokens import lean_trainable_tokens
 
     ids = persona_token_ids(tokenizer)
@@ -112,4 +114,5 @@ def add_lora(config: Config, model, tokenizer):
                       trainable_token_indices={"embed_tokens": ids, "lm_head": ids})
     model = get_peft_model(model, lora)
     lean_trainable_tokens(model)
+    chunked_loss(model)
     return model

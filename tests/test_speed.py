@@ -327,6 +327,42 @@ def test_the_persona_tokens_rows_train_as_peft_trains_them_without_copying_the_e
             assert g.abs().sum(-1).gt(0).all(), name
 
 
+@pytest.mark.parametrize("padding_free", ["true", "false"])
+def test_the_training_loss_in_chunks_is_transformers_loss_without_the_batchs_logits(tiny_model, monkeypatch,
+                                                                                   padding_free):
+    """speed/loss.py: the loss and every gradient as transformers computes them from the full logits, a few tokens
+    at a time (5 here, so a batch takes several chunks), with the persona tokens among inputs and labels; nothing of
+    the logits' size is kept for the backward pass; evaluation (no gradients) still gets the logits."""
+    from job.model import load_tokenizer, persona_token_ids
+    from job.speed import loss as chunked
+
+    tokenizer = load_tokenizer(from_env({"BASE_MODEL": str(tiny_model), "REQUIRE_GPU": "false"}))
+    persona, vocab = persona_token_ids(tokenizer), len(tokenizer)
+    feats = sequences(12, 9, 7)
+    for f in feats:
+        f["input_ids"][1], f["labels"][-2], f["labels"][-1] = persona[0], persona[-1], persona[0]
+    installed = chunked.chunked_loss
+
+    def run(on):
+        monkeypatch.setattr(chunked, "chunked_loss", installed if on else lambda model: False)
+        sizes = []
+        weight = lambda t: isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)  # noqa: E731
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(0 if weight(t) else t.numel()) or t,
+                                                      lambda t: t):   # a weight or a view of one costs nothing
+            out = loss_and_grads(tiny_model, padding_free, feats, LORA_DROPOUT="0")
+        return out, sizes
+
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 5 * 4 * vocab)    # 5 tokens a chunk
+    (loss, grads, batch), sizes = run(True)
+    (whole, whole_grads, _), whole_sizes = run(False)
+    logits = batch["input_ids"].numel() * vocab
+    assert max(whole_sizes) >= logits > max(sizes)
+    assert loss == pytest.approx(whole, rel=1e-5)
+    assert len(grads) == len(whole_grads) > 0
+    for a, b in zip(grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 _ISA_PROBES = """
 import subprocess, sys, torch
 from job.speed import kernels
