@@ -135,9 +135,10 @@ def test_torch_compile_is_chosen_by_the_runs_length_on_a_modern_gpu(monkeypatch)
     long = plan(from_env({}), "cuda", LLAMA_7B, steps=repays)
     assert long.torch_compile and not long.liger_kernel, long.reasons   # inductor fuses what Liger would
     assert not long.gradient_checkpointing and f">= {repays}" in " ".join(long.reasons)
-    short = plan(from_env({}), "cuda", LLAMA_7B, steps=250)     # the seed's recipe: 1000 rows, 4 a step
+    short = plan(from_env({}), "cuda", LLAMA_7B, steps=repays - 1)
     assert not short.torch_compile and short.liger_kernel
-    assert "250 steps to run" in " ".join(short.reasons)
+    assert f"{repays - 1} steps to run" in " ".join(short.reasons)
+    assert plan(from_env({}), "cuda", LLAMA_7B, steps=238).torch_compile   # the seed's run: 950 rows, 4 a step
     assert not plan(from_env({}), "cuda", LLAMA_7B).torch_compile   # length unknown (preflight's estimate)
     assert not plan(from_env({}), "cuda", LLAMA_7B, steps=10**6, world_size=2).torch_compile   # not measured
     # The user's word wins, both ways.

@@ -23,12 +23,13 @@ _ACTIVATION_BYTES = {False: 48, True: 40}
 # Share of the GPU's memory the estimate may fill before recomputation is switched on.
 _MEMORY_HEADROOM = 0.8
 # torch.compile of the decoder layers, for Llama-2-7B at batch 4 (docs/PERFORMANCE.md): what the first step pays
-# once with an empty cache; what it pays with the portable compile cache loaded (compile_cache.py), before a run of
-# this cache's key has measured it (the cache saves little: Dynamo's tracing and AOTAutograd are most of a
-# compile); and what every later step saves, the smallest of the measured savings. `auto` compiles when the run's
-# remaining steps repay the first step.
-COMPILE_SECONDS = 75.0
-CACHED_COMPILE_SECONDS = 62.0
+# once with an empty cache (9.9 s and 13.0 s measured on H200s, 2026-11-29, once the layers' floats were constants
+# and inductor's ISA probe was off; 41.7-56.6 s before); what it pays with the portable compile cache loaded
+# (compile_cache.py), before a run of this cache's key has measured it (4.9 s and 6.5 s measured); and what every
+# later step saves, the smallest of the measured savings. `auto` compiles when the run's remaining steps repay the
+# first step: from 218 steps cold, so the seed's own run (238 steps) compiles.
+COMPILE_SECONDS = 15.0
+CACHED_COMPILE_SECONDS = 8.0
 COMPILE_SAVING_PER_STEP = 0.069
 # CUDA context, cuBLAS workspace and allocator fragmentation on a GPU; the interpreter and libraries on a CPU.
 RUNTIME_OVERHEAD = GiB
