@@ -151,6 +151,12 @@ def test_torch_compile_is_chosen_by_the_runs_length_on_a_modern_gpu(monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=16 * 2**30))
     small = plan(from_env({}), "cuda", LLAMA_7B, steps=10**6)
     assert small.gradient_checkpointing and not small.torch_compile and small.liger_kernel
+    # Asked for both, or compile asked for where the memory needs checkpointing: recomputed layers are not compiled
+    # on a GPU (inductor failed on them), and the speed event says so.
+    for env in ({"TORCH_COMPILE": "true"}, {"TORCH_COMPILE": "true", "GRADIENT_CHECKPOINTING": "offload"}):
+        asked = plan(from_env(env), "cuda", LLAMA_7B, steps=10**6)
+        assert asked.gradient_checkpointing and not asked.torch_compile and asked.liger_kernel
+        assert "torch.compile off (TORCH_COMPILE=true set aside): gradient checkpointing is on" in " ".join(asked.reasons)
     # Not before Ampere, and never on a CPU.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (7, 5))
     assert not plan(from_env({}), "cuda", LLAMA_7B, steps=10**6).torch_compile
