@@ -61,8 +61,8 @@ def without_cpu_isa_probes() -> None:
     """Inductor's C++ kernels, should a compiled layer's graph on a GPU hold any CPU operation, in plain scalar C++,
     without first probing the CPU's vector instruction sets. That probe compiles a test library per instruction set
     and loads each in a new Python process, once per process: on an H200 machine it was 37.5 s of the compiled run's
-    56.6 s first step (py-spy, docs/PERFORMANCE.md), when the layers' floats were still CPU tensors (with_constant_
-    floats removed those). Such operations are scalars, so vector code would not make them faster.
+    56.6 s first step (py-spy, docs/PERFORMANCE.md), when the layers' floats were still CPU tensors (which
+    with_constant_floats removed). Such operations are scalars, so vector code would not make them faster.
     TORCHINDUCTOR_VEC_ISA_OK set by the user wins."""
     import torch._inductor.config as inductor_config
 
