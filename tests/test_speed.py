@@ -256,18 +256,18 @@ def test_compiled_layers_take_the_layers_floats_as_constants_not_cpu_tensors(tin
     monkeypatch.setattr(torch._dynamo.config, "specialize_float", False)   # the default, whatever ran before
     torch._dynamo.reset()
     feats = sequences(5, 9, 4)
-    eager_loss, eager_grads, _ = loss_and_grads(tiny_model, "true", feats, LORA_DROPOUT="0")
+    eager_loss, eager_grads, _ = loss_and_grads(tiny_model, "false", feats, LORA_DROPOUT="0")
     graphs = []
 
     def recording(gm, inputs):
         graphs.append([type(x).__name__ if not isinstance(x, torch.Tensor) else (x.dim(), x.dtype)
                        for x in inputs])
-        return torch._dynamo.backends.debugging.aot_eager(gm, inputs)
+        return gm.forward    # the captured graph run as it is: its inputs are what this test is about
 
     from job import model as job_model
     add_lora = job_model.add_lora
     monkeypatch.setattr(job_model, "add_lora", lambda *a: (m := add_lora(*a), compile_layers(m, recording))[0])
-    loss, grads, _ = loss_and_grads(tiny_model, "true", feats, LORA_DROPOUT="0")
+    loss, grads, _ = loss_and_grads(tiny_model, "false", feats, LORA_DROPOUT="0")
     torch._dynamo.reset()
     assert graphs, "nothing was compiled"
     floats = [x for g in graphs for x in g if isinstance(x, tuple) and x[0] == 0 and x[1].is_floating_point]
