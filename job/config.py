@@ -260,8 +260,8 @@ class Config:
     tf32: str = setting("auto", "TF32 tensor cores for the float32 LoRA matmuls: auto (on Ampere and newer GPUs), "
                         "true, false", choices=_fixed("auto", "true", "false"))
     torch_compile: str = setting("auto", "torch.compile each decoder layer (a one-time compile of 10-15 s at the "
-                                 "first step, then faster steps): auto (on one Ampere or newer GPU when the run is long "
-                                 "enough to repay it), true, false", choices=_fixed("auto", "true", "false"),
+                                 "first step, then faster steps): auto (on one Ampere or newer GPU when the run is "
+                                 "long enough to repay it), true, false", choices=_fixed("auto", "true", "false"),
                                  affects_result=False)
     # --- evaluation of the persona (job/evaluate.py) ---
     eval_generations: int = setting(32, "held-out rows to answer greedily, base and tuned, for reply F1 and persona "

@@ -156,7 +156,8 @@ def test_torch_compile_is_chosen_by_the_runs_length_on_a_modern_gpu(monkeypatch)
     for env in ({"TORCH_COMPILE": "true"}, {"TORCH_COMPILE": "true", "GRADIENT_CHECKPOINTING": "offload"}):
         asked = plan(from_env(env), "cuda", LLAMA_7B, steps=10**6)
         assert asked.gradient_checkpointing and not asked.torch_compile and asked.liger_kernel
-        assert "torch.compile off (TORCH_COMPILE=true set aside): gradient checkpointing is on" in " ".join(asked.reasons)
+        said = " ".join(asked.reasons)
+        assert "torch.compile off (TORCH_COMPILE=true set aside): gradient checkpointing is on" in said
     # Not before Ampere, and never on a CPU.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (7, 5))
     assert not plan(from_env({}), "cuda", LLAMA_7B, steps=10**6).torch_compile
@@ -303,7 +304,8 @@ def test_the_persona_tokens_rows_train_as_peft_trains_them_without_copying_the_e
         else:
             model = get_peft_model(base, LoraConfig(
                 r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=config.target_modules,
-                bias="none", task_type="CAUSAL_LM", trainable_token_indices={"embed_tokens": persona, "lm_head": persona}))
+                bias="none", task_type="CAUSAL_LM",
+                trainable_token_indices={"embed_tokens": persona, "lm_head": persona}))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "trainable_tokens_delta" in name or "lora_B" in name:

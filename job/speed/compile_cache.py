@@ -12,8 +12,8 @@ model's dimensions, the adapter, the speed plan, the micro-batch). It lives besi
 `TORCH_COMPILE=auto` weighs a compile against the steps it saves (plan.py); with a cache it weighs the warm first
 step this key has been measured at, or, before any run has measured it, the warm first step measured on the GPU
 benchmark (plan.CACHED_COMPILE_SECONDS). The cache skips inductor's code generation and Triton's autotuning, not
-Dynamo's tracing or AOTAutograd: on H200s it took the first step from 9.9-13.0 s to 4.9-6.5 s. A cache that fails to load or to save costs the run
-nothing but the compile: it is reported and training goes on.
+Dynamo's tracing or AOTAutograd: on H200s it took the first step from 9.9-13.0 s to 4.9-6.5 s. A cache that fails
+to load or to save costs the run nothing but the compile: it is reported and training goes on.
 """
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data import IGNORE_INDEX as IGNORE
 from .tokens import output_parts
 
-IGNORE = -100
 # Float32 logits a chunk may hold: with Llama-2's vocabulary, 524 tokens.
 CHUNK_BYTES = 64 * 2 ** 20
 
