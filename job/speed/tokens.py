@@ -43,7 +43,9 @@ def _lean(layer, peft_forward):
         if parts is None:
             return peft_forward(x, *args, **kwargs)
         rows, delta = parts
-        if type(base) is torch.nn.Embedding:     # exactly: a subclass may scale or otherwise change the lookup
+        if type(base) is torch.nn.Embedding and not (base.max_norm is not None or base.sparse
+                                                      or base.scale_grad_by_freq):
+            # exactly an Embedding, a plain lookup: a subclass may scale or otherwise change it
             return _embed(base, x, rows, delta)
         if type(base) is torch.nn.Linear and base.bias is None and torch.is_grad_enabled():
             return _output(base, x, rows, delta)
@@ -88,8 +90,6 @@ def _rows(layer, adapter: str, device: torch.device) -> torch.Tensor:
 
 
 def _embed(base: torch.nn.Embedding, ids: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    if base.max_norm is not None or base.sparse or base.scale_grad_by_freq:
-        raise NotImplementedError("lean trainable tokens: an embedding with max_norm, sparse or scale_grad_by_freq")
     out = F.embedding(ids, base.weight, padding_idx=base.padding_idx)
     match = ids.unsqueeze(-1) == rows                       # [..., trainable tokens]
     hit = match.any(-1, keepdim=True)
