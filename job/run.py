@@ -240,10 +240,10 @@ class Run:
         model = add_lora(self.config, load_base_model(self.config, self.tokenizer, self.device, self.plan),
                          self.tokenizer)
         # The plan's callbacks come first, whatever callbacks() returns: they make the model what the plan says.
-        speed_callbacks = recompute.callbacks(self.plan.recompute)
+        speed_callbacks = recompute.callbacks(self.plan.recompute, compiled_layers=self.plan.torch_compile)
         if self.plan.torch_compile:
             from .speed.kernels import compile_layers
-            layers = compile_layers(model)
+            layers = compile_layers(model, recomputed=self.plan.recompute in ("layers", "offload"))
             speed_callbacks += compile_cache.attach(self.cache, self.reporter, self.topology.is_main)
             self.reporter.event("speed", f"torch.compile: {layers} decoder layers compile on the first step "
                                          f"(one-time)", layers=layers)

@@ -147,17 +147,27 @@ def test_torch_compile_is_chosen_by_the_runs_length_on_a_modern_gpu(monkeypatch)
     # Liger asked for: auto does not compile (dynamo cannot trace Liger's kernels), and Liger runs.
     liger = plan(from_env({"USE_LIGER_KERNEL": "true"}), "cuda", LLAMA_7B, steps=10**6)
     assert not liger.torch_compile and liger.liger_kernel and "USE_LIGER_KERNEL=true" in " ".join(liger.reasons)
-    # Where the memory rule recomputes activations (a 16 GB GPU), auto keeps the eager path.
+    # Where the memory rule recomputes whole layers (a 16 GB GPU), auto compiles them too for a long enough run,
+    # and a short run keeps the eager path with Liger's kernels.
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=16 * 2**30))
     small = plan(from_env({}), "cuda", LLAMA_7B, steps=10**6)
-    assert small.gradient_checkpointing and not small.torch_compile and small.liger_kernel
-    # Asked for both, or compile asked for where the memory needs checkpointing: recomputed layers are not compiled
-    # on a GPU (inductor failed on them), and the speed event says so.
-    for env in ({"TORCH_COMPILE": "true"}, {"TORCH_COMPILE": "true", "GRADIENT_CHECKPOINTING": "offload"}):
+    assert small.gradient_checkpointing and small.recompute == "layers" and small.torch_compile
+    assert not small.liger_kernel
+    short = plan(from_env({}), "cuda", LLAMA_7B, steps=10)
+    assert short.gradient_checkpointing and not short.torch_compile and short.liger_kernel
+    for setting in ("true", "offload"):
+        asked = plan(from_env({"TORCH_COMPILE": "true", "GRADIENT_CHECKPOINTING": setting}), "cuda", LLAMA_7B,
+                     steps=10)
+        assert asked.gradient_checkpointing and asked.torch_compile
+    # Selective recomputation's checkpoint sits inside the compiled layer, where inductor failed on a GPU: not
+    # compiled, and the speed event says so.
+    for env in ({"GRADIENT_CHECKPOINTING": "selective"},
+                {"GRADIENT_CHECKPOINTING": "selective", "TORCH_COMPILE": "true"}):
         asked = plan(from_env(env), "cuda", LLAMA_7B, steps=10**6)
-        assert asked.gradient_checkpointing and not asked.torch_compile and asked.liger_kernel
+        assert asked.recompute == "selective" and not asked.torch_compile and asked.liger_kernel
         said = " ".join(asked.reasons)
-        assert "torch.compile off (TORCH_COMPILE=true set aside): gradient checkpointing is on" in said
+        assert "torch.compile off" in said and "selective recomputation checkpoints inside" in said
+        assert ("(TORCH_COMPILE=true set aside)" in said) == ("TORCH_COMPILE" in env)
     # Not before Ampere, and never on a CPU.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (7, 5))
     assert not plan(from_env({}), "cuda", LLAMA_7B, steps=10**6).torch_compile

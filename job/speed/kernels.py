@@ -27,12 +27,19 @@ def apply_liger(model) -> bool:
 
 
 
-def compile_layers(model, backend=None) -> int:
+def compile_layers(model, backend=None, recomputed: bool = False) -> int:
     """torch.compile each decoder layer of the (peft-wrapped) model in place, for sequence lengths that change
     from batch to batch; returns how many. Every layer runs the same code, so one compiled graph serves them all.
     The parameters and their names are untouched: checkpoints and the adapter are the same as eager ones.
     On a GPU, inductor's kernels; on a CPU, `aot_eager` (the same captured forward and backward graphs, run by
-    eager kernels), which is what the CPU tests check. `backend`: another torch.compile backend."""
+    eager kernels), which is what the CPU tests check. `backend`: another torch.compile backend.
+
+    `recomputed` (whole layers recomputed: GRADIENT_CHECKPOINTING true or offload): only the layer's own forward
+    compiles, and torch.utils.checkpoint stays outside it, in eager code, as each layer's `compiled_forward`, which
+    recompute.py's checkpoint functions call. Compiling the whole layer would trace the checkpoint into the graph
+    as a higher-order op, and inductor failed on that on an H200 (AOTAutograd's partitioner: "Node add_303 was
+    invalid, but is output", torch 2.11; docs/PERFORMANCE.md), where an eager checkpoint of a compiled forward
+    is an ordinary autograd function that the checkpoint runs twice."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:
@@ -42,9 +49,25 @@ def compile_layers(model, backend=None) -> int:
         _persistent_compile_cache()
     with_constant_floats()
     without_cpu_isa_probes()
+    backend = backend or ("inductor" if on_gpu else "aot_eager")
     for layer in layers:
-        layer.compile(dynamic=True, backend=backend or ("inductor" if on_gpu else "aot_eager"))
+        if recomputed:
+            layer.compiled_forward = _compiled_forward(type(layer), backend)
+        else:
+            layer.compile(dynamic=True, backend=backend)
     return len(layers)
+
+
+_COMPILED_FORWARDS: dict = {}
+
+
+def _compiled_forward(layer_class, backend):
+    """The layer class's own forward (inside transformers' checkpointing wrapper), compiled once for every layer."""
+    forward = getattr(layer_class.forward, "__wrapped__", layer_class.forward)
+    key = (forward, backend)
+    if key not in _COMPILED_FORWARDS:
+        _COMPILED_FORWARDS[key] = torch.compile(forward, dynamic=True, backend=backend)
+    return _COMPILED_FORWARDS[key]
 
 
 def with_constant_floats() -> None:

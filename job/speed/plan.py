@@ -84,13 +84,14 @@ def plan(config: Config, device: str, model_config=None, steps: int | None = Non
     eager_liger = _setting(config.use_liger_kernel, gpu and liger_available())
     # Compiled or with Liger's kernels, RMSNorm and SwiGLU keep no intermediate copies.
     checkpointing, why = _gradient_checkpointing(config, device, model_config, compile_ or eager_liger)
-    if compile_ and checkpointing and gpu:
-        # Recomputed layers compiled by inductor failed on an H200 (torch 2.11): AOTAutograd's partitioner raised
-        # "Node add_303 was invalid, but is output" at the first step (docs/PERFORMANCE.md). A CPU run compiles with
-        # aot_eager, which recomputes them right (tests/test_recompute.py).
+    if compile_ and checkpointing and gpu and mode(config.gradient_checkpointing, checkpointing) == "selective":
+        # The attention block's checkpoint sits inside the compiled layer, traced as a higher-order op, and inductor
+        # failed on that on an H200 (torch 2.11): AOTAutograd's partitioner raised "Node add_303 was invalid, but is
+        # output" at the first step (docs/PERFORMANCE.md). Whole recomputed layers keep their checkpoint outside the
+        # compiled forward (kernels.compile_layers). A CPU run compiles with aot_eager, which recomputes right.
         set_aside = " (TORCH_COMPILE=true set aside)" if config.torch_compile == "true" else ""
-        compile_, compile_why = False, (f"torch.compile off{set_aside}: gradient checkpointing is on, and inductor "
-                                        f"failed to compile recomputed layers on a GPU")
+        compile_, compile_why = False, (f"torch.compile off{set_aside}: selective recomputation checkpoints inside "
+                                        f"the compiled layer, which inductor failed to compile on a GPU")
     # Compiled layers get inductor's fusions of RMSNorm, SwiGLU and RoPE, so Liger's kernels are for eager runs.
     liger = eager_liger and (config.use_liger_kernel == "true" or not compile_)
     reasons = []
@@ -139,14 +140,16 @@ def activation_bytes(model_config, tokens: int, fused: bool) -> int:
     return tokens * (layers * hidden * _ACTIVATION_BYTES[fused] + vocab * 10)
 
 
-def weight_bytes(model_config) -> int:
-    """NF4 decoder weights (half a byte each plus scales) and the 16-bit embedding and output matrices."""
+def weight_bytes(model_config, double_quant: bool = False) -> int:
+    """NF4 decoder weights (half a byte each plus scales) and the 16-bit embedding and output matrices. Double
+    quantization stores a byte per 64 weights and a float32 per 16,384 in place of a float32 per 64."""
     layers = getattr(model_config, "num_hidden_layers", 32)
     hidden = getattr(model_config, "hidden_size", 4096)
     inter = getattr(model_config, "intermediate_size", 11008)
     vocab = getattr(model_config, "vocab_size", 32000)
     per_layer = 4 * hidden * hidden + 3 * hidden * inter
-    return int(layers * per_layer * 0.53) + 2 * vocab * hidden * 2
+    per_weight = 0.53 - (4 / 64 - 1 / 64 - 4 / 16384 if double_quant else 0)
+    return int(layers * per_layer * per_weight) + 2 * vocab * hidden * 2
 
 
 def _gradient_checkpointing(config: Config, device: str, model_config, fused: bool) -> tuple[bool, str]:
@@ -157,7 +160,7 @@ def _gradient_checkpointing(config: Config, device: str, model_config, fused: bo
     total = torch.cuda.get_device_properties(0).total_memory
     # The longest micro-batch the data allows: every sequence at MAX_SEQ_LENGTH.
     tokens = config.per_device_train_batch_size * config.max_seq_length
-    need = weight_bytes(model_config) + activation_bytes(model_config, tokens, fused)
+    need = weight_bytes(model_config, config.double_quant) + activation_bytes(model_config, tokens, fused)
     on = need > _MEMORY_HEADROOM * total
     return on, (f"gradient checkpointing {'on' if on else 'off'}: ~{need / 2**30:.1f} GiB needed without it "
                 f"for {tokens} tokens per micro-batch, {'over' if on else 'within'} "
@@ -207,7 +210,7 @@ def peak_memory(config: Config, shape, micro_batch: int, checkpointing: bool, fu
     """
     tokens = micro_batch * config.max_seq_length
     hidden, layers = shape.hidden_size, shape.num_hidden_layers
-    weights = weight_bytes(shape) + 2 * shape.vocab_size * hidden * (dtype_bytes - 2)
+    weights = weight_bytes(shape, config.double_quant) + 2 * shape.vocab_size * hidden * (dtype_bytes - 2)
     if checkpointing:
         one_layer = SimpleNamespace(num_hidden_layers=1, hidden_size=hidden, vocab_size=shape.vocab_size)
         activations = tokens * layers * hidden * dtype_bytes + activation_bytes(one_layer, tokens, fused)

@@ -19,6 +19,8 @@ reruns the same kernels on the same inputs, with the same dropout masks (torch.u
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 MODES = ("layers", "selective", "offload")
@@ -115,15 +117,35 @@ def offloaded_checkpoint(function, *args, **kwargs):
         return _checkpoint(function, *args, **kwargs)
 
 
+# ---------------------------------------------------------------- compiled layers
+
+def compiled(checkpoint_function):
+    """A layer's checkpoint function that recomputes the layer's compiled forward (kernels.compile_layers with
+    `recomputed`) in place of its eager one: the checkpoint itself stays eager. transformers calls it with
+    partial(forward, layer, **kwargs) and the layer's positional inputs."""
+    def recompute_compiled(function, *args):
+        layer = function.args[0] if function.args else None
+        compiled_forward = getattr(layer, "compiled_forward", None)
+        if compiled_forward is not None and function.func is getattr(compiled_forward, "__wrapped__", None):
+            function = functools.partial(compiled_forward, *function.args, **function.keywords)
+        return checkpoint_function(function, *args)
+    return recompute_compiled
+
+
 # ---------------------------------------------------------------- putting a mode on the model
 
 def use(model, recompute: str) -> int:
-    """Put this mode on every decoder layer the Trainer set up for checkpointing; returns how many layers."""
+    """Put this mode on every decoder layer the Trainer set up for checkpointing; returns how many layers. A layer
+    compiled for recomputation (with a `compiled_forward`) recomputes that."""
     count = 0
     for module in model.modules():
         if getattr(module, "_gradient_checkpointing_func", None) is None:
             continue
-        if recompute == "offload":
+        if hasattr(module, "compiled_forward") and recompute in ("layers", "offload"):
+            module._gradient_checkpointing_func = compiled(
+                offloaded_checkpoint if recompute == "offload" else _checkpoint)
+            count += 1
+        elif recompute == "offload":
             module._gradient_checkpointing_func = offloaded_checkpoint
             count += 1
         elif recompute == "selective" and isinstance(getattr(module, "self_attn", None), torch.nn.Module):
@@ -133,10 +155,10 @@ def use(model, recompute: str) -> int:
     return count
 
 
-def callbacks(recompute: str) -> list:
-    """Trainer callbacks for a mode: `selective` and `offload` take over the layers once the Trainer has enabled
-    checkpointing (at the start of training, before the first forward)."""
-    if recompute not in ("selective", "offload"):
+def callbacks(recompute: str, compiled_layers: bool = False) -> list:
+    """Trainer callbacks for a mode: `selective` and `offload`, and `layers` whose layers are compiled, take over the
+    layers once the Trainer has enabled checkpointing (at the start of training, before the first forward)."""
+    if recompute not in ("selective", "offload") and not (recompute == "layers" and compiled_layers):
         return []
     from transformers import TrainerCallback
 
