@@ -35,7 +35,9 @@ def free_port() -> str:
 def ddp_job(cpu_job):
     def settings(**overrides: str) -> dict[str, str]:
         return cpu_job(**{"RUN_ID": "ddp-story", "MASTER_PORT": free_port(), "LOGGING_STEPS": "1",
-                          "LORA_DROPOUT": "0", "MAX_STEPS": "10", **overrides})
+                          "LORA_DROPOUT": "0", "MAX_STEPS": "10",
+                          # A worker that aborts in C++ prints its threads' Python stacks, for the failure message.
+                          "PYTHONFAULTHANDLER": "1", **overrides})
     return settings
 
 
@@ -156,7 +158,7 @@ def test_a_run_resumes_on_another_gpu_count_at_the_same_data_position(ddp_job, c
     resumed_from = max(int(n[5:]) for n in manifests(tmp_path / "store"))
 
     restart = run_job("train", env=ddp_job(NPROC_PER_NODE=after, SAVE_STEPS="4"))
-    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert restart.returncode == 0, (restart.stdout[-4000:], restart.stderr[-6000:])
     got = logged_losses(restart)
     assert min(got) == resumed_from + 1, "the restart continues at the next step, not from the start"
     # Each step after the resume trains on the batch the uninterrupted run trained on at that step: the
