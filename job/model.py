@@ -62,7 +62,8 @@ def load_base_model(config: Config, tokenizer, device: str, plan=None):
     plan = plan or speed_plan(config, device)
     dtype = compute_dtype(config, device)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=False)
+                                      bnb_4bit_compute_dtype=dtype,
+                                      bnb_4bit_use_double_quant=config.double_quant)
     register_attention()
     model = AutoModelForCausalLM.from_pretrained(config.base_model, quantization_config=quantization,
                                                  dtype=dtype, device_map={"": torch.cuda.current_device() if device == "cuda" else device},

@@ -57,7 +57,7 @@ def graph_shape(config, model_config) -> dict[str, Any]:
             config.lora_dropout, config.lora_target_modules], "batch": config.per_device_train_batch_size,
             "max_seq_length": config.max_seq_length, "padding_free": config.padding_free,
             "liger": config.use_liger_kernel, "gradient_checkpointing": config.gradient_checkpointing,
-            "tf32": config.tf32}
+            "tf32": config.tf32, "double_quant": config.double_quant}
 
 
 @dataclass
