@@ -41,7 +41,10 @@ WARMUP_STEPS = 20
 # The job's contenders: its defaults, and TORCH_COMPILE=true twice: a first run, then a second run (another RUN_ID)
 # in the same store, which finds the first one's portable compile cache and this machine's inductor cache, as a
 # later run or a restarted one does.
-JOB_CONTENDERS = {"job": {}, "job-compile": {"TORCH_COMPILE": "true"}, "job-compile-again": {"TORCH_COMPILE": "true"}}
+JOB_CONTENDERS = {"job": {}, "job-compile": {"TORCH_COMPILE": "true"}, "job-compile-again": {"TORCH_COMPILE": "true"},
+                  # the 16 GB mode: what the defaults pick on a 16 GB GPU (whole layers recomputed; auto compiles)
+                  "job-gc": {"GRADIENT_CHECKPOINTING": "true"},
+                  "job-gc-dq": {"GRADIENT_CHECKPOINTING": "true", "DOUBLE_QUANT": "true"}}
 
 
 def job_settings(name: str, model_dir: Path, data: Path, work: Path, device: str) -> dict[str, str]:

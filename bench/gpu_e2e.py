@@ -48,12 +48,16 @@ class Report:
 
 
 def numerics(model_dir: Path, report: Report) -> None:
-    """Loss and LoRA gradients of one batch: padding-free vs padded, and Liger vs unfused, in bf16."""
+    """Loss and LoRA gradients of one batch: padding-free vs padded, Liger vs unfused, and compiled layers with and
+    without recomputation, in bf16."""
     import torch
 
     from job.config import from_env
     from job.model import add_lora, load_base_model, load_tokenizer, speed_plan
+    from job.speed import recompute
     from job.speed.attention import data_collator
+    from job.speed.kernels import compile_layers
+    from job.speed.recompute import checkpoint_kwargs
 
     gen = torch.Generator().manual_seed(0)
     feats = []
@@ -74,6 +78,14 @@ def numerics(model_dir: Path, report: Report) -> None:
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.02, generator=torch.Generator(p.device).manual_seed(1))
+        # Compiled and recomputed layers as job/run.py sets them up (the Trainer enables the checkpointing).
+        torch._dynamo.reset()
+        if plan.torch_compile:
+            compile_layers(model, recomputed=plan.recompute in ("layers", "offload"))
+        if plan.gradient_checkpointing:
+            model.train()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(plan.recompute))
+            recompute.use(model, plan.recompute)
         batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in data_collator(plan, tokenizer)(feats).items()}
         loss = model(**batch, num_items_in_batch=torch.tensor(items, device="cuda")).loss
         loss.backward()
@@ -89,6 +101,12 @@ def numerics(model_dir: Path, report: Report) -> None:
         "padded, unfused (the seed's layout)": loss_and_grads(PADDING_FREE="false", USE_LIGER_KERNEL="false"),
         "padding-free, unfused": loss_and_grads(PADDING_FREE="true", USE_LIGER_KERNEL="false"),
         "padding-free + Liger (job default)": loss_and_grads(PADDING_FREE="true", USE_LIGER_KERNEL="true"),
+        "padding-free, compiled (TORCH_COMPILE=true)": loss_and_grads(PADDING_FREE="true", TORCH_COMPILE="true",
+                                                                      GRADIENT_CHECKPOINTING="false"),
+        "padding-free, compiled, whole layers recomputed": loss_and_grads(
+            PADDING_FREE="true", TORCH_COMPILE="true", GRADIENT_CHECKPOINTING="true"),
+        "padding-free, compiled, recomputed from host memory": loss_and_grads(
+            PADDING_FREE="true", TORCH_COMPILE="true", GRADIENT_CHECKPOINTING="offload"),
     }
 
     def rel(a, b):
@@ -107,6 +125,13 @@ def numerics(model_dir: Path, report: Report) -> None:
     for name in list(variants)[1:]:
         ok = errors[name][0] <= 2 * base[0] + 5e-3 and errors[name][1] <= 1.5 * base[1] + 5e-3
         report.check(ok, f"{name}: as close to float32 as the padded bfloat16 batch is (bfloat16 tolerance)")
+    # Recomputation runs the same compiled forward again on the same inputs: the gradients of the compiled run.
+    compiled = variants["padding-free, compiled (TORCH_COMPILE=true)"]
+    for name in ("padding-free, compiled, whole layers recomputed",
+                 "padding-free, compiled, recomputed from host memory"):
+        apart = rel(variants[name][1], compiled[1])
+        report.check(abs(variants[name][0] - compiled[0]) <= 1e-3 and apart <= 1e-3,
+                     f"{name}: the compiled run's loss and LoRA gradients (relative difference {apart:.2e})")
 
 
 def job_env(model_dir: Path, work: Path, moto, hub) -> dict[str, str]:

@@ -94,6 +94,16 @@ CONFIGS = {
     # The 16 GB mode (job/speed/recompute.py): selective recomputation, and activation offload to pinned host memory.
     "job-gc-selective": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "selective"}),
     "job-gc-offload": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "offload"}),
+    # The same compiled: the layer's forward compiles and the checkpoint stays eager around it (compile_layers'
+    # `recomputed`), what TORCH_COMPILE=auto picks on a 16 GB GPU for a run long enough to repay the compile.
+    "job-gc-compile": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "true", "TORCH_COMPILE": "true",
+                                      "os_env": {"TORCH_LOGS": "recompiles,graph_breaks"}}),
+    "job-gc-offload-compile": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "offload", "TORCH_COMPILE": "true"}),
+    # With DOUBLE_QUANT=true (the NF4 scales in 8 bits: ~0.28 GiB less for the 7B base, the estimate).
+    "job-gc-compile-dq": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "true", "TORCH_COMPILE": "true",
+                                         "DOUBLE_QUANT": "true"}),
+    "job-gc-offload-compile-dq": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "offload", "TORCH_COMPILE": "true",
+                                                 "DOUBLE_QUANT": "true"}),
     # >= 50% MFU (46.4% at batch 24 compiled): larger compiled batches, where the per-step fixed work (4-bit
     # dequantization, the optimizer, the host) weighs less; without recomputation (an H200 holds batch 48: ~2x
     # batch 24's 51.5 GiB, an estimate). (Compiled with recomputation: inductor failed on the recomputed layers on an
