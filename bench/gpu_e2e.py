@@ -100,13 +100,16 @@ def numerics(model_dir: Path, report: Report) -> None:
     variants = {
         "padded, unfused (the seed's layout)": loss_and_grads(PADDING_FREE="false", USE_LIGER_KERNEL="false"),
         "padding-free, unfused": loss_and_grads(PADDING_FREE="true", USE_LIGER_KERNEL="false"),
-        "padding-free + Liger (job default)": loss_and_grads(PADDING_FREE="true", USE_LIGER_KERNEL="true"),
         "padding-free, compiled (TORCH_COMPILE=true)": loss_and_grads(PADDING_FREE="true", TORCH_COMPILE="true",
                                                                       GRADIENT_CHECKPOINTING="false"),
         "padding-free, compiled, whole layers recomputed": loss_and_grads(
             PADDING_FREE="true", TORCH_COMPILE="true", GRADIENT_CHECKPOINTING="true"),
         "padding-free, compiled, recomputed from host memory": loss_and_grads(
             PADDING_FREE="true", TORCH_COMPILE="true", GRADIENT_CHECKPOINTING="offload"),
+        # Last: Liger patches transformers' Llama classes for the rest of the process, and dynamo cannot trace
+        # its kernels (the compiled variants failed after it, 2026-11-30 00:46 UTC).
+        "padding-free + Liger (eager)": loss_and_grads(PADDING_FREE="true", USE_LIGER_KERNEL="true",
+                                                       TORCH_COMPILE="false"),
     }
 
     def rel(a, b):
