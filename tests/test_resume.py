@@ -283,6 +283,7 @@ def test_a_restart_with_a_different_lora_r_is_refused(job, store, tmp_path):
     assert {k: store.read(k) for k in store.keys()} == before, "a refused restart must not touch the store"
 
 
+@pytest.mark.parametrize("store", ["local", "seaweedfs"], indirect=True)   # suite time: one S3 server is enough
 def test_retention_keeps_the_newest_and_the_one_resumed_from(job, store, tmp_path):
     run = Running(job(SAVE_STEPS="2"), tmp_path / "first.log")
     run.until(committed(4))
