@@ -457,3 +457,30 @@ def test_a_checkpoints_snapshots_are_all_taken_before_its_files_are_written_and_
     assert writer.wait(10)
     assert written == [("adapter 1", [0.0] * 3), ("optimizer 1", [0.0] * 3), ("optimizer 2", [1.0] * 3),
                        ("optimizer 3", [2.0] * 3)]
+
+
+def test_double_quant_quantizes_the_nf4_scales_and_the_memory_model_counts_it(tiny_model):
+    # DOUBLE_QUANT=true: every 4-bit layer's scales are themselves quantized (bitsandbytes' nested quant state), the
+    # model still trains (a finite loss and LoRA gradients), and the preflight's estimate shrinks by the scales'
+    # bytes; false (the default, the seed's NF4) keeps float32 scales.
+    import bitsandbytes as bnb
+
+    from job.model import add_lora, load_base_model, load_tokenizer
+    from job.speed.plan import peak_memory
+
+    nested = {}
+    for setting in ("false", "true"):
+        config = from_env({"BASE_MODEL": str(tiny_model), "REQUIRE_GPU": "false", "DOUBLE_QUANT": setting})
+        tokenizer = load_tokenizer(config)
+        model = add_lora(config, load_base_model(config, tokenizer, "cpu"), tokenizer)
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        nested[setting] = {bool(m.weight.quant_state.nested) for m in layers}
+        ids = torch.randint(3, 100, (1, 12))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert nested == {"false": {False}, "true": {True}}
+    shape = SimpleNamespace(**vars(LLAMA_7B), num_attention_heads=32)
+    saved = [peak_memory(from_env({"DOUBLE_QUANT": s}), shape, 4, True, True)["weights"] for s in ("false", "true")]
+    per_weight = 4 / 64 - 1 / 64 - 4 / 16384      # a float32 scale per 64 -> a byte per 64 and a float32 per 16,384
+    assert saved[0] - saved[1] == pytest.approx(32 * (4 * 4096 ** 2 + 3 * 4096 * 11008) * per_weight, rel=1e-6)
