@@ -51,7 +51,8 @@ def compile_layers(model, backend=None, recomputed: bool = False) -> int:
     without_cpu_isa_probes()
     backend = backend or ("inductor" if on_gpu else "aot_eager")
     for layer in layers:
-        if recomputed:
+        # (A layer class without transformers' checkpointing wrapper around its forward compiles whole.)
+        if recomputed and hasattr(type(layer).forward, "__wrapped__"):
             layer.compiled_forward = _compiled_forward(type(layer), backend)
         else:
             layer.compile(dynamic=True, backend=backend)
@@ -63,7 +64,7 @@ _COMPILED_FORWARDS: dict = {}
 
 def _compiled_forward(layer_class, backend):
     """The layer class's own forward (inside transformers' checkpointing wrapper), compiled once for every layer."""
-    forward = getattr(layer_class.forward, "__wrapped__", layer_class.forward)
+    forward = layer_class.forward.__wrapped__
     key = (forward, backend)
     if key not in _COMPILED_FORWARDS:
         _COMPILED_FORWARDS[key] = torch.compile(forward, dynamic=True, backend=backend)
