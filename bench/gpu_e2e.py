@@ -47,9 +47,22 @@ class Report:
         return ok
 
 
-def numerics(model_dir: Path, report: Report) -> None:
-    """Loss and LoRA gradients of one batch: padding-free vs padded, Liger vs unfused, and compiled layers with and
-    without recomputation, in bf16."""
+def numerics_batch() -> list[dict]:
+    """The numerics check's batch: 4 sequences of 211-498 random tokens, labels on their second halves."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    feats = []
+    for n in (211, 347, 498, 260):
+        ids = torch.randint(3, 1000, (n,), generator=gen).tolist()
+        feats.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
+    return feats
+
+
+def loss_and_grads(model_dir: Path, feats: list[dict], device: str = "cuda", **env):
+    """Loss and LoRA gradients of one batch through the job's loading path with the settings `env` (LoRA on all
+    linears, dropout 0), with compiled and recomputed layers set up as job/run.py sets them up (the Trainer enables
+    the checkpointing): (loss, flattened float32 gradients, speed plan, batch shape)."""
     import torch
 
     from job.config import from_env
@@ -59,60 +72,61 @@ def numerics(model_dir: Path, report: Report) -> None:
     from job.speed.kernels import compile_layers
     from job.speed.recompute import checkpoint_kwargs
 
-    gen = torch.Generator().manual_seed(0)
-    feats = []
-    for n in (211, 347, 498, 260):
-        ids = torch.randint(3, 1000, (n,), generator=gen).tolist()
-        feats.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
+    config = from_env({"BASE_MODEL": str(model_dir), "LORA_DROPOUT": "0", "LORA_TARGET_MODULES": "all-linear",
+                       "REQUIRE_GPU": str(device == "cuda").lower(), **env})
+    tokenizer = load_tokenizer(config)
+    plan = speed_plan(config, device)
+    torch.manual_seed(0)
+    model = add_lora(config, load_base_model(config, tokenizer, device, plan), tokenizer)
+    # LoRA B starts at zero, so give it values: the gradients of A then depend on the attention too.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator(p.device).manual_seed(1))
+    torch._dynamo.reset()
+    if plan.torch_compile:
+        compile_layers(model, recomputed=plan.recompute in ("layers", "offload"))
+    if plan.gradient_checkpointing:
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(plan.recompute))
+        recompute.use(model, plan.recompute)
     items = sum(sum(1 for x in f["labels"][1:] if x != -100) for f in feats)
-
-    def loss_and_grads(**env):
-        config = from_env({"BASE_MODEL": str(model_dir), "LORA_DROPOUT": "0", "LORA_TARGET_MODULES": "all-linear",
-                           **env})
-        tokenizer = load_tokenizer(config)
-        plan = speed_plan(config, "cuda")
-        torch.manual_seed(0)
-        model = add_lora(config, load_base_model(config, tokenizer, "cuda", plan), tokenizer)
-        # LoRA B starts at zero, so give it values: the gradients of A then depend on the attention too.
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.02, generator=torch.Generator(p.device).manual_seed(1))
-        # Compiled and recomputed layers as job/run.py sets them up (the Trainer enables the checkpointing).
-        torch._dynamo.reset()
-        if plan.torch_compile:
-            compile_layers(model, recomputed=plan.recompute in ("layers", "offload"))
-        if plan.gradient_checkpointing:
-            model.train()
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(plan.recompute))
-            recompute.use(model, plan.recompute)
-        batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in data_collator(plan, tokenizer)(feats).items()}
-        loss = model(**batch, num_items_in_batch=torch.tensor(items, device="cuda")).loss
-        loss.backward()
-        grads = torch.cat([p.grad.float().flatten() for n, p in model.named_parameters()
-                           if p.requires_grad and "lora_" in n])
-        shape = tuple(batch["input_ids"].shape)
-        del model
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in data_collator(plan, tokenizer)(feats).items()}
+    loss = model(**batch, num_items_in_batch=torch.tensor(items, device=device)).loss
+    loss.backward()
+    grads = torch.cat([p.grad.float().flatten() for n, p in model.named_parameters()
+                       if p.requires_grad and "lora_" in n])
+    shape = tuple(batch["input_ids"].shape)
+    del model
+    if device == "cuda":
         torch.cuda.empty_cache()
-        return loss.item(), grads, plan, shape
+    return loss.item(), grads, plan, shape
 
-    reference = loss_and_grads(PADDING_FREE="false", USE_LIGER_KERNEL="false", COMPUTE_DTYPE="float32")
+
+def numerics(model_dir: Path, report: Report) -> None:
+    """Loss and LoRA gradients of one batch: padding-free vs padded, Liger vs unfused, and compiled layers with and
+    without recomputation, in bf16."""
+    import functools
+
+    loss_and_grads_of = functools.partial(loss_and_grads, model_dir, numerics_batch())
+
+    reference = loss_and_grads_of(PADDING_FREE="false", USE_LIGER_KERNEL="false", COMPUTE_DTYPE="float32")
     variants = {
-        "padded, unfused (the seed's layout)": loss_and_grads(PADDING_FREE="false", USE_LIGER_KERNEL="false"),
-        "padding-free, unfused": loss_and_grads(PADDING_FREE="true", USE_LIGER_KERNEL="false"),
-        "padding-free, whole layers recomputed (eager)": loss_and_grads(
+        "padded, unfused (the seed's layout)": loss_and_grads_of(PADDING_FREE="false", USE_LIGER_KERNEL="false"),
+        "padding-free, unfused": loss_and_grads_of(PADDING_FREE="true", USE_LIGER_KERNEL="false"),
+        "padding-free, whole layers recomputed (eager)": loss_and_grads_of(
             PADDING_FREE="true", USE_LIGER_KERNEL="false", GRADIENT_CHECKPOINTING="true"),
-        "padding-free, recomputed from host memory (eager)": loss_and_grads(
+        "padding-free, recomputed from host memory (eager)": loss_and_grads_of(
             PADDING_FREE="true", USE_LIGER_KERNEL="false", GRADIENT_CHECKPOINTING="offload"),
-        "padding-free, compiled (TORCH_COMPILE=true)": loss_and_grads(PADDING_FREE="true", TORCH_COMPILE="true",
+        "padding-free, compiled (TORCH_COMPILE=true)": loss_and_grads_of(PADDING_FREE="true", TORCH_COMPILE="true",
                                                                       GRADIENT_CHECKPOINTING="false"),
-        "padding-free, compiled, whole layers recomputed": loss_and_grads(
+        "padding-free, compiled, whole layers recomputed": loss_and_grads_of(
             PADDING_FREE="true", TORCH_COMPILE="true", GRADIENT_CHECKPOINTING="true"),
-        "padding-free, compiled, recomputed from host memory": loss_and_grads(
+        "padding-free, compiled, recomputed from host memory": loss_and_grads_of(
             PADDING_FREE="true", TORCH_COMPILE="true", GRADIENT_CHECKPOINTING="offload"),
         # Last: Liger patches transformers' Llama classes for the rest of the process, and dynamo cannot trace
         # its kernels (the compiled variants failed after it, 2026-11-30 00:46 UTC).
-        "padding-free + Liger (eager)": loss_and_grads(PADDING_FREE="true", USE_LIGER_KERNEL="true",
+        "padding-free + Liger (eager)": loss_and_grads_of(PADDING_FREE="true", USE_LIGER_KERNEL="true",
                                                        TORCH_COMPILE="false"),
     }
 
