@@ -240,7 +240,7 @@ class Run:
         model = add_lora(self.config, load_base_model(self.config, self.tokenizer, self.device, self.plan),
                          self.tokenizer)
         # The plan's callbacks come first, whatever callbacks() returns: they make the model what the plan says.
-        speed_callbacks = recompute.callbacks(self.plan.recompute, compiled_layers=self.plan.torch_compile)
+        speed_callbacks = recompute.callbacks(self.plan.recompute)
         if self.plan.torch_compile:
             from .speed.kernels import compile_layers
             layers = compile_layers(model, recomputed=self.plan.recompute in ("layers", "offload"))

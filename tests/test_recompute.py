@@ -56,9 +56,10 @@ def allocated() -> int:
 
 
 def train(model_dir, tmp_path, setting: str, targets: str = "all-linear", rows: list[dict] | None = None,
-          steps: int = 3, watch=None, compiled: bool = False, padding_free: bool = True):
+          steps: int = 3, watch=None, compiled: bool = False, padding_free: bool = True, on_model=None):
     """Optimizer steps of the job's Trainer (LoRA dropout 0.1, as the seed) with GRADIENT_CHECKPOINTING: the logged
-    losses, the adapter, the ops run, and the bytes each step's forward pass left allocated for its backward."""
+    losses, the adapter, the ops run, and the bytes each step's forward pass left allocated for its backward.
+    `on_model` is called with the model before training."""
     import datasets
 
     from job.model import add_lora, load_base_model, load_tokenizer
@@ -82,10 +83,12 @@ def train(model_dir, tmp_path, setting: str, targets: str = "all-linear", rows: 
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    if on_model:
+        on_model(model)
     args = training_arguments(config, tmp_path / setting, "cpu", False, speed)
     trainer = PersonaTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows or sequences(12)),
                              data_collator=data_collator(speed, tokenizer), processing_class=tokenizer,
-                             callbacks=job.speed.recompute.callbacks(speed.recompute, compiled_layers=compiled))
+                             callbacks=job.speed.recompute.callbacks(speed.recompute))
     kept = []
     compute_loss = trainer.compute_loss
 
@@ -121,8 +124,13 @@ def test_each_recompute_mode_trains_to_the_eager_runs_losses_and_adapter_exactly
         offloaded.append(tuple(tensor.shape))
         return to_host(tensor)
     monkeypatch.setattr(job.speed.recompute, "to_host", watched_offload)
+    grad_modes = []   # whether each layer's MLP ran with gradients, in order
 
-    losses, adapter, ops, _ = train(tiny_model, tmp_path, setting)
+    def watch_mlps(model):
+        for layer in model.get_base_model().model.layers:
+            layer.mlp.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+
+    losses, adapter, ops, _ = train(tiny_model, tmp_path, setting, on_model=watch_mlps)
 
     assert losses == eager[0]
     assert adapter.keys() == eager[1].keys()
@@ -137,6 +145,13 @@ def test_each_recompute_mode_trains_to_the_eager_runs_losses_and_adapter_exactly
     else:   # whole layers: every op of the forward again, the MLP's included
         assert ops[matmul] == eager_ops[matmul] * 2, (ops[matmul], eager_ops[matmul])
         assert ops["aten.silu.default"] == eager_ops["aten.silu.default"] * 2
+    # Whole layers run their forward without gradients (nothing saved) and again with them in the backward pass;
+    # selective's MLP runs once, with gradients (it keeps its activations).
+    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    if setting == "selective":
+        assert grad_modes == [True] * layers * 3
+    else:
+        assert grad_modes == ([False] * layers + [True] * layers) * 3, grad_modes
     # offload: each layer's input and nothing else (2 layers, 3 steps), packed to the host
     hidden = json.loads((tiny_model / "config.json").read_text())["hidden_size"]
     assert len(offloaded) == (2 * 3 if setting == "offload" else 0)
@@ -152,11 +167,12 @@ def eager_padded(tiny_model, tmp_path_factory):
 def test_each_mode_in_compiled_layers_trains_to_the_eager_runs_losses_and_adapter_exactly(tiny_model, tmp_path,
                                                                                           eager_padded, monkeypatch,
                                                                                           setting):
-    # Whole recomputed layers (true, offload) compile only their forward, one graph for every layer, and the eager
-    # checkpoint runs it again in the backward pass: inductor failed on an H200 on the checkpoint traced into a
-    # compiled layer as a higher-order op, which is how selective recomputation's attention block compiles (the
-    # plan does not compile that on a GPU). aot_eager: AOTAutograd's forward and backward graphs, as inductor gets
-    # them, run by eager kernels. (Padded batches: the CPU's padding-free attention breaks the graph at every
+    # Whole recomputed layers (true, offload) compile only their forward, and it runs twice a step: without
+    # gradients in the forward pass, keeping nothing (its own graph, compiled once), and with them when the
+    # backward pass recomputes it (one graph for every layer). Inductor failed on an H200 on the checkpoint traced
+    # into a compiled layer as a higher-order op, which is how selective recomputation's attention block compiles
+    # (the plan does not compile that on a GPU). aot_eager: AOTAutograd's forward and backward graphs, as inductor
+    # gets them, run by eager kernels. (Padded batches: the CPU's padding-free attention breaks the graph at every
     # sequence.)
     import job.speed.kernels as kernels
     from torch._dynamo.backends.registry import lookup_backend
@@ -164,11 +180,12 @@ def test_each_mode_in_compiled_layers_trains_to_the_eager_runs_losses_and_adapte
     graphs, calls = [], collections.Counter()
 
     def recording(gm, inputs):
-        graphs.append(gm)
+        graphs.append((gm, torch.is_grad_enabled()))
         compiled = lookup_backend("aot_eager")(gm, inputs)
+        index = len(graphs) - 1
 
         def run(*args):
-            calls[len(graphs) - 1] += 1
+            calls[index, torch.is_grad_enabled()] += 1
             return compiled(*args)
         return run
     compile_layers = kernels.compile_layers
@@ -180,14 +197,16 @@ def test_each_mode_in_compiled_layers_trains_to_the_eager_runs_losses_and_adapte
 
     assert losses == eager_padded[0]
     assert all(torch.equal(adapter[n], eager_padded[1][n]) for n in adapter)
-    assert len(graphs) == 1, f"{len(graphs)} graphs: the layers recompiled or the graph broke"
-    hops = [n for n in graphs[0].graph.nodes if "checkpoint" in str(n.target).lower()]
     layers, steps = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"], 3
+    hops = [[n for n in gm.graph.nodes if "checkpoint" in str(n.target).lower()] for gm, _ in graphs]
     if setting == "selective":
-        assert hops and calls[0] == layers * steps
+        assert len(graphs) == 1, f"{len(graphs)} graphs: the layers recompiled or the graph broke"
+        assert hops[0] and calls == {(0, True): layers * steps}
     else:
-        assert not hops, hops
-        assert calls[0] == 2 * layers * steps, "each layer's compiled forward runs in the forward pass and again"
+        assert [grad for _, grad in graphs] == [False, True], "one graph without gradients, one with"
+        assert not any(hops), hops
+        assert calls == {(0, False): layers * steps, (1, True): layers * steps}, \
+            "each layer's compiled forward runs without gradients in the forward pass, with them in the backward"
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,7 @@
 """What the backward pass recomputes when memory is short (GRADIENT_CHECKPOINTING), in three modes:
 
 - `layers` (`true`, and what `auto` picks when memory needs it): each decoder layer keeps only its input and runs
-  its whole forward again in the backward pass (torch.utils.checkpoint, non-reentrant). Least memory, a third more
-  compute.
+  its whole forward again in the backward pass. Least memory, a third more compute.
 - `selective`: only each layer's attention block (its q/k/v/o projections with their LoRA, RoPE and attention) keeps
   just its input and runs again in the backward pass; the MLP keeps its activations. With LoRA on the attention
   projections (the default q_proj,v_proj) that block holds most of what a layer keeps (the LoRA dropout's inputs
@@ -14,11 +13,19 @@
   own once the layer's input is ready, the copy back is queued before the layer's recomputation; neither makes the
   host wait for the GPU, and the gradients never leave the GPU.
 
+Whole layers (`layers`, `offload`) run their forward pass without gradients, as Unsloth's checkpoint and a
+reentrant torch.utils.checkpoint do (Recomputed): nothing but the layer's input is kept, and no saved-tensor hook
+runs for what the layer would have saved. torch.utils.checkpoint's non-reentrant form, which `selective` uses, runs
+the forward with gradients and passes every tensor the layer saves through a Python hook: in a compiled layer that
+multiplied AOTAutograd's host time per call by four or five, in a step the host bounds (H200 profile,
+docs/PERFORMANCE.md).
+
 All three give the eager run's losses and gradients exactly on the CPU (tests/test_recompute.py): recomputation
-reruns the same kernels on the same inputs, with the same dropout masks (torch.utils.checkpoint restores the RNG).
+reruns the same kernels on the same inputs, with the same dropout masks (the RNG state is restored for it).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -117,36 +124,101 @@ def offloaded_checkpoint(function, *args, **kwargs):
         return _checkpoint(function, *args, **kwargs)
 
 
-# ---------------------------------------------------------------- compiled layers
+# ---------------------------------------------------------------- whole layers, forward without gradients
 
-def compiled(checkpoint_function):
-    """A layer's checkpoint function that recomputes the layer's compiled forward (kernels.compile_layers with
-    `recomputed`) in place of its eager one: the checkpoint itself stays eager. transformers calls it with
-    partial(forward, layer, **kwargs) and the layer's positional inputs."""
-    def recompute_compiled(function, *args):
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def _rng_restored(state: tuple, device: torch.device):
+    """The RNG as the forward pass found it (the same dropout masks), and as it was again afterwards."""
+    cpu, gpu = state
+    with torch.random.fork_rng(devices=[device] if gpu is not None else [], device_type="cuda"):
+        torch.set_rng_state(cpu)
+        if gpu is not None:
+            torch.cuda.set_rng_state(gpu, device)
+        yield
+
+
+def _autocast_state(device: torch.device) -> list[dict]:
+    """The autocast the forward pass ran under (the Trainer's mixed precision), which the backward pass is not in."""
+    return [dict(device_type=kind, enabled=torch.is_autocast_enabled(kind), dtype=torch.get_autocast_dtype(kind),
+                 cache_enabled=torch.is_autocast_cache_enabled())
+            for kind in dict.fromkeys((device.type, "cpu"))]
+
+
+class Recomputed(torch.autograd.Function):
+    """A whole layer recomputed: its forward runs without gradients, keeping only its inputs (in host memory when
+    `offload`) and the RNG and autocast states; the backward pass runs it again with gradients from those and
+    returns the gradients of its inputs and of the layer's trainable parameters. The parameters are inputs of this
+    function, so that its output needs a gradient even where the layer's input does not (the first layer's), and
+    their gradients reach them as anyone's do (DDP's hooks included)."""
+
+    @staticmethod
+    def forward(ctx, run, offload: bool, count: int, *tensors):
+        inputs = tensors[:count]
+        ctx.run, ctx.offload, ctx.count, ctx.params = run, offload, count, tensors[count:]
+        ctx.device = inputs[0].device
+        ctx.rng, ctx.autocast = _rng_state(ctx.device), _autocast_state(ctx.device)
+        outputs = run(*inputs)
+        if offload:
+            ctx.packed = [to_host(x) for x in inputs]
+        else:
+            ctx.save_for_backward(*inputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        inputs = [to_device(p) for p in ctx.packed] if ctx.offload else ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        inputs = [x.detach().requires_grad_(need) for x, need in zip(inputs, needs)]
+        with _rng_restored(ctx.rng, ctx.device), torch.enable_grad(), contextlib.ExitStack() as stack:
+            for state in ctx.autocast:
+                stack.enter_context(torch.autocast(**state))
+            outputs = ctx.run(*inputs)
+        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+        wanted = [t for t, need in zip((*inputs, *ctx.params), needs) if need]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+        return (None, None, None, *(next(grads) if need else None for need in needs))
+
+
+def _trainable(layer) -> tuple:
+    if not hasattr(layer, "_recomputed_params"):
+        layer._recomputed_params = tuple(p for p in layer.parameters() if p.requires_grad)
+    return layer._recomputed_params
+
+
+def whole_layer(offload: bool = False):
+    """A decoder layer's checkpoint function for `layers` (or `offload`): the layer through Recomputed, its compiled
+    forward (kernels.compile_layers with `recomputed`) in place of its eager one where it has one. transformers
+    calls it with partial(forward, layer, **kwargs) and the layer's positional inputs. Inputs it cannot take
+    (anything but tensors, or a keyword tensor that needs a gradient) go through torch.utils.checkpoint instead."""
+    def recompute(function, *args):
         layer = function.args[0] if function.args else None
         compiled_forward = getattr(layer, "compiled_forward", None)
         if compiled_forward is not None and function.func is getattr(compiled_forward, "__wrapped__", None):
             function = functools.partial(compiled_forward, *function.args, **function.keywords)
-        return checkpoint_function(function, *args)
-    return recompute_compiled
+        if layer is None or not args or not all(isinstance(a, torch.Tensor) for a in args) or any(
+                isinstance(v, torch.Tensor) and v.requires_grad for v in function.keywords.values()):
+            if offload:
+                return offloaded_checkpoint(function, *args)
+            return _checkpoint(function, *args)
+        return Recomputed.apply(function, offload, len(args), *args, *_trainable(layer))
+    return recompute
 
 
 # ---------------------------------------------------------------- putting a mode on the model
 
 def use(model, recompute: str) -> int:
-    """Put this mode on every decoder layer the Trainer set up for checkpointing; returns how many layers. A layer
-    compiled for recomputation (with a `compiled_forward`) recomputes that."""
+    """Put this mode on every decoder layer the Trainer set up for checkpointing; returns how many layers."""
     count = 0
     for module in model.modules():
         if getattr(module, "_gradient_checkpointing_func", None) is None:
             continue
-        if hasattr(module, "compiled_forward") and recompute in ("layers", "offload"):
-            module._gradient_checkpointing_func = compiled(
-                offloaded_checkpoint if recompute == "offload" else _checkpoint)
-            count += 1
-        elif recompute == "offload":
-            module._gradient_checkpointing_func = offloaded_checkpoint
+        if recompute in ("layers", "offload"):
+            module._gradient_checkpointing_func = whole_layer(offload=recompute == "offload")
             count += 1
         elif recompute == "selective" and isinstance(getattr(module, "self_attn", None), torch.nn.Module):
             recompute_attention(module.self_attn)
@@ -155,10 +227,10 @@ def use(model, recompute: str) -> int:
     return count
 
 
-def callbacks(recompute: str, compiled_layers: bool = False) -> list:
-    """Trainer callbacks for a mode: `selective` and `offload`, and `layers` whose layers are compiled, take over the
-    layers once the Trainer has enabled checkpointing (at the start of training, before the first forward)."""
-    if recompute not in ("selective", "offload") and not (recompute == "layers" and compiled_layers):
+def callbacks(recompute: str) -> list:
+    """Trainer callbacks for a mode: each takes over the layers once the Trainer has enabled checkpointing (at the
+    start of training, before the first forward); layers compiled for recomputation are found as they run."""
+    if recompute not in MODES:
         return []
     from transformers import TrainerCallback
 
