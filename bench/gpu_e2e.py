@@ -124,11 +124,29 @@ def numerics(model_dir: Path, report: Report) -> None:
             PADDING_FREE="true", TORCH_COMPILE="true", GRADIENT_CHECKPOINTING="true"),
         "padding-free, compiled, recomputed from host memory": loss_and_grads_of(
             PADDING_FREE="true", TORCH_COMPILE="true", GRADIENT_CHECKPOINTING="offload"),
-        # Last: Liger patches transformers' Llama classes for the rest of the process, and dynamo cannot trace
-        # its kernels (the compiled variants failed after it, 2026-11-30 00:46 UTC).
-        "padding-free + Liger (eager)": loss_and_grads_of(PADDING_FREE="true", USE_LIGER_KERNEL="true",
-                                                       TORCH_COMPILE="false"),
     }
+
+    # LoRA dropout 0.1 (the seed's): a whole recomputed layer's forward runs without gradients, a graph of its own
+    # when compiled, and its recomputation with them; both must draw the masks the layer without recomputation
+    # draws (inductor generates its random numbers in its own kernels; `fallback_random` draws them with eager's).
+    dropout = {}
+    for random in ("inductor", "fallback_random"):
+        import torch._inductor.config as inductor_config
+        inductor_config.fallback_random = random == "fallback_random"
+        for label, settings in (("compiled", dict(TORCH_COMPILE="true", GRADIENT_CHECKPOINTING="false")),
+                                ("compiled, whole layers recomputed", dict(TORCH_COMPILE="true",
+                                                                           GRADIENT_CHECKPOINTING="true"))):
+            dropout[f"padding-free, {label}, dropout 0.1 ({random})"] = loss_and_grads_of(
+                PADDING_FREE="true", USE_LIGER_KERNEL="false", LORA_DROPOUT="0.1", **settings)
+        inductor_config.fallback_random = False
+    for label, setting in (("eager", "false"), ("eager, whole layers recomputed", "true")):
+        dropout[f"padding-free, {label}, dropout 0.1"] = loss_and_grads_of(
+            PADDING_FREE="true", USE_LIGER_KERNEL="false", LORA_DROPOUT="0.1", TORCH_COMPILE="false",
+            GRADIENT_CHECKPOINTING=setting)
+    # Last: Liger patches transformers' Llama classes for the rest of the process, and dynamo cannot trace
+    # its kernels (the compiled variants failed after it, 2026-11-30 00:46 UTC).
+    variants["padding-free + Liger (eager)"] = loss_and_grads_of(PADDING_FREE="true", USE_LIGER_KERNEL="true",
+                                                                 TORCH_COMPILE="false")
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
@@ -158,6 +176,22 @@ def numerics(model_dir: Path, report: Report) -> None:
         apart = rel(variants[name][1], variants[without][1])
         report.check(abs(variants[name][0] - variants[without][0]) <= 1e-3 and apart <= 1e-2,
                      f"{name}: the loss and LoRA gradients of `{without}` (relative difference {apart:.2e})")
+    report.say("| LoRA dropout 0.1 | loss | LoRA gradient norm |")
+    report.say("|---|---|---|")
+    for name, (loss, grads, _, _) in dropout.items():
+        report.say(f"| {name} | {loss:.6f} | {grads.norm().item():.6e} |")
+    pairs = [(f"padding-free, compiled, dropout 0.1 ({r})", f"padding-free, compiled, whole layers recomputed, "
+              f"dropout 0.1 ({r})") for r in ("inductor", "fallback_random")]
+    pairs.append(("padding-free, eager, dropout 0.1", "padding-free, eager, whole layers recomputed, dropout 0.1"))
+    for without, name in pairs:
+        apart = rel(dropout[name][1], dropout[without][1])
+        report.check(abs(dropout[name][0] - dropout[without][0]) <= 1e-3 and apart <= 1e-2,
+                     f"{name}: the loss and LoRA gradients of `{without}`, the same dropout masks (relative "
+                     f"difference {apart:.2e}, loss {dropout[name][0] - dropout[without][0]:+.2e})")
+    # What different masks look like: the eager layer against the compiled one (different generators).
+    apart = rel(dropout["padding-free, compiled, dropout 0.1 (inductor)"][1],
+                dropout["padding-free, eager, dropout 0.1"][1])
+    report.say(f"different masks (compiled with inductor's random against eager): relative difference {apart:.2e}")
 
 
 def job_env(model_dir: Path, work: Path, moto, hub) -> dict[str, str]:

@@ -222,9 +222,12 @@ def token_stream(n: int = 2400, seed: int = 0) -> list[dict]:
 
 # ---------------------------------------------------------------- one configuration, in its own process
 
-def make_meter(profile: bool):
-    """A Trainer callback: wall time at each optimizer step's end (GPU synced), loss per step, and, if asked, a
-    torch.profiler trace of 3 steps after the warm-up, summarized."""
+def make_meter(profile: bool, every_step: bool = True):
+    """A Trainer callback: wall time at each optimizer step's end, loss per step, and, if asked, a torch.profiler
+    trace of 3 steps after the warm-up, summarized. `every_step`: the GPU synced at every step's end, so that each
+    step's time is its own; otherwise only at the first step's end, the warm-up's and the last step's, as the CLI's
+    run syncs only where it logs: in a step the host bounds, a sync at every step's end costs the overlap of the
+    next step's host work with this step's GPU work (the steps between are then the host's times)."""
     from transformers import TrainerCallback
 
     class Meter(TrainerCallback):
@@ -244,7 +247,8 @@ def make_meter(profile: bool):
                 del self.syncs
             if self.phases is not None:
                 self.phases.close_step(time.perf_counter() - self.times[-1])
-            sync()
+            if every_step or state.global_step in (1, WARMUP_STEPS, state.max_steps):
+                sync()
             self.times.append(time.perf_counter())
             if profile and state.global_step == WARMUP_STEPS:
                 from torch.profiler import ProfilerActivity
@@ -561,7 +565,7 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
     rows = stream[: batch * steps]
     work = out / "work" / name
     work.mkdir(parents=True, exist_ok=True)
-    meter = make_meter(profile)
+    meter = make_meter(profile, every_step=profile or "SAVE_STEPS" in settings)   # (checkpoint costs: per step)
     started = time.time()
     apply_patches(settings.get("patch", []))
     if recipe == "unsloth":
@@ -592,6 +596,7 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
     step_seconds = [b - a for a, b in zip(times[:-1], times[1:])]
     tokens = [sum(len(r["input_ids"]) for r in rows[i * batch:(i + 1) * batch]) for i in range(steps)]
     # Steps after the warm-up; before the first save when saving; without the profiled and sync-watched steps.
+    # (Without per-step syncs the window is contiguous, and its sum the time between two synced marks.)
     window = [i for i in range(WARMUP_STEPS, min(steps, 45) if "SAVE_STEPS" in settings else steps)
               if not (profile and WARMUP_STEPS <= i < WARMUP_STEPS + 6)]
     seconds = sum(step_seconds[i] for i in window)
