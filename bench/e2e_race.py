@@ -44,7 +44,9 @@ WARMUP_STEPS = 20
 JOB_CONTENDERS = {"job": {}, "job-compile": {"TORCH_COMPILE": "true"}, "job-compile-again": {"TORCH_COMPILE": "true"},
                   # the 16 GB mode: what the defaults pick on a 16 GB GPU (whole layers recomputed; auto compiles)
                   "job-gc": {"GRADIENT_CHECKPOINTING": "true"},
-                  "job-gc-dq": {"GRADIENT_CHECKPOINTING": "true", "DOUBLE_QUANT": "true"}}
+                  "job-gc-dq": {"GRADIENT_CHECKPOINTING": "true", "DOUBLE_QUANT": "true"},
+                  # Unsloth's memory: inputs of the recomputed layers in host memory, the NF4 scales in 8 bits
+                  "job-gc-offload-dq": {"GRADIENT_CHECKPOINTING": "offload", "DOUBLE_QUANT": "true"}}
 
 
 def job_settings(name: str, model_dir: Path, data: Path, work: Path, device: str) -> dict[str, str]:

@@ -59,7 +59,7 @@ def numerics_batch() -> list[dict]:
     return feats
 
 
-def loss_and_grads(model_dir: Path, feats: list[dict], device: str = "cuda", **env):
+def loss_and_grads(model_dir: Path, feats: list[dict], device: str = "cuda", lora_b_std: float = 0.02, **env):
     """Loss and LoRA gradients of one batch through the job's loading path with the settings `env` (LoRA on all
     linears, dropout 0), with compiled and recomputed layers set up as job/run.py sets them up (the Trainer enables
     the checkpointing): (loss, flattened float32 gradients, speed plan, batch shape)."""
@@ -82,7 +82,7 @@ def loss_and_grads(model_dir: Path, feats: list[dict], device: str = "cuda", **e
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.02, generator=torch.Generator(p.device).manual_seed(1))
+                p.normal_(0, lora_b_std, generator=torch.Generator(p.device).manual_seed(1))
     torch._dynamo.reset()
     if plan.torch_compile:
         compile_layers(model, recomputed=plan.recompute in ("layers", "offload"))
@@ -129,20 +129,21 @@ def numerics(model_dir: Path, report: Report) -> None:
     # LoRA dropout 0.1 (the seed's): a whole recomputed layer's forward runs without gradients, a graph of its own
     # when compiled, and its recomputation with them; both must draw the masks the layer without recomputation
     # draws (inductor generates its random numbers in its own kernels; `fallback_random` draws them with eager's).
+    # LoRA B ~ N(0, 1) here, so that LoRA's output, and with it the masks, dominates each layer's: different masks
+    # then move the loss and gradients far more than the two graphs' rounding does (the dropout-0 pairs).
+    import torch._inductor.config as inductor_config
     dropout = {}
-    for random in ("inductor", "fallback_random"):
-        import torch._inductor.config as inductor_config
+    for rate, random in (("0", "inductor"), ("0.1", "inductor"), ("0.1", "fallback_random")):
         inductor_config.fallback_random = random == "fallback_random"
-        for label, settings in (("compiled", dict(TORCH_COMPILE="true", GRADIENT_CHECKPOINTING="false")),
-                                ("compiled, whole layers recomputed", dict(TORCH_COMPILE="true",
-                                                                           GRADIENT_CHECKPOINTING="true"))):
-            dropout[f"padding-free, {label}, dropout 0.1 ({random})"] = loss_and_grads_of(
-                PADDING_FREE="true", USE_LIGER_KERNEL="false", LORA_DROPOUT="0.1", **settings)
+        for label, setting in (("compiled", "false"), ("compiled, whole layers recomputed", "true")):
+            dropout[f"{label}, dropout {rate} ({random})"] = loss_and_grads_of(
+                PADDING_FREE="true", USE_LIGER_KERNEL="false", LORA_DROPOUT=rate, TORCH_COMPILE="true",
+                GRADIENT_CHECKPOINTING=setting, lora_b_std=1.0)
         inductor_config.fallback_random = False
     for label, setting in (("eager", "false"), ("eager, whole layers recomputed", "true")):
-        dropout[f"padding-free, {label}, dropout 0.1"] = loss_and_grads_of(
+        dropout[f"{label}, dropout 0.1"] = loss_and_grads_of(
             PADDING_FREE="true", USE_LIGER_KERNEL="false", LORA_DROPOUT="0.1", TORCH_COMPILE="false",
-            GRADIENT_CHECKPOINTING=setting)
+            GRADIENT_CHECKPOINTING=setting, lora_b_std=1.0)
     # Last: Liger patches transformers' Llama classes for the rest of the process, and dynamo cannot trace
     # its kernels (the compiled variants failed after it, 2026-11-30 00:46 UTC).
     variants["padding-free + Liger (eager)"] = loss_and_grads_of(PADDING_FREE="true", USE_LIGER_KERNEL="true",
@@ -164,9 +165,18 @@ def numerics(model_dir: Path, report: Report) -> None:
     for name in list(variants)[1:]:
         ok = errors[name][0] <= 2 * base[0] + 5e-3 and errors[name][1] <= 1.5 * base[1] + 5e-3
         report.check(ok, f"{name}: as close to float32 as the padded bfloat16 batch is (bfloat16 tolerance)")
-    # Recomputation runs the same forward again on the same inputs: the gradients of the run without it, to the
-    # GPU's run-to-run noise (two identical whole-layer recomputed calls in one process differed by 7.2e-4,
+    # Eager recomputation runs the same kernels again on the same inputs: the gradients of the run without it, to
+    # the GPU's run-to-run noise (two identical whole-layer recomputed calls in one process differed by 7.2e-4,
     # bench/offload_check.py, 2026-11-30 01:01 UTC; a wrong recomputation is off by the size of the gradient).
+    # Compiled recomputation runs the forward pass in the no-gradient graph and the recomputation in the training
+    # graph: inductor fuses those two differently, so their bfloat16 rounding differs as the compiled layers' does
+    # from the eager ones'; in this small random model that rounding moves the LoRA gradients by 10^-2 relative
+    # (its bfloat16 gradients are 0.88 off float32's). Tolerance there: what compiling itself moves them by.
+    compiled_apart = rel(variants["padding-free, compiled (TORCH_COMPILE=true)"][1],
+                         variants["padding-free, unfused"][1])
+    compiled_loss = abs(variants["padding-free, compiled (TORCH_COMPILE=true)"][0] - variants["padding-free, unfused"][0])
+    report.say(f"compiled against eager layers (bfloat16 rounding of two fusions): LoRA gradients {compiled_apart:.2e} "
+               f"relative, loss {compiled_loss:.2e}")
     for without, name in (("padding-free, unfused", "padding-free, whole layers recomputed (eager)"),
                           ("padding-free, unfused", "padding-free, recomputed from host memory (eager)"),
                           ("padding-free, compiled (TORCH_COMPILE=true)",
@@ -174,24 +184,34 @@ def numerics(model_dir: Path, report: Report) -> None:
                           ("padding-free, compiled (TORCH_COMPILE=true)",
                            "padding-free, compiled, recomputed from host memory")):
         apart = rel(variants[name][1], variants[without][1])
-        report.check(abs(variants[name][0] - variants[without][0]) <= 1e-3 and apart <= 1e-2,
-                     f"{name}: the loss and LoRA gradients of `{without}` (relative difference {apart:.2e})")
-    report.say("| LoRA dropout 0.1 | loss | LoRA gradient norm |")
+        loss_apart = abs(variants[name][0] - variants[without][0])
+        grad_tol, loss_tol = (1e-2, 1e-3) if "eager" in name else (max(1e-2, 1.5 * compiled_apart),
+                                                                      max(1e-3, 1.5 * compiled_loss))
+        report.check(loss_apart <= loss_tol and apart <= grad_tol,
+                     f"{name}: the loss and LoRA gradients of `{without}` (relative difference {apart:.2e}, "
+                     f"tolerance {grad_tol:.1e}; loss {loss_apart:.2e}, tolerance {loss_tol:.1e})")
+    report.say("| LoRA dropout, LoRA B ~ N(0, 1) | loss | LoRA gradient norm |")
     report.say("|---|---|---|")
     for name, (loss, grads, _, _) in dropout.items():
         report.say(f"| {name} | {loss:.6f} | {grads.norm().item():.6e} |")
-    pairs = [(f"padding-free, compiled, dropout 0.1 ({r})", f"padding-free, compiled, whole layers recomputed, "
-              f"dropout 0.1 ({r})") for r in ("inductor", "fallback_random")]
-    pairs.append(("padding-free, eager, dropout 0.1", "padding-free, eager, whole layers recomputed, dropout 0.1"))
-    for without, name in pairs:
-        apart = rel(dropout[name][1], dropout[without][1])
-        report.check(abs(dropout[name][0] - dropout[without][0]) <= 1e-3 and apart <= 1e-2,
-                     f"{name}: the loss and LoRA gradients of `{without}`, the same dropout masks (relative "
-                     f"difference {apart:.2e}, loss {dropout[name][0] - dropout[without][0]:+.2e})")
-    # What different masks look like: the eager layer against the compiled one (different generators).
-    apart = rel(dropout["padding-free, compiled, dropout 0.1 (inductor)"][1],
-                dropout["padding-free, eager, dropout 0.1"][1])
-    report.say(f"different masks (compiled with inductor's random against eager): relative difference {apart:.2e}")
+
+    def apart(a, b):
+        return rel(dropout[a][1], dropout[b][1]), abs(dropout[a][0] - dropout[b][0])
+    rounding = apart("compiled, whole layers recomputed, dropout 0 (inductor)", "compiled, dropout 0 (inductor)")
+    masks = apart("compiled, dropout 0.1 (fallback_random)", "compiled, dropout 0.1 (inductor)")
+    report.say(f"the two graphs' rounding (dropout 0): gradients {rounding[0]:.2e}, loss {rounding[1]:.2e}; "
+               f"different masks (inductor's against eager's random, dropout 0.1): gradients {masks[0]:.2e}, "
+               f"loss {masks[1]:.2e}")
+    for random in ("inductor", "fallback_random"):
+        got = apart(f"compiled, whole layers recomputed, dropout 0.1 ({random})", f"compiled, dropout 0.1 ({random})")
+        report.check(got[0] <= 2 * rounding[0] + 1e-3 and got[0] <= masks[0] / 10 and got[1] <= 2 * rounding[1] + 1e-3,
+                     f"compiled whole layers recomputed, dropout 0.1 ({random}): the masks of the layer without "
+                     f"recomputation (gradients {got[0]:.2e} apart, loss {got[1]:.2e}: the graphs' rounding, not "
+                     f"different masks)")
+    got = apart("eager, whole layers recomputed, dropout 0.1", "eager, dropout 0.1")
+    report.check(got[0] <= 1e-2 and got[1] <= 1e-3, f"eager whole layers recomputed, dropout 0.1: the masks of the "
+                                                    f"layer without recomputation (gradients {got[0]:.2e} apart, "
+                                                    f"loss {got[1]:.2e})")
 
 
 def job_env(model_dir: Path, work: Path, moto, hub) -> dict[str, str]:

@@ -99,6 +99,10 @@ CONFIGS = {
     "job-gc-compile": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "true", "TORCH_COMPILE": "true",
                                       "os_env": {"TORCH_LOGS": "recompiles,graph_breaks"}}),
     "job-gc-offload-compile": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "offload", "TORCH_COMPILE": "true"}),
+    # The forward pass of a recomputed layer through the training graph (with gradients, dropped at once) instead
+    # of the no-gradient graph: the recomputation's own kernels, so its own rounding (apply_patches).
+    "job-gc-compile-gradfwd": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "true", "TORCH_COMPILE": "true",
+                                              "patch": ["recompute-grad-forward"]}),
     # With DOUBLE_QUANT=true (the NF4 scales in 8 bits: ~0.28 GiB less for the 7B base, the estimate).
     "job-gc-compile-dq": ("job", 4, 30, {"GRADIENT_CHECKPOINTING": "true", "TORCH_COMPILE": "true",
                                          "DOUBLE_QUANT": "true"}),
@@ -301,10 +305,26 @@ class PhaseTimer:
 
 def apply_patches(names) -> None:
     """Levers measured by taking them out again. bnb-syncs: bitsandbytes' optimizer step as it ships, with a
-    torch.cuda.synchronize() after every parameter (job.trainer drops them)."""
+    torch.cuda.synchronize() after every parameter (job.trainer drops them). recompute-grad-forward: a recomputed
+    layer's forward pass with gradients (job.speed.recompute.Recomputed runs it without)."""
     if "bnb-syncs" in names:
         import job.trainer
         job.trainer.without_per_parameter_syncs = lambda optimizer: None
+    if "recompute-grad-forward" in names:
+        import torch
+
+        from job.speed.recompute import Recomputed
+        forward = Recomputed.forward
+
+        def with_gradients(ctx, run, offload, count, *tensors):
+            def run_with_gradients(*inputs):
+                with torch.enable_grad():
+                    out = run(*(x.detach().requires_grad_(x.requires_grad) for x in inputs))
+                return out.detach() if isinstance(out, torch.Tensor) else tuple(o.detach() for o in out)
+            outputs = forward(ctx, run_with_gradients, offload, count, *tensors)
+            ctx.run = run
+            return outputs
+        Recomputed.forward = staticmethod(with_gradients)
 
 
 def watch_host_syncs():
