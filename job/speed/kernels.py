@@ -35,11 +35,11 @@ def compile_layers(model, backend=None, recomputed: bool = False) -> int:
     eager kernels), which is what the CPU tests check. `backend`: another torch.compile backend.
 
     `recomputed` (whole layers recomputed: GRADIENT_CHECKPOINTING true or offload): only the layer's own forward
-    compiles, and torch.utils.checkpoint stays outside it, in eager code, as each layer's `compiled_forward`, which
-    recompute.py's checkpoint functions call. Compiling the whole layer would trace the checkpoint into the graph
-    as a higher-order op, and inductor failed on that on an H200 (AOTAutograd's partitioner: "Node add_303 was
-    invalid, but is output", torch 2.11; docs/PERFORMANCE.md), where an eager checkpoint of a compiled forward
-    is an ordinary autograd function that the checkpoint runs twice."""
+    compiles, as each layer's `compiled_forward`, and the recomputation stays outside it, in eager code
+    (recompute.py's Recomputed), which runs it without gradients in the forward pass (a graph of its own) and with
+    them in the backward pass. Compiling the whole layer would trace the checkpoint into the graph as a
+    higher-order op, and inductor failed on that on an H200 (AOTAutograd's partitioner: "Node add_303 was
+    invalid, but is output", torch 2.11; docs/PERFORMANCE.md)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:
