@@ -90,10 +90,10 @@ def _copy_stream(device: torch.device):
 
 
 def to_host(tensor: torch.Tensor):
-    """A checkpoint's saved input, packed into host memory (saved_tensors_hooks' pack). On a GPU: a pinned buffer,
-    filled on the copy stream once the compute stream has produced the tensor; the GPU tensor's memory is not
-    reused before that copy has read it (record_stream), and nothing waits on the host. On a CPU: a copy, so that
-    the tests take the same path."""
+    """A recomputed layer's input, packed into host memory (Recomputed under `offload`; saved_tensors_hooks' pack in
+    offloaded_checkpoint). On a GPU: a pinned buffer, filled on the copy stream once the compute stream has produced
+    the tensor; the GPU tensor's memory is not reused before that copy has read it (record_stream), and nothing
+    waits on the host. On a CPU: a copy, so that the tests take the same path."""
     tensor = tensor.detach()
     if not tensor.is_cuda:
         return tensor.device, tensor.clone(), None
@@ -107,7 +107,7 @@ def to_host(tensor: torch.Tensor):
 
 
 def to_device(packed) -> torch.Tensor:
-    """The saved input back where it was (saved_tensors_hooks' unpack), for the recomputation: on a GPU, queued on
+    """The saved input back where it was (to_host's inverse), for the recomputation: on a GPU, queued on
     the compute stream behind the copy out (a wait on the GPU, not on the host)."""
     device, host, copied = packed
     if copied is None:
@@ -158,7 +158,7 @@ class Recomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, offload: bool, count: int, *tensors):
         inputs = tensors[:count]
-        ctx.run, ctx.offload, ctx.count, ctx.params = run, offload, count, tensors[count:]
+        ctx.run, ctx.offload, ctx.params = run, offload, tensors[count:]
         ctx.device = inputs[0].device
         ctx.rng, ctx.autocast = _rng_state(ctx.device), _autocast_state(ctx.device)
         outputs = run(*inputs)
