@@ -18,13 +18,17 @@ ROOT = Path(__file__).resolve().parent.parent
 LLAMA_7B = SimpleNamespace(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                            num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
 
-# One process of a run: a compiled layer (inductor, on the CPU here) behind the job's CompileCache in a local store.
+# One process of a run: a compiled layer (inductor, on the CPU here) behind the job's CompileCache in a local store,
+# compiled as job.speed.kernels.compile_layers compiles. (With inductor's CPU ISA probes, ~8 s of test builds in each
+# process, the cache's 1-1.5 s saving drowned under CI load: 13.67 s warm against 13.47 s cold, 2026-12-06.)
 PROCESS = r"""
 import json, sys, time, torch
 from torch._dynamo.utils import counters
 from job.speed.compile_cache import CompileCache
+from job.speed.kernels import without_cpu_isa_probes
 from job.store import open_store
 
+without_cpu_isa_probes()   # as compile_layers does: inductor's probe builds take seconds of C++ in every process
 cache = CompileCache(open_store(sys.argv[1]), "cpu-test")
 found = cache.find() is not None
 loaded = cache.load()["loaded"] if found else False
