@@ -172,9 +172,8 @@ def numerics(model_dir: Path, report: Report) -> None:
     # graph: inductor fuses those two differently, so their bfloat16 rounding differs as the compiled layers' does
     # from the eager ones'; in this small random model that rounding moves the LoRA gradients by 10^-2 relative
     # (its bfloat16 gradients are 0.88 off float32's). Tolerance there: what compiling itself moves them by.
-    compiled_apart = rel(variants["padding-free, compiled (TORCH_COMPILE=true)"][1],
-                         variants["padding-free, unfused"][1])
-    compiled_loss = abs(variants["padding-free, compiled (TORCH_COMPILE=true)"][0] - variants["padding-free, unfused"][0])
+    compiled, eager = variants["padding-free, compiled (TORCH_COMPILE=true)"], variants["padding-free, unfused"]
+    compiled_apart, compiled_loss = rel(compiled[1], eager[1]), abs(compiled[0] - eager[0])
     report.say(f"compiled against eager layers (bfloat16 rounding of two fusions): LoRA gradients {compiled_apart:.2e} "
                f"relative, loss {compiled_loss:.2e}")
     for without, name in (("padding-free, unfused", "padding-free, whole layers recomputed (eager)"),

@@ -147,13 +147,13 @@ def test_each_recompute_mode_trains_to_the_eager_runs_losses_and_adapter_exactly
         assert ops["aten.silu.default"] == eager_ops["aten.silu.default"] * 2
     # Whole layers run their forward without gradients (nothing saved) and again with them in the backward pass;
     # selective's MLP runs once, with gradients (it keeps its activations).
-    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    shape = json.loads((tiny_model / "config.json").read_text())
+    layers, hidden = shape["num_hidden_layers"], shape["hidden_size"]
     if setting == "selective":
         assert grad_modes == [True] * layers * 3
     else:
         assert grad_modes == ([False] * layers + [True] * layers) * 3, grad_modes
     # offload: each layer's input and nothing else (2 layers, 3 steps), packed to the host
-    hidden = json.loads((tiny_model / "config.json").read_text())["hidden_size"]
     assert len(offloaded) == (2 * 3 if setting == "offload" else 0)
     assert all(s[0] == 1 and s[-1] == hidden for s in offloaded), offloaded
 
