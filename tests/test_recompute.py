@@ -117,18 +117,28 @@ def eager(tiny_model, tmp_path_factory):
 @pytest.mark.parametrize("setting", ["true", "selective", "offload"])
 def test_each_recompute_mode_trains_to_the_eager_runs_losses_and_adapter_exactly(tiny_model, tmp_path, eager,
                                                                                 monkeypatch, setting):
-    offloaded = []
-    to_host = job.speed.recompute.to_host
+    offloaded, packs, events = [], [], []   # events: each layer's MLP (with gradients or not), each copy back
+    to_host, copy_back = job.speed.recompute.to_host, job.speed.recompute._copy_back
 
     def watched_offload(tensor):
         offloaded.append(tuple(tensor.shape))
-        return to_host(tensor)
+        packs.append(to_host(tensor))
+        events.append(f"out {len(packs) - 1}")
+        return packs[-1]
+
+    def watched_copy_back(packed):
+        events.append(f"back {next(i for i, p in enumerate(packs) if p is packed)}")
+        return copy_back(packed)
     monkeypatch.setattr(job.speed.recompute, "to_host", watched_offload)
+    monkeypatch.setattr(job.speed.recompute, "_copy_back", watched_copy_back)
     grad_modes = []   # whether each layer's MLP ran with gradients, in order
 
     def watch_mlps(model):
-        for layer in model.get_base_model().model.layers:
-            layer.mlp.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+        for i, layer in enumerate(model.get_base_model().model.layers):
+            def watch(*_, i=i):
+                grad_modes.append(torch.is_grad_enabled())
+                events.append(f"mlp {i} {'backward' if torch.is_grad_enabled() else 'forward'}")
+            layer.mlp.register_forward_hook(watch)
 
     losses, adapter, ops, _ = train(tiny_model, tmp_path, setting, on_model=watch_mlps)
 
@@ -153,9 +163,14 @@ def test_each_recompute_mode_trains_to_the_eager_runs_losses_and_adapter_exactly
         assert grad_modes == [True] * layers * 3
     else:
         assert grad_modes == ([False] * layers + [True] * layers) * 3, grad_modes
-    # offload: each layer's input and nothing else (2 layers, 3 steps), packed to the host
+    # offload: each layer's input and nothing else (2 layers, 3 steps), packed to the host; in the backward pass the
+    # first layer's input comes back (prefetched) before the second layer is recomputed, not after.
     assert len(offloaded) == (2 * 3 if setting == "offload" else 0)
     assert all(s[0] == 1 and s[-1] == hidden for s in offloaded), offloaded
+    if setting == "offload":
+        assert events == [e for step in range(3) for e in (
+            "mlp 0 forward", f"out {2 * step}", "mlp 1 forward", f"out {2 * step + 1}",
+            f"back {2 * step + 1}", f"back {2 * step}", "mlp 1 backward", "mlp 0 backward")], events
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 
 import torch
 
@@ -89,31 +90,81 @@ def _copy_stream(device: torch.device):
     return _COPY_STREAMS[device]
 
 
-def to_host(tensor: torch.Tensor):
+class HostCopy:
+    """A recomputed layer's input in host memory (to_host), and, once asked for, its copy back on the device."""
+    __slots__ = ("device", "host", "copied", "back", "arrived", "taken", "__weakref__")
+
+    def __init__(self, device: torch.device, host: torch.Tensor, copied):
+        self.device, self.host, self.copied = device, host, copied
+        self.back, self.arrived, self.taken = None, None, False
+
+
+# Per device, the inputs packed to the host in the order the forward passes made them (weakly: a graph freed without
+# its backward pass takes its own with it). The backward pass recomputes the layers in the opposite order, so the
+# newest one not yet taken back is the next one it needs (prefetch).
+_ON_HOST: dict[torch.device, list] = {}
+
+
+def to_host(tensor: torch.Tensor) -> HostCopy:
     """A recomputed layer's input, packed into host memory (Recomputed under `offload`; saved_tensors_hooks' pack in
     offloaded_checkpoint). On a GPU: a pinned buffer, filled on the copy stream once the compute stream has produced
     the tensor; the GPU tensor's memory is not reused before that copy has read it (record_stream), and nothing
     waits on the host. On a CPU: a copy, so that the tests take the same path."""
     tensor = tensor.detach()
     if not tensor.is_cuda:
-        return tensor.device, tensor.clone(), None
-    compute, stream = torch.cuda.current_stream(tensor.device), _copy_stream(tensor.device)
+        packed = HostCopy(tensor.device, tensor.clone(), None)
+    else:
+        compute, stream = torch.cuda.current_stream(tensor.device), _copy_stream(tensor.device)
+        stream.wait_stream(compute)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            host.copy_(tensor, non_blocking=True)
+        tensor.record_stream(stream)
+        packed = HostCopy(tensor.device, host, stream.record_event())
+    _ON_HOST.setdefault(packed.device, []).append(weakref.ref(packed))
+    return packed
+
+
+def _copy_back(packed: HostCopy) -> None:
+    """Queue the copy of a packed input back to its device on the copy stream, behind its copy out. The destination
+    comes from the compute stream's memory, so the copy first waits for what the compute stream has queued (that
+    memory may still be read there); the compute stream waits for the copy (`arrived`) only where it uses it."""
+    if packed.copied is None:
+        packed.back = packed.host
+        return
+    compute, stream = torch.cuda.current_stream(packed.device), _copy_stream(packed.device)
+    packed.back = torch.empty(packed.host.shape, dtype=packed.host.dtype, device=packed.device)
     stream.wait_stream(compute)
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     with torch.cuda.stream(stream):
-        host.copy_(tensor, non_blocking=True)
-    tensor.record_stream(stream)
-    return tensor.device, host, stream.record_event()
+        packed.back.copy_(packed.host, non_blocking=True)
+    packed.arrived = stream.record_event()
 
 
-def to_device(packed) -> torch.Tensor:
-    """The saved input back where it was (to_host's inverse), for the recomputation: on a GPU, queued on
-    the compute stream behind the copy out (a wait on the GPU, not on the host)."""
-    device, host, copied = packed
-    if copied is None:
-        return host
-    torch.cuda.current_stream(device).wait_event(copied)
-    return host.to(device, non_blocking=True)
+def prefetch(device: torch.device) -> HostCopy | None:
+    """Start copying back the input the backward pass will recompute next: the newest packed one not yet taken,
+    while the layer after it is recomputed (Unsloth's checkpoint prefetches the same way). Returns it, if any."""
+    stack = _ON_HOST.get(device, [])
+    while stack:
+        packed = stack[-1]()
+        if packed is None or packed.taken:
+            stack.pop()
+            continue
+        if packed.back is None:
+            _copy_back(packed)
+        return packed
+    return None
+
+
+def to_device(packed: HostCopy) -> torch.Tensor:
+    """The saved input back where it was (to_host's inverse), for the recomputation: prefetched where prefetch()
+    started it, else copied now; on a GPU the compute stream waits for the copy (a wait on the GPU, not on the
+    host)."""
+    if packed.back is None:
+        _copy_back(packed)
+    if packed.arrived is not None:
+        torch.cuda.current_stream(packed.device).wait_event(packed.arrived)
+    back, packed.back, packed.arrived, packed.taken = packed.back, None, None, True
+    return back
 
 
 def offloaded_checkpoint(function, *args, **kwargs):
@@ -170,7 +221,11 @@ class Recomputed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        inputs = [to_device(p) for p in ctx.packed] if ctx.offload else ctx.saved_tensors
+        if ctx.offload:
+            inputs = [to_device(p) for p in ctx.packed]
+            prefetch(ctx.device)   # the next layer's input comes back while this one is recomputed
+        else:
+            inputs = ctx.saved_tensors
         needs = ctx.needs_input_grad[3:]
         inputs = [x.detach().requires_grad_(need) for x, need in zip(inputs, needs)]
         with _rng_restored(ctx.rng, ctx.device), torch.enable_grad(), contextlib.ExitStack() as stack:
