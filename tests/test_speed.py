@@ -55,6 +55,36 @@ def test_a_padding_free_batch_trains_like_the_padded_one(tiny_model):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_a_padding_free_forward_waits_for_nothing_and_a_padded_batch_keeps_its_mask(tiny_model, monkeypatch):
+    # transformers searches a maskless batch for packed sequences and reads the answer on the host: on a GPU a wait
+    # at every forward's start for all queued work (the step before's optimizer too). A flattened batch has its
+    # boundaries already, so the search must not run; a padded batch through the same attention keeps its mask.
+    from transformers import masking_utils
+
+    from job.model import add_lora, load_base_model, load_tokenizer
+
+    searches = []
+    search = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices",
+                        lambda *a, **k: searches.append(1) or search(*a, **k))
+    config = from_env({"BASE_MODEL": str(tiny_model), "REQUIRE_GPU": "false", "PADDING_FREE": "true"})
+    speed = plan(config, "cpu")
+    speed = SpeedPlan(**{**speed.__dict__, "padding_free": True})     # the GPU's choice, on the CPU
+    tokenizer = load_tokenizer(config)
+    model = add_lora(config, load_base_model(config, tokenizer, "cpu", speed), tokenizer).eval()
+    assert model.config._attn_implementation == "sdpa_padding_free"
+    feats = sequences(7, 4)
+    with torch.no_grad():
+        flat = model(**{k: v for k, v in data_collator(speed, tokenizer)(feats).items() if k != "labels"}).logits
+        assert searches == []
+        # The same two sequences padded on the left, with their mask: each one's logits as in the flat batch.
+        ids = torch.tensor([feats[0]["input_ids"], [0] * 3 + feats[1]["input_ids"]])
+        mask = torch.tensor([[1] * 7, [0] * 3 + [1] * 4])
+        padded = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    torch.testing.assert_close(padded[0], flat[0, :7], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(padded[1, 3:], flat[0, 7:], rtol=1e-4, atol=1e-5)
+
+
 def test_no_sequence_attends_across_or_predicts_into_its_neighbour(tiny_model):
     from job.model import load_tokenizer
     from job.speed.attention import padding_free_attention

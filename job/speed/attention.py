@@ -1,6 +1,7 @@
 """Padding-free batches: each batch's sequences back to back in one row, and attention kept inside each."""
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -64,12 +65,36 @@ def _padding_free_mask(**kwargs):
     return None if kwargs.get("attention_mask") is None else sdpa_mask(**kwargs)
 
 
+def _no_packing_search_for_flattened_batches() -> None:
+    """Without a 2D mask, transformers' mask preparation looks for sequences packed in a row
+    (find_packed_sequence_indices), and reads its answer on the host (`.all()`): a wait at the start of every
+    padding-free forward for the GPU to finish all queued work, the step before's optimizer included, so the host
+    could never issue a step while the GPU finishes the last one. A flattened batch carries its boundaries as
+    cu_seq_lens and this attention needs no mask for it (_padding_free_mask's None): go straight to that None. Any
+    other case (a padded batch, a cache, another attention) is left to transformers."""
+    from transformers import masking_utils
+
+    prepare = masking_utils._preprocess_mask_arguments
+    if getattr(prepare, "skips_packing_search", False):
+        return
+
+    @functools.wraps(prepare)
+    def without_packing_search(config, inputs_embeds, attention_mask, cache, *args, **kwargs):
+        if attention_mask is None and cache is None and config._attn_implementation == PADDING_FREE_ATTENTION:
+            return True, None, None, None, None, None, None      # early exit: no mask
+        return prepare(config, inputs_embeds, attention_mask, cache, *args, **kwargs)
+
+    without_packing_search.skips_packing_search = True
+    masking_utils._preprocess_mask_arguments = without_packing_search
+
+
 def register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(PADDING_FREE_ATTENTION, padding_free_attention)
     AttentionMaskInterface.register(PADDING_FREE_ATTENTION, _padding_free_mask)
+    _no_packing_search_for_flattened_batches()
 
 
 def data_collator(plan_, tokenizer):
