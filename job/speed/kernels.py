@@ -39,7 +39,10 @@ def compile_layers(model, backend=None, recomputed: bool = False) -> int:
     (recompute.py's Recomputed), which runs it without gradients in the forward pass (a graph of its own) and with
     them in the backward pass. Compiling the whole layer would trace the checkpoint into the graph as a
     higher-order op, and inductor failed on that on an H200 (AOTAutograd's partitioner: "Node add_303 was
-    invalid, but is output", torch 2.11; docs/PERFORMANCE.md)."""
+    invalid, but is output", torch 2.11; docs/PERFORMANCE.md). Their 4-bit linears dequantize in the compiled code
+    (nf4.py), not through bitsandbytes' operators: in a step bound by the host, `offload` with DOUBLE_QUANT ran 16%
+    faster with that and recompute.py's prefetch than before (H100, 2026-12-06). Unrecomputed compiled layers, where
+    the GPU weighs more and bitsandbytes' dequantization kernel is the faster one, keep its operators."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:
@@ -50,7 +53,11 @@ def compile_layers(model, backend=None, recomputed: bool = False) -> int:
     with_constant_floats()
     without_cpu_isa_probes()
     backend = backend or ("inductor" if on_gpu else "aot_eager")
+    from . import nf4
+
     for layer in layers:
+        if recomputed:
+            nf4.use(layer)
         # (A layer class without transformers' checkpointing wrapper around its forward compiles whole.)
         if recomputed and hasattr(type(layer).forward, "__wrapped__"):
             layer.compiled_forward = _compiled_forward(type(layer), backend)
