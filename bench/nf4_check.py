@@ -34,11 +34,11 @@ def main(out: Path) -> int:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
     import torch
+    import torch._dynamo.config as dynamo_config
 
     from job.speed import nf4
 
-    import torch._dynamo.config as dynamo_config
-    dynamo_config.cache_size_limit = 64
+    dynamo_config.cache_size_limit = 64     # a compile per shape and variant, beyond dynamo's default of 8
     rows, failures = [], 0
     for double_quant in (False, True):
         for shape in SHAPES:
