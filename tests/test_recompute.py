@@ -171,6 +171,8 @@ def test_each_recompute_mode_trains_to_the_eager_runs_losses_and_adapter_exactly
         assert events == [e for step in range(3) for e in (
             "mlp 0 forward", f"out {2 * step}", "mlp 1 forward", f"out {2 * step + 1}",
             f"back {2 * step + 1}", f"back {2 * step}", "mlp 1 backward", "mlp 0 backward")], events
+        # and nothing is left waiting for a backward pass once the steps are done
+        assert not any(job.speed.recompute._ON_HOST.values()), job.speed.recompute._ON_HOST
 
 
 @pytest.fixture(scope="module")

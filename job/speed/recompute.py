@@ -99,9 +99,10 @@ class HostCopy:
         self.back, self.arrived, self.taken = None, None, False
 
 
-# Per device, the inputs packed to the host in the order the forward passes made them (weakly: a graph freed without
-# its backward pass takes its own with it). The backward pass recomputes the layers in the opposite order, so the
-# newest one not yet taken back is the next one it needs (prefetch).
+# Per device, the inputs Recomputed packed to the host, in the order the forward passes made them (weakly: a graph
+# freed without its backward pass takes its own with it). The backward pass recomputes the layers in the opposite
+# order, so the newest one not yet taken back is the next one it needs (prefetch, which also empties this stack).
+# offloaded_checkpoint's inputs are not in it: nothing there prefetches, so nothing would take them out.
 _ON_HOST: dict[torch.device, list] = {}
 
 
@@ -112,15 +113,18 @@ def to_host(tensor: torch.Tensor) -> HostCopy:
     waits on the host. On a CPU: a copy, so that the tests take the same path."""
     tensor = tensor.detach()
     if not tensor.is_cuda:
-        packed = HostCopy(tensor.device, tensor.clone(), None)
-    else:
-        compute, stream = torch.cuda.current_stream(tensor.device), _copy_stream(tensor.device)
-        stream.wait_stream(compute)
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        with torch.cuda.stream(stream):
-            host.copy_(tensor, non_blocking=True)
-        tensor.record_stream(stream)
-        packed = HostCopy(tensor.device, host, stream.record_event())
+        return HostCopy(tensor.device, tensor.clone(), None)
+    compute, stream = torch.cuda.current_stream(tensor.device), _copy_stream(tensor.device)
+    stream.wait_stream(compute)
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    with torch.cuda.stream(stream):
+        host.copy_(tensor, non_blocking=True)
+    tensor.record_stream(stream)
+    return HostCopy(tensor.device, host, stream.record_event())
+
+
+def _awaited(packed: HostCopy) -> HostCopy:
+    """A packed input that the backward pass will prefetch in its turn."""
     _ON_HOST.setdefault(packed.device, []).append(weakref.ref(packed))
     return packed
 
@@ -140,9 +144,9 @@ def _copy_back(packed: HostCopy) -> None:
     packed.arrived = stream.record_event()
 
 
-def prefetch(device: torch.device) -> HostCopy | None:
+def prefetch(device: torch.device) -> None:
     """Start copying back the input the backward pass will recompute next: the newest packed one not yet taken,
-    while the layer after it is recomputed (Unsloth's checkpoint prefetches the same way). Returns it, if any."""
+    while the layer after it is recomputed (Unsloth's checkpoint prefetches the same way)."""
     stack = _ON_HOST.get(device, [])
     while stack:
         packed = stack[-1]()
@@ -151,8 +155,7 @@ def prefetch(device: torch.device) -> HostCopy | None:
             continue
         if packed.back is None:
             _copy_back(packed)
-        return packed
-    return None
+        return
 
 
 def to_device(packed: HostCopy) -> torch.Tensor:
@@ -214,7 +217,7 @@ class Recomputed(torch.autograd.Function):
         ctx.rng, ctx.autocast = _rng_state(ctx.device), _autocast_state(ctx.device)
         outputs = run(*inputs)
         if offload:
-            ctx.packed = [to_host(x) for x in inputs]
+            ctx.packed = [_awaited(to_host(x)) for x in inputs]
         else:
             ctx.save_for_backward(*inputs)
         return outputs
