@@ -123,6 +123,10 @@ CONFIGS = {
 }
 E2E_ROWS = "E2E_ROWS"
 WARMUP_STEPS = 5
+# The Trainer reads the loss on the host (a GPU sync) at each logged step. Every recipe logs as the job does by
+# default (LOGGING_STEPS=10), and each of its first 5 steps for their losses (the meter).
+LOG_EVERY = 10
+FIRST_LOSSES = 5
 DEFAULT_RECIPE_STEPS = 250   # the seed's 1000 rows at 4 a step, one epoch
 DEVICE = "cuda"      # "cpu" only for --cpu-smoke, a check of this script without a GPU
 
@@ -246,6 +250,8 @@ def make_meter(profile: bool, every_step: bool = True):
             self.times.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kw):
+            if state.global_step <= FIRST_LOSSES:
+                control.should_log = True
             if profile and state.global_step == WARMUP_STEPS + 5 and hasattr(self, "syncs"):
                 self.sync_report = self.syncs()
                 del self.syncs
@@ -433,7 +439,7 @@ def summarize_profile(prof, wall: float, steps: int) -> dict:
         name = evt.key.lower()
         kind = next((k for k, pats in kinds.items() if any(p in name for p in pats)), "other elementwise")
         totals[kind] = totals.get(kind, 0.0) + t
-        top.append((t, evt.key[:90], evt.count))
+        top.append((t, evt.key[:90], evt.count, kind))
     top.sort(reverse=True)
     cpu = sorted(((evt.self_cpu_time_total, evt.key[:90], evt.count) for evt in prof.key_averages()
                   if evt.self_cpu_time_total), reverse=True)[:20]
@@ -442,7 +448,10 @@ def summarize_profile(prof, wall: float, steps: int) -> dict:
             "by_kind_ms_per_step": {k: round(v / steps / 1e3, 2) for k, v in sorted(totals.items(),
                                                                                      key=lambda kv: -kv[1])},
             "top_kernels": [{"ms_per_step": round(t / steps / 1e3, 2), "name": n, "calls": c // steps}
-                            for t, n, c in top[:15]]}
+                            for t, n, c, _ in top[:15]],
+            # what each kind is made of (the top list is all matrix products in a GPU-bound step)
+            "top_by_kind": {kind: [{"ms_per_step": round(t / steps / 1e3, 2), "name": n, "calls": c // steps}
+                                   for t, n, c, k in top if k == kind][:8] for kind in totals}}
 
 
 def run_seed(model_dir: Path, rows, batch: int, steps: int, settings: dict, work: Path, meter):
@@ -477,8 +486,8 @@ def run_seed(model_dir: Path, rows, batch: int, steps: int, settings: dict, work
     autocast = settings.get("autocast")
     args = TrainingArguments(
         output_dir=str(work), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-        optim="paged_adamw_32bit", save_strategy="no", logging_steps=1, learning_rate=2e-4, weight_decay=0.001,
-        fp16=False, bf16=autocast == "bf16", max_grad_norm=0.3, max_steps=steps, warmup_steps=0.03,
+        optim="paged_adamw_32bit", save_strategy="no", logging_steps=LOG_EVERY, learning_rate=2e-4,
+        weight_decay=0.001, fp16=False, bf16=autocast == "bf16", max_grad_norm=0.3, max_steps=steps, warmup_steps=0.03,
         lr_scheduler_type="cosine", train_sampling_strategy="sequential", report_to="none", seed=42,
         disable_tqdm=True, remove_unused_columns=False)
     trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
@@ -498,7 +507,7 @@ def run_job(model_dir: Path, rows, batch: int, steps: int, settings: dict, work:
     from job.trainer import CheckpointCommitter
 
     env = {k: v for k, v in settings.items() if k.isupper()}
-    config = from_env({"BASE_MODEL": str(model_dir), "MAX_STEPS": str(steps), "LOGGING_STEPS": "1",
+    config = from_env({"BASE_MODEL": str(model_dir), "MAX_STEPS": str(steps), "LOGGING_STEPS": str(LOG_EVERY),
                        "OUTPUT_DIR": str(work / "out"), "CHECKPOINT_URI": str(work / "store"), **env})
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps == batch
     saving = "SAVE_STEPS" in env
@@ -590,7 +599,7 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
     apply_patches(settings.get("patch", []))
     if recipe == "unsloth":
         from unsloth_bench import run_unsloth
-        trainer, info = run_unsloth(name, model_dir, rows, batch, steps, work, meter)
+        trainer, info = run_unsloth(name, model_dir, rows, batch, steps, work, meter, LOG_EVERY)
     else:
         runner = run_seed if recipe == "seed" else run_job
         trainer, info = runner(model_dir, rows, batch, steps, settings, work, meter)
@@ -627,7 +636,7 @@ def run_one(name: str, model_dir: Path, out: Path, profile: bool) -> dict:
         "measured_steps": len(window), "tokens_per_second": measured_tokens / seconds,
         "seconds_per_step": seconds / len(window), "tokens_per_step": measured_tokens / len(window),
         "peak_gib": max(load_peak, train_peak) / 2**30, "train_peak_gib": train_peak / 2**30,
-        "load_peak_gib": load_peak / 2**30, "first_losses": [meter.losses.get(s) for s in range(1, 6)],
+        "load_peak_gib": load_peak / 2**30, "first_losses": [meter.losses.get(s) for s in range(1, FIRST_LOSSES + 1)],
         "load_seconds": loaded - started, "train_seconds": time.time() - loaded,
         "step_seconds": [round(x, 4) for x in step_seconds], "python_gc": collections(),
         "seconds_after_warmup": sum(step_seconds[WARMUP_STEPS:]),

@@ -156,7 +156,7 @@ class PaddingFreeCollator:
         return batch
 
 
-def run_unsloth(name: str, model_dir: Path, rows, batch: int, steps: int, work: Path, meter):
+def run_unsloth(name: str, model_dir: Path, rows, batch: int, steps: int, work: Path, meter, log_every: int):
     """bench/speed.py's runner for the Unsloth configurations: (trainer, info)."""
     import datasets
     import torch
@@ -168,8 +168,8 @@ def run_unsloth(name: str, model_dir: Path, rows, batch: int, steps: int, work: 
     bf16 = found["dtype"] == str(torch.bfloat16)
     args = TrainingArguments(
         output_dir=str(work), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-        optim="paged_adamw_32bit", save_strategy="no", logging_steps=1, learning_rate=2e-4, weight_decay=0.001,
-        bf16=bf16, fp16=not bf16 and torch.cuda.is_available(), max_grad_norm=0.3, max_steps=steps,
+        optim="paged_adamw_32bit", save_strategy="no", logging_steps=log_every, learning_rate=2e-4,
+        weight_decay=0.001, bf16=bf16, fp16=not bf16 and torch.cuda.is_available(), max_grad_norm=0.3, max_steps=steps,
         warmup_steps=0.03, lr_scheduler_type="cosine", train_sampling_strategy="sequential", report_to="none",
         seed=42, disable_tqdm=True, remove_unused_columns=False)
     if tokenizer.pad_token is None:
@@ -198,7 +198,7 @@ def cpu_check(model_dir: Path, out: Path) -> dict:
               "token_stream_drawn_here": speed.stream_digest(speed.token_stream()), "configs": {}}
     for name in SETTINGS:
         meter = speed.make_meter(False)
-        trainer, info = run_unsloth(name, model_dir, rows[:8], 4, 2, out / "work" / name, meter)
+        trainer, info = run_unsloth(name, model_dir, rows[:8], 4, 2, out / "work" / name, meter, speed.LOG_EVERY)
         batch = trainer.data_collator(rows[:4])
         report["configs"][name] = {
             "fast_path": info["unsloth"]["fast_path"], "recipe": info["recipe"],
