@@ -12,7 +12,12 @@ of arithmetic held by the compiled graph.
 The values are bitsandbytes' own: each NF4 code's value times its block's float32 scale, rounded once to bfloat16;
 the nested scales are their 8-bit code's value times the second-level scale, plus the offset, in bitsandbytes'
 order. tests/test_nf4.py and tests/test_recompute.py (training to the eager run's losses and adapter bit for bit)
-check that on the CPU, and bench/nf4_check.py on a GPU."""
+check that on the CPU, and bench/nf4_check.py on a GPU.
+
+`keep` is the other trade, for unrecomputed compiled layers where memory allows: each weight dequantized once a step
+by bitsandbytes' kernel and the bf16 copy kept for the backward pass (~12.6 GiB for the 7B), 224 fewer
+dequantizations a step. The bench measures it (bench/kept_check.py, speed.py's `*-kept` configurations) before the
+speed plan uses it."""
 from __future__ import annotations
 
 import types
@@ -69,20 +74,42 @@ class NF4Linear(torch.autograd.Function):
         return grad @ dequantize(weight, ctx.state, grad.dtype, for_backward=True), None, None
 
 
-def _forward(self, x: torch.Tensor) -> torch.Tensor:
-    # bitsandbytes' Linear4bit.forward for a bias-free NF4 linear, with NF4Linear in place of matmul_4bit, where
-    # dynamo traces it; run eagerly (evaluation and generation, kernels.eager()), bitsandbytes' own kernels.
-    if not torch.compiler.is_compiling():
-        return type(self).forward(self, x)
-    inp_dtype = x.dtype
-    if self.compute_dtype is not None:
-        x = x.to(self.compute_dtype)
-    return NF4Linear.apply(x, self.weight, self.weight.quant_state).to(inp_dtype)
+def _kept_product(x: torch.Tensor, weight: torch.Tensor, state) -> torch.Tensor:
+    # The weight dequantized by bitsandbytes' own kernel, then a plain product: traced, AOTAutograd keeps the
+    # dequantized weight for the input's gradient (bitsandbytes' operators are not ones it recomputes).
+    import bitsandbytes.functional as bnbf
+
+    return torch.nn.functional.linear(x, bnbf.dequantize_4bit(weight, state).to(x.dtype))
+
+
+def _compiled_forward(product):
+    """bitsandbytes' Linear4bit.forward for a bias-free NF4 linear, with `product(x, weight, quant_state)` in place of
+    matmul_4bit where dynamo traces it; run eagerly (evaluation and generation, kernels.eager()), bitsandbytes' own
+    kernels."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return type(self).forward(self, x)
+        inp_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        return product(x, self.weight, self.weight.quant_state).to(inp_dtype)
+    return forward
 
 
 def use(module: torch.nn.Module) -> int:
     """Put NF4Linear on every bias-free NF4 Linear4bit under `module` whose rows are whole blocks (others keep
     bitsandbytes' forward), for when `module` is compiled; returns how many."""
+    return _replace_forwards(module, _compiled_forward(NF4Linear.apply), whole_blocks=True)
+
+
+def keep(module: torch.nn.Module) -> int:
+    """For when `module` is compiled and memory allows: every bias-free NF4 Linear4bit under it dequantizes its
+    weight once a step and keeps the bf16 copy for the backward pass (2 bytes a weight, until the layer's backward
+    pass), where bitsandbytes' operators dequantize it again. Returns how many."""
+    return _replace_forwards(module, _compiled_forward(_kept_product), whole_blocks=False)
+
+
+def _replace_forwards(module: torch.nn.Module, forward, whole_blocks: bool) -> int:
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
@@ -91,8 +118,9 @@ def use(module: torch.nn.Module) -> int:
     for linear in module.modules():
         state = getattr(getattr(linear, "weight", None), "quant_state", None)
         if not isinstance(linear, Linear4bit) or linear.bias is not None or state is None \
-                or state.quant_type != "nf4" or len(state.shape) != 2 or state.shape[1] % state.blocksize:
+                or state.quant_type != "nf4" or len(state.shape) != 2 \
+                or (whole_blocks and state.shape[1] % state.blocksize):
             continue
-        linear.forward = types.MethodType(_forward, linear)
+        linear.forward = types.MethodType(forward, linear)
         count += 1
     return count
