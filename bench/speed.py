@@ -330,9 +330,7 @@ def apply_patches(names) -> None:
 
         def with_kept_weights(model, backend=None, recomputed=False):
             if not recomputed:
-                base = model.get_base_model() if hasattr(model, "get_base_model") else model
-                for layer in base.model.layers:
-                    nf4.keep(layer)
+                nf4.keep(model)      # the 4-bit linears are the decoder layers'
             return compile_layers(model, backend, recomputed)
         kernels.compile_layers = with_kept_weights
     if "recompute-grad-forward" in names:
