@@ -315,15 +315,15 @@ class PhaseTimer:
 
 
 def apply_patches(names) -> None:
-    """Levers measured by taking them out again (or, kept-weights, by putting one in). bnb-syncs: bitsandbytes' optimizer step as it ships, with a
-    torch.cuda.synchronize() after every parameter (job.trainer drops them). recompute-grad-forward: a recomputed
-    layer's forward pass with gradients (job.speed.recompute.Recomputed runs it without)."""
+    """Levers measured by taking them out again, or one not in the speed plan yet by putting it in. bnb-syncs:
+    bitsandbytes' optimizer step as it ships, with a torch.cuda.synchronize() after every parameter (job.trainer drops
+    them). recompute-grad-forward: a recomputed layer's forward pass with gradients (job.speed.recompute.Recomputed
+    runs it without). kept-weights: nf4.keep in the unrecomputed compiled layers (their dequantized weights kept for
+    the backward pass, which bitsandbytes' operators dequantize again)."""
     if "bnb-syncs" in names:
         import job.trainer
         job.trainer.without_per_parameter_syncs = lambda optimizer: None
     if "kept-weights" in names:
-        # A lever measured by putting it in: nf4.keep in every unrecomputed compiled layer (the dequantized weights
-        # kept for the backward pass, which bitsandbytes' operators dequantize again), not in the plan until measured.
         import job.speed.kernels as kernels
         from job.speed import nf4
         compile_layers = kernels.compile_layers

@@ -82,7 +82,7 @@ def _kept_product(x: torch.Tensor, weight: torch.Tensor, state) -> torch.Tensor:
     return torch.nn.functional.linear(x, bnbf.dequantize_4bit(weight, state).to(x.dtype))
 
 
-def _compiled_forward(product):
+def _linear4bit_forward(product):
     """bitsandbytes' Linear4bit.forward for a bias-free NF4 linear, with `product(x, weight, quant_state)` in place of
     matmul_4bit where dynamo traces it; run eagerly (evaluation and generation, kernels.eager()), bitsandbytes' own
     kernels."""
@@ -99,14 +99,14 @@ def _compiled_forward(product):
 def use(module: torch.nn.Module) -> int:
     """Put NF4Linear on every bias-free NF4 Linear4bit under `module` whose rows are whole blocks (others keep
     bitsandbytes' forward), for when `module` is compiled; returns how many."""
-    return _replace_forwards(module, _compiled_forward(NF4Linear.apply), whole_blocks=True)
+    return _replace_forwards(module, _linear4bit_forward(NF4Linear.apply), whole_blocks=True)
 
 
 def keep(module: torch.nn.Module) -> int:
     """For when `module` is compiled and memory allows: every bias-free NF4 Linear4bit under it dequantizes its
     weight once a step and keeps the bf16 copy for the backward pass (2 bytes a weight, until the layer's backward
     pass), where bitsandbytes' operators dequantize it again. Returns how many."""
-    return _replace_forwards(module, _compiled_forward(_kept_product), whole_blocks=False)
+    return _replace_forwards(module, _linear4bit_forward(_kept_product), whole_blocks=False)
 
 
 def _replace_forwards(module: torch.nn.Module, forward, whole_blocks: bool) -> int:
