@@ -85,7 +85,7 @@ def loss_and_grads(model_dir: Path, feats: list[dict], device: str = "cuda", lor
                 p.normal_(0, lora_b_std, generator=torch.Generator(p.device).manual_seed(1))
     torch._dynamo.reset()
     if plan.torch_compile:
-        compile_layers(model, recomputed=plan.recompute in ("layers", "offload"))
+        compile_layers(model, recomputed=plan.recompute in ("layers", "offload"), keep_weights=plan.keep_weights)
     if plan.gradient_checkpointing:
         model.train()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(plan.recompute))

@@ -1,7 +1,10 @@
 """On the GPU: a compiled layer's seven 4-bit linears (Llama-2-7B's shapes) through bitsandbytes' operators, which
 dequantize each weight in the forward pass and again in the backward pass, against the same layer keeping each
 dequantized bf16 weight from the forward pass for the backward pass (nf4.keep): the product and input gradient
-(equal?), and the time of a forward and backward pass at a batch-4 and a batch-32 step's tokens.
+(equal? each one's largest error against a float32 computation with the same dequantized weights, relative to that
+computation's largest value), and the time of a forward and backward pass at a batch-4 and a batch-32 step's tokens.
+On a GPU the two may differ in the last bits (inductor hands cuBLAS the product in another form, and cuBLAS picks its
+kernel by form); the check passes when keeping is no less accurate than bitsandbytes' path (errors at most 1.25x).
 
     python bench/kept_check.py OUT_DIR [--cpu-smoke]
 """
@@ -41,9 +44,24 @@ def main(out: Path, cpu: bool = False) -> int:
                                                   requires_grad=False, quant_type="nf4")
                 setattr(self, name, linear)
 
-        def forward(self, x):
-            h = self.o(self.q(x) + self.k(x) + self.v(x))
-            return self.down(self.gate(h) * self.up(h))
+        def forward(self, x, linear=None):
+            linear = linear or (lambda name, x: getattr(self, name)(x))
+            h = linear("o", linear("q", x) + linear("k", x) + linear("v", x))
+            return linear("down", linear("gate", h) * linear("up", h))
+
+    def reference(layer, x):
+        """The same layer in float32, its weights bitsandbytes' dequantized ones: the product and input gradient."""
+        import bitsandbytes.functional as bnbf
+
+        weights = {name: bnbf.dequantize_4bit(getattr(layer, name).weight, getattr(layer, name).weight.quant_state)
+                   .float() for name in SHAPES}
+        x = x.detach().float().requires_grad_(True)
+        y = layer.forward(x, lambda name, v: v @ weights[name].T)
+        y.square().mean().backward()
+        return y.detach(), x.grad
+
+    def error(value, expected):
+        return float((value.float() - expected).abs().max() / expected.abs().max())
 
     rows = []
     for tokens in tokens_list:
@@ -75,13 +93,18 @@ def main(out: Path, cpu: bool = False) -> int:
             y = compiled(x)
             y.float().square().mean().backward()
             results[mode] = (y.detach(), x.grad.clone(), host, wall)
+        y_ref, g_ref = reference(layer, x)
         (y0, g0, host0, wall0), (y1, g1, host1, wall1) = results.values()
         rows.append({"tokens": tokens, "bitsandbytes_ms": round(wall0 * 1e3, 3), "kept_ms": round(wall1 * 1e3, 3),
                      "bitsandbytes_host_ms": round(host0 * 1e3, 3), "kept_host_ms": round(host1 * 1e3, 3),
-                     "product_equal": bool(torch.equal(y0, y1)), "gradient_equal": bool(torch.equal(g0, g1))})
+                     "product_equal": bool(torch.equal(y0, y1)), "gradient_equal": bool(torch.equal(g0, g1)),
+                     "product_error": {"bitsandbytes": error(y0, y_ref), "kept": error(y1, y_ref)},
+                     "gradient_error": {"bitsandbytes": error(g0, g_ref), "kept": error(g1, g_ref)}})
         print(json.dumps(rows[-1]), flush=True)
     (out / "kept_check.json").write_text(json.dumps(rows, indent=1))
-    return 0 if all(r["product_equal"] and r["gradient_equal"] for r in rows) else 1
+    as_accurate = all(r[k]["kept"] <= 1.25 * r[k]["bitsandbytes"] + 1e-6 for r in rows
+                      for k in ("product_error", "gradient_error"))
+    return 0 if as_accurate else 1
 
 
 if __name__ == "__main__":

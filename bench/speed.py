@@ -82,9 +82,10 @@ CONFIGS = {
     # restarted or resumed run on the same node finds them.
     "job-compile-rerun": ("job", 4, 30, {"TORCH_COMPILE": "true", "compile_cache": True,
                                          "os_env": {"TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor-cold"}}),
-    # nf4.keep (apply_patches' kept-weights): the compiled layers keep their dequantized weights for the backward
-    # pass, 2 bytes a weight (~12.6 GiB for the 7B) for 224 fewer dequantizations a step.
-    "job-compile-kept": ("job", 4, 30, {"TORCH_COMPILE": "true", "patch": ["kept-weights"]}),
+    # nf4.keep, which the plan puts in where its estimate allows (batch 4 on a 48 GB GPU or larger): without it
+    # (apply_patches' unkept-weights) bitsandbytes' operators dequantize each weight again for the backward pass;
+    # with it forced on (kept-weights) where the estimate, for every row at MAX_SEQ_LENGTH, does not allow it.
+    "job-compile-unkept": ("job", 4, 30, {"TORCH_COMPILE": "true", "patch": ["unkept-weights"]}),
     "job-b24-compile-kept": ("job", 24, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false",
                                              "TORCH_COMPILE": "true", "patch": ["kept-weights"]}),
     "job-b24-compile": ("job", 24, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false",
@@ -318,21 +319,20 @@ def apply_patches(names) -> None:
     """Levers measured by taking them out again, or one not in the speed plan yet by putting it in. bnb-syncs:
     bitsandbytes' optimizer step as it ships, with a torch.cuda.synchronize() after every parameter (job.trainer drops
     them). recompute-grad-forward: a recomputed layer's forward pass with gradients (job.speed.recompute.Recomputed
-    runs it without). kept-weights: nf4.keep in the unrecomputed compiled layers (their dequantized weights kept for
-    the backward pass, which bitsandbytes' operators dequantize again)."""
+    runs it without). unkept-weights / kept-weights: the unrecomputed compiled layers without or with nf4.keep, whatever
+    the plan's keep_weights (without it bitsandbytes' operators dequantize each weight again for the backward pass)."""
     if "bnb-syncs" in names:
         import job.trainer
         job.trainer.without_per_parameter_syncs = lambda optimizer: None
-    if "kept-weights" in names:
-        import job.speed.kernels as kernels
-        from job.speed import nf4
-        compile_layers = kernels.compile_layers
+    for name, keep in (("unkept-weights", False), ("kept-weights", True)):
+        if name in names:
+            import job.speed.kernels as kernels
+            compile_layers = kernels.compile_layers
 
-        def with_kept_weights(model, backend=None, recomputed=False):
-            if not recomputed:
-                nf4.keep(model)      # the 4-bit linears are the decoder layers'
-            return compile_layers(model, backend, recomputed)
-        kernels.compile_layers = with_kept_weights
+            def with_keep(model, backend=None, recomputed=False, keep_weights=False, keep=keep,
+                          compile_layers=compile_layers):
+                return compile_layers(model, backend, recomputed, keep_weights=keep)
+            kernels.compile_layers = with_keep
     if "recompute-grad-forward" in names:
         import torch
 

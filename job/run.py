@@ -243,7 +243,8 @@ class Run:
         speed_callbacks = recompute.callbacks(self.plan.recompute)
         if self.plan.torch_compile:
             from .speed.kernels import compile_layers
-            layers = compile_layers(model, recomputed=self.plan.recompute in ("layers", "offload"))
+            layers = compile_layers(model, recomputed=self.plan.recompute in ("layers", "offload"),
+                                    keep_weights=self.plan.keep_weights)
             speed_callbacks += compile_cache.attach(self.cache, self.reporter, self.topology.is_main)
             self.reporter.event("speed", f"torch.compile: {layers} decoder layers compile on the first step "
                                          f"(one-time)", layers=layers)

@@ -27,7 +27,7 @@ def apply_liger(model) -> bool:
 
 
 
-def compile_layers(model, backend=None, recomputed: bool = False) -> int:
+def compile_layers(model, backend=None, recomputed: bool = False, keep_weights: bool = False) -> int:
     """torch.compile each decoder layer of the (peft-wrapped) model in place, for sequence lengths that change
     from batch to batch; returns how many. Every layer runs the same code, so one compiled graph serves them all.
     The parameters and their names are untouched: checkpoints and the adapter are the same as eager ones.
@@ -42,7 +42,9 @@ def compile_layers(model, backend=None, recomputed: bool = False) -> int:
     invalid, but is output", torch 2.11; docs/PERFORMANCE.md). Their 4-bit linears dequantize in the compiled code
     (nf4.py), not through bitsandbytes' operators: in a step bound by the host, `offload` with DOUBLE_QUANT ran 16%
     faster with that and recompute.py's prefetch than before (H100, 2026-12-06). Unrecomputed compiled layers, where
-    the GPU weighs more and bitsandbytes' dequantization kernel is the faster one, keep its operators."""
+    the GPU weighs more and bitsandbytes' dequantization kernel is the faster one, keep its kernel; with
+    `keep_weights` (the speed plan's, where memory allows) they dequantize each weight once a step and keep it for
+    the backward pass (nf4.keep), otherwise bitsandbytes' operators dequantize it in both passes."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:
@@ -58,6 +60,8 @@ def compile_layers(model, backend=None, recomputed: bool = False) -> int:
     for layer in layers:
         if recomputed:
             nf4.use(layer)
+        elif keep_weights:
+            nf4.keep(layer)
         # (A layer class without transformers' checkpointing wrapper around its forward compiles whole.)
         if recomputed and hasattr(type(layer).forward, "__wrapped__"):
             layer.compiled_forward = _compiled_forward(type(layer), backend)
