@@ -88,6 +88,8 @@ CONFIGS = {
     "job-compile-unkept": ("job", 4, 30, {"TORCH_COMPILE": "true", "patch": ["unkept-weights"]}),
     "job-b24-compile-kept": ("job", 24, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false",
                                              "TORCH_COMPILE": "true", "patch": ["kept-weights"]}),
+    "job-b32-compile-kept": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32", "GRADIENT_CHECKPOINTING": "false",
+                                             "TORCH_COMPILE": "true", "patch": ["kept-weights"]}),
     "job-b24-compile": ("job", 24, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false",
                                         "TORCH_COMPILE": "true"}),
     "job-b32-compile": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32", "GRADIENT_CHECKPOINTING": "false",

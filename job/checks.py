@@ -329,7 +329,7 @@ def check_memory(f: Found) -> str:
     # Selective recomputation keeps the MLP's activations and recomputes only the attention block: estimated as none
     # recomputed, an upper bound, until the GPU measures it (bench/speed.py job-gc-selective).
     estimate = peak_memory(config, f.model_shape, micro_batch, speed.recompute in ("layers", "offload"),
-                           speed.liger_kernel, dtype_bytes)
+                           speed.liger_kernel, dtype_bytes, kept_weights=speed.keep_weights)
     need = sum(estimate.values())
     if f.device == "cuda":
         index = torch.cuda.current_device()

@@ -140,7 +140,13 @@ def test_compiled_layers_keep_their_dequantized_weights_where_the_gpu_has_the_me
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=gib * 2**30))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
     monkeypatch.setattr(job.speed.plan, "triton_available", lambda: True)
-    assert job.speed.plan.kept_weight_bytes(LLAMA_7B) == 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008) * 2
+    kept = job.speed.plan.kept_weight_bytes(LLAMA_7B)
+    assert kept == 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008) * 2
+    assert abs(kept / 2**30 / (24.25 - 12.20) - 1) < 0.01   # the bench's peaks with and without (batch 4, H100)
+    # preflight's memory row counts them where the plan keeps them
+    with_kept, without = (job.speed.plan.peak_memory(from_env({}), LLAMA_7B, 4, False, True, kept_weights=k)
+                          for k in (True, False))
+    assert with_kept.pop("kept weights") == kept and with_kept == without
     compiled = plan(from_env({}), "cuda", LLAMA_7B, steps=238)
     assert compiled.torch_compile and not compiled.gradient_checkpointing
     assert compiled.keep_weights is expected, compiled.reasons

@@ -222,7 +222,7 @@ def checkpoint_bytes(config: Config, shape) -> int:
 
 
 def peak_memory(config: Config, shape, micro_batch: int, checkpointing: bool, fused: bool,
-                dtype_bytes: int = 2) -> dict[str, int]:
+                dtype_bytes: int = 2, kept_weights: bool = False) -> dict[str, int]:
     """Estimated peak memory of one training process, in bytes, by part:
 
     - weights: `weight_bytes` (NF4 decoder weights, 16-bit embeddings and lm_head), the embeddings at
@@ -233,6 +233,7 @@ def peak_memory(config: Config, shape, micro_batch: int, checkpointing: bool, fu
       logits); with it, each layer's input kept (layers x hidden x dtype_bytes per token) plus one layer's
       activations recomputed and the logits (`activation_bytes` of a one-layer model); both scaled by
       dtype_bytes / 2, as they were measured in bf16;
+    - kept weights, where the plan keeps the dequantized 4-bit weights for the backward pass: `kept_weight_bytes`;
     - overhead: `RUNTIME_OVERHEAD`.
 
     It errs high: sequences rarely all reach MAX_SEQ_LENGTH. docs/PERFORMANCE.md ("The memory model") has the
@@ -246,8 +247,9 @@ def peak_memory(config: Config, shape, micro_batch: int, checkpointing: bool, fu
         activations = tokens * layers * hidden * dtype_bytes + activation_bytes(one_layer, tokens, fused)
     else:
         activations = activation_bytes(shape, tokens, fused)
+    kept = {"kept weights": kept_weight_bytes(shape)} if kept_weights else {}
     return {"weights": weights, "lora": lora_parameters(config, shape) * 16,
-            "activations": activations * dtype_bytes // 2, "overhead": RUNTIME_OVERHEAD}
+            "activations": activations * dtype_bytes // 2, **kept, "overhead": RUNTIME_OVERHEAD}
 
 
 def host_memory() -> int:
