@@ -15,7 +15,7 @@ order. tests/test_nf4.py and tests/test_recompute.py (training to the eager run'
 check that on the CPU, and bench/nf4_check.py on a GPU.
 
 `keep` is the other trade, for unrecomputed compiled layers where memory allows (the speed plan's keep_weights):
-each weight dequantized once a step by bitsandbytes' kernel and the bf16 copy kept for the backward pass (12.05 GiB
+each weight dequantized once a step by bitsandbytes' kernel and the bf16 copy kept for the backward pass (12.06 GiB
 for the 7B), 224 fewer operator calls a step. On an H100 (2026-12-06) the batch-4 step ran 1.15x as fast with it and
 batch 24 1.02x (docs/PERFORMANCE.md; bench/kept_check.py times one layer's linears both ways)."""
 from __future__ import annotations

@@ -174,7 +174,7 @@ def weight_bytes(model_config, double_quant: bool = False) -> int:
 
 
 def kept_weight_bytes(model_config) -> int:
-    """The decoder layers' 4-bit weights dequantized to bf16 (nf4.keep): 2 bytes a weight, 12.05 GiB for the 7B (the
+    """The decoder layers' 4-bit weights dequantized to bf16 (nf4.keep): 2 bytes a weight, 12.06 GiB for the 7B (the
     bench's peak grew by 12.05 GiB with them at batch 4 and at batch 24, H100, 2026-12-06)."""
     layers = getattr(model_config, "num_hidden_layers", 32)
     hidden = getattr(model_config, "hidden_size", 4096)
