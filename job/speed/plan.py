@@ -161,25 +161,27 @@ def activation_bytes(model_config, tokens: int, fused: bool) -> int:
     return tokens * (layers * hidden * _ACTIVATION_BYTES[fused] + vocab * 10)
 
 
-def weight_bytes(model_config, double_quant: bool = False) -> int:
-    """NF4 decoder weights (half a byte each plus scales) and the 16-bit embedding and output matrices. Double
-    quantization stores a byte per 64 weights and a float32 per 16,384 in place of a float32 per 64."""
+def decoder_weights(model_config) -> int:
+    """The decoder layers' linear weights (the 4-bit ones): q, k, v, o and the MLP's gate, up and down."""
     layers = getattr(model_config, "num_hidden_layers", 32)
     hidden = getattr(model_config, "hidden_size", 4096)
     inter = getattr(model_config, "intermediate_size", 11008)
+    return layers * (4 * hidden * hidden + 3 * hidden * inter)
+
+
+def weight_bytes(model_config, double_quant: bool = False) -> int:
+    """NF4 decoder weights (half a byte each plus scales) and the 16-bit embedding and output matrices. Double
+    quantization stores a byte per 64 weights and a float32 per 16,384 in place of a float32 per 64."""
+    hidden = getattr(model_config, "hidden_size", 4096)
     vocab = getattr(model_config, "vocab_size", 32000)
-    per_layer = 4 * hidden * hidden + 3 * hidden * inter
     per_weight = 0.53 - (4 / 64 - 1 / 64 - 4 / 16384 if double_quant else 0)
-    return int(layers * per_layer * per_weight) + 2 * vocab * hidden * 2
+    return int(decoder_weights(model_config) * per_weight) + 2 * vocab * hidden * 2
 
 
 def kept_weight_bytes(model_config) -> int:
     """The decoder layers' 4-bit weights dequantized to bf16 (nf4.keep): 2 bytes a weight, 12.06 GiB for the 7B (the
     bench's peak grew by 12.05 GiB with them at batch 4 and at batch 24, H100, 2026-12-06)."""
-    layers = getattr(model_config, "num_hidden_layers", 32)
-    hidden = getattr(model_config, "hidden_size", 4096)
-    inter = getattr(model_config, "intermediate_size", 11008)
-    return layers * (4 * hidden * hidden + 3 * hidden * inter) * 2
+    return decoder_weights(model_config) * 2
 
 
 def _gradient_checkpointing(config: Config, device: str, model_config, fused: bool) -> tuple[bool, str]:
