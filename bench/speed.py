@@ -82,9 +82,10 @@ CONFIGS = {
     # restarted or resumed run on the same node finds them.
     "job-compile-rerun": ("job", 4, 30, {"TORCH_COMPILE": "true", "compile_cache": True,
                                          "os_env": {"TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor-cold"}}),
-    # nf4.keep, which the plan puts in where its estimate allows (batch 4 on a 48 GB GPU or larger): without it
-    # (apply_patches' unkept-weights) bitsandbytes' operators dequantize each weight again for the backward pass;
-    # with it forced on (kept-weights) where the estimate, for every row at MAX_SEQ_LENGTH, does not allow it.
+    # nf4.keep, which the plan puts in where its estimate allows (batch 4 where 80% of the GPU holds ~37 GiB):
+    # without it (apply_patches' unkept-weights) bitsandbytes' operators dequantize each weight again for the
+    # backward pass; with it forced on (kept-weights) where the estimate, for every row at MAX_SEQ_LENGTH, does not
+    # allow it.
     "job-compile-unkept": ("job", 4, 30, {"TORCH_COMPILE": "true", "patch": ["unkept-weights"]}),
     "job-b24-compile-kept": ("job", 24, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false",
                                              "TORCH_COMPILE": "true", "patch": ["kept-weights"]}),
