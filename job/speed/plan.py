@@ -115,9 +115,8 @@ def _keep_weights(config: Config, model_config) -> tuple[bool, str]:
     batch-4 step at 1.15x (11,617 against 10,068 tokens/s; the step is bound by the host, and bitsandbytes'
     backward dequantizations were half its 448 operator calls) and batch 24 at 1.02x, for 12.05 GiB more."""
     total = torch.cuda.get_device_properties(0).total_memory
-    tokens = config.per_device_train_batch_size * config.max_seq_length
     kept = kept_weight_bytes(model_config)
-    need = weight_bytes(model_config, config.double_quant) + activation_bytes(model_config, tokens, True) + kept
+    need = _unrecomputed_need(config, model_config, fused=True)[0] + kept
     on = need <= _MEMORY_HEADROOM * total
     return on, (f"4-bit weights {'kept' if on else 'not kept'} dequantized for the backward pass: "
                 f"~{need / 2**30:.1f} GiB needed with their {kept / 2**30:.1f} GiB, "
@@ -184,15 +183,20 @@ def kept_weight_bytes(model_config) -> int:
     return decoder_weights(model_config) * 2
 
 
+def _unrecomputed_need(config: Config, model_config, fused: bool) -> tuple[int, int]:
+    """Bytes of weights and activations without recomputation for the longest micro-batch the data allows (every
+    sequence at MAX_SEQ_LENGTH), and that micro-batch's tokens."""
+    tokens = config.per_device_train_batch_size * config.max_seq_length
+    return weight_bytes(model_config, config.double_quant) + activation_bytes(model_config, tokens, fused), tokens
+
+
 def _gradient_checkpointing(config: Config, device: str, model_config, fused: bool) -> tuple[bool, str]:
     if config.gradient_checkpointing != "auto":
         return config.gradient_checkpointing != "false", f"gradient checkpointing {config.gradient_checkpointing} (set)"
     if device != "cuda":
         return False, "gradient checkpointing off: not a GPU"
     total = torch.cuda.get_device_properties(0).total_memory
-    # The longest micro-batch the data allows: every sequence at MAX_SEQ_LENGTH.
-    tokens = config.per_device_train_batch_size * config.max_seq_length
-    need = weight_bytes(model_config, config.double_quant) + activation_bytes(model_config, tokens, fused)
+    need, tokens = _unrecomputed_need(config, model_config, fused)
     on = need > _MEMORY_HEADROOM * total
     return on, (f"gradient checkpointing {'on' if on else 'off'}: ~{need / 2**30:.1f} GiB needed without it "
                 f"for {tokens} tokens per micro-batch, {'over' if on else 'within'} "
