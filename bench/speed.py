@@ -319,7 +319,7 @@ class PhaseTimer:
 
 
 def apply_patches(names) -> None:
-    """Levers measured by taking them out again, or one not in the speed plan yet by putting it in. bnb-syncs:
+    """Levers measured by taking them out again, or by putting one in where the speed plan would not. bnb-syncs:
     bitsandbytes' optimizer step as it ships, with a torch.cuda.synchronize() after every parameter (job.trainer drops
     them). recompute-grad-forward: a recomputed layer's forward pass with gradients (job.speed.recompute.Recomputed
     runs it without). unkept-weights / kept-weights: the unrecomputed compiled layers without or with nf4.keep, whatever
@@ -463,15 +463,15 @@ def summarize_profile(prof, wall: float, steps: int) -> dict:
     top.sort(reverse=True)
     cpu = sorted(((evt.self_cpu_time_total, evt.key[:90], evt.count) for evt in prof.key_averages()
                   if evt.self_cpu_time_total), reverse=True)[:20]
-    return {"cpu_self_top": [{"ms_per_step": round(t / steps / 1e3, 2), "name": n, "calls": c // steps}
-                             for t, n, c in cpu],"wall_ms_per_step": wall / steps * 1e3, "gpu_busy_ms_per_step": busy / steps / 1e3,
+
+    def rows(entries):   # (microseconds over the profiled steps, name, calls, ...) per step
+        return [{"ms_per_step": round(t / steps / 1e3, 2), "name": n, "calls": c // steps} for t, n, c, *_ in entries]
+    return {"cpu_self_top": rows(cpu), "wall_ms_per_step": wall / steps * 1e3, "gpu_busy_ms_per_step": busy / steps / 1e3,
             "by_kind_ms_per_step": {k: round(v / steps / 1e3, 2) for k, v in sorted(totals.items(),
                                                                                      key=lambda kv: -kv[1])},
-            "top_kernels": [{"ms_per_step": round(t / steps / 1e3, 2), "name": n, "calls": c // steps}
-                            for t, n, c, _ in top[:15]],
+            "top_kernels": rows(top[:15]),
             # what each kind is made of (the top list is all matrix products in a GPU-bound step)
-            "top_by_kind": {kind: [{"ms_per_step": round(t / steps / 1e3, 2), "name": n, "calls": c // steps}
-                                   for t, n, c, k in top if k == kind][:8] for kind in totals}}
+            "top_by_kind": {kind: rows([e for e in top if e[3] == kind][:8]) for kind in totals}}
 
 
 def run_seed(model_dir: Path, rows, batch: int, steps: int, settings: dict, work: Path, meter):
