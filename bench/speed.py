@@ -466,7 +466,8 @@ def summarize_profile(prof, wall: float, steps: int) -> dict:
 
     def rows(entries):   # (microseconds over the profiled steps, name, calls, ...) per step
         return [{"ms_per_step": round(t / steps / 1e3, 2), "name": n, "calls": c // steps} for t, n, c, *_ in entries]
-    return {"cpu_self_top": rows(cpu), "wall_ms_per_step": wall / steps * 1e3, "gpu_busy_ms_per_step": busy / steps / 1e3,
+    return {"cpu_self_top": rows(cpu), "wall_ms_per_step": wall / steps * 1e3,
+            "gpu_busy_ms_per_step": busy / steps / 1e3,
             "by_kind_ms_per_step": {k: round(v / steps / 1e3, 2) for k, v in sorted(totals.items(),
                                                                                      key=lambda kv: -kv[1])},
             "top_kernels": rows(top[:15]),
