@@ -78,6 +78,7 @@ class Run:
         self.committer = None   # set up with the callbacks
         self.cache = None       # the compile cache of this run's compiled layers (job/speed/compile_cache.py)
         self.lease: Lease | None = None   # rank 0's hold on the run: the one writer (job/store/lease.py)
+        self.warmup = None      # the helper compiling a layer while the run starts (job/speed/warm.py)
 
     # ---------------------------------------------------------------- the whole run
 
@@ -143,7 +144,12 @@ class Run:
     @phase
     def check(self) -> None:
         """Every preflight check (job/checks.py), before a byte of the model is loaded. All of them run; BadInput
-        carries every failure, one line each. What they find on the way is the run's: nothing is read twice."""
+        carries every failure, one line each. What they find on the way is the run's: nothing is read twice.
+        Where the run may compile, the compile's helper starts with them, and starts on the GPU once they pass."""
+        from .speed import warm
+
+        if warm.may_compile(self.config, self.topology):
+            self.warmup = warm.Warmup(self.config, self.work)
         results, found = run_checks(self.config, self.topology)
         problems = report(results, self.reporter)
         if problems:
@@ -157,6 +163,8 @@ class Run:
                 self.store.write_run(first)
         self.reporter.event("preflight", "checks passed", device=self.device, run_id=self.config.resolved_run_id,
                             train_rows=len(self.splits.train), eval_rows=len(self.splits.eval))
+        if self.warmup is not None:
+            self.warmup.go()
 
     def hold(self) -> None:
         """Take the run's lease (rank 0): one writer per run. Waits up to LEASE_TTL_SECONDS for a live holder, then
@@ -178,6 +186,8 @@ class Run:
         os._exit(ExitCode.LEASE_HELD)   # from whichever thread found out: nothing after this may reach the store
 
     def let_go(self) -> None:
+        if self.warmup is not None:
+            self.warmup.stop()
         if self.lease is not None:
             self.lease.release()
 
@@ -245,9 +255,15 @@ class Run:
             from .speed.kernels import compile_layers
             layers = compile_layers(model, recomputed=self.plan.recompute in ("layers", "offload"),
                                     keep_weights=self.plan.keep_weights)
-            speed_callbacks += compile_cache.attach(self.cache, self.reporter, self.topology.is_main)
-            self.reporter.event("speed", f"torch.compile: {layers} decoder layers compile on the first step "
-                                         f"(one-time)", layers=layers)
+            hold = self.eager_until_warm()
+            speed_callbacks += [hold.callback] if hold else []
+            speed_callbacks += compile_cache.attach(self.cache, self.reporter, self.topology.is_main,
+                                                    compiled=lambda: hold is None or hold.compiling)
+            when = "once the compile's helper is done (eagerly until then)" if hold else "on the first step"
+            self.reporter.event("speed", f"torch.compile: {layers} decoder layers compile {when} (one-time)",
+                                layers=layers)
+        elif self.warmup is not None:
+            self.stop_warmup("the run does not compile")
         self.reporter.event("model", "4-bit base with LoRA ready", base=self.config.base_model,
                             trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
@@ -266,6 +282,36 @@ class Run:
         )
         if self.committer is not None:
             self.committer.clean_leftovers()
+
+    def eager_until_warm(self):
+        """Where the compile's helper still serves this run: the callback that runs the layers eagerly until it is
+        done (job/speed/warm.py); else None, the helper stopped."""
+        from .speed import warm
+
+        if self.warmup is None:
+            return None
+        if self.cache is not None and self.cache.meta.get("bytes"):
+            return self.stop_warmup("the stored compile cache is loaded instead")
+        if not warm.same_graphs(self.plan, warm.compiled_plan(self.config, self.device, self.model_shape)):
+            return self.stop_warmup("it compiled for another speed plan")
+        warmup = self.warmup
+
+        def compiled(step: int) -> None:
+            outcome = warmup.outcome()
+            seconds = round(time.time() - (warmup.went or warmup.started), 1)
+            if outcome.get("compiled"):
+                self.reporter.event("speed", f"compile's helper done in {seconds} s: the layers compile from its "
+                                             f"caches at step {step}", step=step, build_seconds=outcome.get("build_seconds"),
+                                    step_seconds=outcome.get("step_seconds"))
+            else:
+                self.reporter.event("speed", f"compile's helper failed ({outcome.get('why')}): the layers compile "
+                                             f"at step {step}", step=step)
+        return warm.EagerUntilWarm(warmup.done, compiled)
+
+    def stop_warmup(self, why: str) -> None:
+        self.warmup.stop()
+        self.warmup = None
+        self.reporter.event("speed", f"compile's helper stopped: {why}")
 
     def seed(self) -> None:
         """One seed for the LoRA init and dropout (the Trainer seeds again before its first step)."""

@@ -146,17 +146,17 @@ def lookup(config, store, device: str, model_config) -> CompileCache | None:
 
 
 class FirstStepTimer:
-    """A Trainer callback: the seconds of the first optimizer step this process runs (the one that compiles),
-    then `on_first_step(seconds)` once."""
+    """A Trainer callback: the seconds of the first optimizer step this process runs compiled (the one that
+    compiles: the first, or the first once `compiled()` says so), then `on_first_step(seconds)` once."""
 
-    def __init__(self, on_first_step):
+    def __init__(self, on_first_step, compiled=lambda: True):
         from transformers import TrainerCallback
 
         timer = self
 
         class _Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
-                if timer.started is None:
+                if timer.started is None and compiled():
                     timer.started = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
@@ -169,9 +169,10 @@ class FirstStepTimer:
         self.callback = _Callback()
 
 
-def attach(cache: CompileCache | None, reporter, is_main: bool) -> list:
+def attach(cache: CompileCache | None, reporter, is_main: bool, compiled=lambda: True) -> list:
     """For a run whose layers compile: load the cache's artifacts if it has some, and return the Trainer callbacks
-    that store them (rank 0) with the first step's seconds once that step has compiled."""
+    that store them (rank 0) with the first compiled step's seconds once that step has compiled. `compiled()`: the
+    layers run compiled from this step on (not while warm.py's helper keeps them eager)."""
     if cache is None:
         return []
     if cache.meta.get("bytes"):
@@ -192,4 +193,4 @@ def attach(cache: CompileCache | None, reporter, is_main: bool) -> list:
             return
         reporter.event("speed", "compile cache " + ("measured" if cache.loaded else "saved"), key=cache.key,
                        first_step_seconds=round(seconds, 2))
-    return [FirstStepTimer(store).callback]
+    return [FirstStepTimer(store, compiled).callback]

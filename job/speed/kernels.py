@@ -51,7 +51,7 @@ def compile_layers(model, backend=None, recomputed: bool = False, keep_weights: 
         return 0
     on_gpu = next(model.parameters()).is_cuda
     if on_gpu:
-        _persistent_compile_cache()
+        persistent_compile_cache()
     with_constant_floats()
     without_cpu_isa_probes()
     backend = backend or ("inductor" if on_gpu else "aot_eager")
@@ -105,9 +105,10 @@ def without_cpu_isa_probes() -> None:
         inductor_config.cpp.vec_isa_ok = False
 
 
-def _persistent_compile_cache() -> None:
-    # Inductor caches its kernels under /tmp by default, lost with the container; beside the Hub cache (a volume
-    # in compose and the Kubernetes Job) a restarted or resumed run reuses them and compiles in seconds.
+def persistent_compile_cache() -> None:
+    """Inductor's caches beside the Hub cache (a volume in compose and the Kubernetes Job), in the environment,
+    for this process and the ones it starts (warm.py's helper): by default they go under /tmp, lost with the
+    container, where a restarted or resumed run would not find them and compile again."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         from huggingface_hub import constants
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(constants.HF_HOME) / "torch-compile")

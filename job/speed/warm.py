@@ -1,0 +1,255 @@
+"""Compiling while the run starts: the decoder layers' cold compile (8.2 s of an H100 run's first step,
+docs/PERFORMANCE.md) done by a helper process while the run loads its model and trains its first steps eagerly.
+
+The helper (`python -m job.speed.warm`) starts with the run's preflight checks, on one GPU, when the run may
+compile. It imports what it needs, and once the checks have passed (never before: bad input costs no GPU time)
+builds a one-layer model of the base's shape with random weights, in 4 bits, with the run's adapter and the speed
+plan the run takes when it compiles, and runs one compiled training step of it. That fills inductor's and
+AOTAutograd's caches on disk (TORCHINDUCTOR_CACHE_DIR, the run's own) with the graphs every decoder layer compiles
+to: one layer's graphs are every layer's (kernels.compile_layers). The run's layers run eagerly until the helper
+is done, then compile from those caches, as a run with the portable compile cache does (compile_cache.py).
+
+It is a speed lever and nothing more: the helper writes nothing but caches and its own scratch folder, and where it
+fails, or the run does not compile with the plan it compiled for, or a stored compile cache was loaded, the run
+goes on as without it (a cold compile, or none).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# The steps the helper's plan assumes: a run long enough for `auto` to compile.
+LONG_RUN = 10 ** 6
+REPORT = "compile-warmup.json"
+LOG = "compile-warmup.log"
+
+
+def may_compile(config, topology) -> bool:
+    """Whether this run may compile its layers on this machine, judged before the checks and the plan: one process
+    on a GPU with Triton, TORCH_COMPILE not false, and for `auto`, MAX_STEPS (when set) enough to repay a cold
+    compile."""
+    from .plan import COMPILE_SAVING_PER_STEP, COMPILE_SECONDS, triton_available
+
+    if config.torch_compile == "false" or topology.world_size > 1 or not triton_available():
+        return False
+    if config.torch_compile == "auto" and 0 < config.max_steps < COMPILE_SECONDS / COMPILE_SAVING_PER_STEP:
+        return False
+    return torch.cuda.is_available()
+
+
+def compiled_plan(config, device: str, model_shape):
+    """The plan the helper compiles for: the run's, were it long enough to compile."""
+    from .plan import plan
+
+    return plan(config, device, model_shape, LONG_RUN)
+
+
+def same_graphs(plan, other) -> bool:
+    """Whether two plans compile the same layers (every choice but the reasons)."""
+    return dataclasses.replace(plan, reasons=()) == dataclasses.replace(other, reasons=())
+
+
+class Warmup:
+    """The helper process, seen from the run: started with the checks, told to go once they pass, and stopped
+    when the run no longer needs it (or ends)."""
+
+    def __init__(self, config, folder: Path, device: str = "cuda"):
+        from .kernels import persistent_compile_cache
+
+        persistent_compile_cache()   # the helper fills the run's own on-disk caches: the environment says where
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.report_path = folder / REPORT
+        self.report_path.unlink(missing_ok=True)
+        self.started = time.time()
+        self.went: float | None = None
+        root = str(Path(__file__).resolve().parents[2])   # where the job package is, as `python -m job` found it
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        with open(folder / LOG, "wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "job.speed.warm"], stdin=subprocess.PIPE,
+                                            stdout=log, stderr=subprocess.STDOUT, env=env)
+        # The settings travel through the pipe, not the command line or a file: they hold the run's tokens.
+        self._send(pickle.dumps({"config": config, "device": device, "report": str(self.report_path)}))
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.process.stdin.write(data)
+            self.process.stdin.flush()
+        except OSError:   # it exited already: `outcome` says why
+            pass
+
+    def go(self) -> None:
+        """The checks passed: build and compile."""
+        self.went = time.time()
+        self._send(b"go\n")
+        self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    def stop(self) -> None:
+        """End the helper, whatever it is doing (its caches are written whole or not at all)."""
+        self._close_stdin()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+    def outcome(self) -> dict:
+        """What the helper did, once done: its report, or why there is none."""
+        try:
+            return json.loads(self.report_path.read_text())
+        except (OSError, ValueError):
+            tail = (self.folder / LOG).read_bytes()[-400:].decode(errors="replace").strip().splitlines()
+            return {"compiled": False, "why": f"exit {self.process.returncode}: {tail[-1] if tail else 'no output'}"}
+
+
+class EagerUntilWarm:
+    """A Trainer callback: the compiled layers run eagerly from the first step until the helper is done (checked
+    at each step's start), then compile, from its caches if it compiled. `on_compiled(step, outcome)` once then."""
+
+    def __init__(self, ready, on_compiled):
+        from transformers import TrainerCallback
+
+        hold = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                hold.check(state.global_step + 1)
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                hold.check(state.global_step + 1)
+
+            def on_train_end(self, args, state, control, **kwargs):
+                hold.release()
+
+        self.ready, self.on_compiled = ready, on_compiled
+        self.eager = False
+        self.finished = False
+        self.callback = _Callback()
+
+    @property
+    def compiling(self) -> bool:
+        """The compiled layers run compiled from now on."""
+        return self.finished
+
+    def check(self, step: int) -> None:
+        if self.finished:
+            return
+        if not self.ready():
+            if not self.eager:
+                torch.compiler.set_stance("force_eager")
+                self.eager = True
+            return
+        self.release()
+        self.on_compiled(step)
+
+    def release(self) -> None:
+        if self.eager:
+            torch.compiler.set_stance("default")
+            self.eager = False
+        self.finished = True
+
+
+# ---------------------------------------------------------------- the helper process
+
+def _examples(config, vocab_size: int) -> list[dict]:
+    """One micro-batch of persona-length rows of random tokens, each of another length (as the data's are: equal
+    sizes would compile into graphs of their own)."""
+    rng = random.Random(0)
+    lengths = rng.sample(range(180, min(config.max_seq_length, 520)), config.per_device_train_batch_size)
+    rows = []
+    for length in lengths:
+        ids = [rng.randrange(3, vocab_size) for _ in range(length)]
+        reply = length // 3
+        rows.append({"input_ids": ids, "labels": [-100] * (length - reply) + ids[-reply:]})
+    return rows
+
+
+def warm(config, device: str, scratch: Path) -> dict:
+    """One compiled training step of a one-layer model of the base's shape, with random weights, on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    from ..log import Reporter
+    from ..model import base_shape, load_tokenizer
+    from ..run import Run
+
+    shape = base_shape(config)
+    plan = compiled_plan(config, device, shape)
+    if not plan.torch_compile:
+        return {"compiled": False, "why": "the plan does not compile"}
+    started = time.time()
+    one_layer = dataclasses.replace(config, base_model=str(scratch / "model"), output_dir=str(scratch / "out"))
+    shape.num_hidden_layers = 1
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(shape, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    model.save_pretrained(one_layer.base_model)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()   # the GPU is the run's: keep only what the step needs
+    load_tokenizer(config).save_pretrained(one_layer.base_model)
+
+    class OneStep(Run):
+        """Run.setup on the one-layer model and one micro-batch: the run's plan, model, adapter, compiled layers and
+        Trainer, without its store, data, evaluation or callbacks."""
+
+        def examples(self):
+            return _examples(config, shape.vocab_size), []
+
+        def resume_point(self):
+            return None
+
+        def compile_cache(self):
+            return None
+
+        def speed_plan(self):
+            return plan
+
+        def arguments(self):
+            return dataclasses.replace(super().arguments(), max_steps=1, save_strategy="no", logging_strategy="no")
+
+        def callbacks(self):
+            return []
+
+    run = OneStep(one_layer, Reporter("json", secrets=config.secrets()))
+    run.device, run.model_shape = device, shape
+    run.setup()
+    built = time.time()
+    run.trainer.train()
+    return {"compiled": True, "build_seconds": round(built - started, 2),
+            "step_seconds": round(time.time() - built, 2), "plan": plan.describe()}
+
+
+def main() -> int:
+    spec = pickle.load(sys.stdin.buffer)
+    # What the step needs, imported while the run checks its inputs.
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    from .. import run  # noqa: F401
+    if sys.stdin.buffer.readline().strip() != b"go":
+        return 0   # the checks failed, or the run ended: nothing to do
+    with tempfile.TemporaryDirectory(prefix="compile-warmup-") as scratch:
+        report = warm(spec["config"], spec["device"], Path(scratch))
+    Path(spec["report"]).write_text(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The compile's helper (job/speed/warm.py): a process that compiles one decoder layer of the base's shape while the
+run checks and loads, so that the run's layers compile from its caches. On the GPU that is what moves the cold
+compile off the run's path (bench/e2e_race.py measures it); here, on the CPU, that the helper trains one compiled
+step of a one-layer model and touches nothing of the run's, waits for the checks, fails harmlessly, and that the
+run's compiled layers run eagerly until it is done, then compiled, to the same losses."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from job.config import from_env
+from job.speed import warm
+
+TOKEN = "hf_warmupSecretToken0123456789abcdef"
+
+
+@pytest.fixture
+def settings(cpu_job, tmp_path, monkeypatch):
+    # The helper fills the caches its parent's environment names: this test's own.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    return lambda **extra: from_env(cpu_job(**{"TORCH_COMPILE": "true", "HF_TOKEN": TOKEN, **extra}))
+
+
+def finished(warmup: warm.Warmup, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while not warmup.done():
+        assert time.time() < deadline, "the helper did not finish"
+        time.sleep(0.1)
+    return warmup.outcome()
+
+
+def test_the_helper_trains_one_compiled_step_of_a_one_layer_model_and_touches_nothing_of_the_run(settings, tmp_path):
+    config = settings()
+    warmup = warm.Warmup(config, tmp_path / "work", device="cpu")
+    warmup.go()
+    outcome = finished(warmup)
+    assert warmup.process.returncode == 0
+    assert outcome["compiled"] is True and outcome["step_seconds"] > 0, outcome
+    assert outcome["plan"]["torch_compile"] is True
+    log = (tmp_path / "work" / warm.LOG).read_text()
+    assert '"trainable_params"' in log and "4-bit base with LoRA ready" in log   # the run's own setup built it
+    assert TOKEN not in log
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [warm.REPORT, warm.LOG]
+    assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_helper_touches_nothing_before_the_checks_pass_and_a_failed_one_says_why(settings, tmp_path):
+    # Stopped before `go` (the checks failed): it exits without building anything.
+    waiting = warm.Warmup(settings(), tmp_path / "stopped", device="cpu")
+    time.sleep(1)
+    assert not waiting.done()
+    waiting.stop()
+    assert waiting.outcome()["compiled"] is False and not (tmp_path / "stopped" / warm.REPORT).exists()
+
+    broken = warm.Warmup(settings(BASE_MODEL=str(tmp_path / "no-such-model")), tmp_path / "broken", device="cpu")
+    broken.go()
+    outcome = finished(broken)
+    assert broken.process.returncode != 0
+    assert outcome["compiled"] is False and "no-such-model" in outcome["why"], outcome
+
+
+def test_a_plan_for_another_graph_is_not_the_helpers(tiny_model):
+    """The run keeps the helper only if it compiles what the helper compiled: the plan it would take if it compiled,
+    whatever the run's length."""
+    from job.speed.plan import plan
+
+    env = {"BASE_MODEL": str(tiny_model), "REQUIRE_GPU": "false", "TORCH_COMPILE": "true"}
+    config = from_env(env)
+    helpers = warm.compiled_plan(config, "cpu", None)
+    assert helpers.torch_compile and warm.same_graphs(plan(config, "cpu", None, 12), helpers)
+    assert not warm.same_graphs(plan(from_env({**env, "PADDING_FREE": "true"}), "cpu", None, 12), helpers)
+    assert not warm.same_graphs(plan(from_env({**env, "TORCH_COMPILE": "false"}), "cpu", None, 12), helpers)
+
+
+def test_compiled_layers_run_eagerly_until_the_helper_is_done_then_compiled_to_the_same_losses(tiny_model):
+    """EagerUntilWarm: the steps before the helper is done compile nothing; the first step after compiles, and
+    every step's loss is the eager one."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from job.model import add_lora, load_base_model, load_tokenizer
+    from job.speed.attention import data_collator
+    from job.speed.kernels import compile_layers
+    from job.speed.plan import plan
+
+    config = from_env({"BASE_MODEL": str(tiny_model), "REQUIRE_GPU": "false", "LORA_TARGET_MODULES": "all-linear",
+                       "LORA_DROPOUT": "0", "PADDING_FREE": "false", "TORCH_COMPILE": "true"})
+    speed = plan(config, "cpu")
+    tokenizer = load_tokenizer(config)
+    torch.manual_seed(0)
+    model = add_lora(config, load_base_model(config, tokenizer, "cpu", speed), tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(4):
+        feats = [{"input_ids": (ids := torch.randint(3, 1000, (n,), generator=gen).tolist()),
+                  "labels": [-100] * (n // 2) + ids[n // 2:]} for n in (21, 34)]
+        batches.append(data_collator(speed, tokenizer)(feats))
+    eager_losses = [model(**b).loss.item() for b in batches]
+
+    torch._dynamo.reset()
+    counters.clear()
+    compile_layers(model)
+    ready, compiled_at = [False], []
+    hold = warm.EagerUntilWarm(lambda: ready[0], compiled_at.append)
+    losses, graphs = [], []
+    try:
+        for step, batch in enumerate(batches, start=1):
+            ready[0] = step >= 3
+            hold.check(step)
+            losses.append(model(**batch).loss.item())
+            graphs.append(counters["stats"]["unique_graphs"])
+    finally:
+        hold.release()
+        torch._dynamo.reset()
+    assert graphs[:2] == [0, 0] and graphs[2] > 0, graphs
+    assert compiled_at == [3] and hold.compiling
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+
+
+def test_the_helper_is_started_only_where_the_run_may_compile(settings):
+    from job.distributed import Topology
+
+    single = Topology()
+    assert not warm.may_compile(settings(TORCH_COMPILE="false"), single)
+    assert not warm.may_compile(settings(TORCH_COMPILE="auto", MAX_STEPS="40"), single)   # too short to repay
+    assert warm.may_compile(settings(), single) is torch.cuda.is_available()
+    assert not warm.may_compile(settings(), Topology(world_size=2, rank=0, local_rank=0))
