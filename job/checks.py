@@ -17,7 +17,8 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -67,6 +68,7 @@ class CheckResult:
     detail: str = ""
     problems: tuple[str, ...] = ()    # for a failure: one actionable line each
     warnings: tuple[str, ...] = ()    # for a pass: what the user should know, one line each; no exit
+    seconds: float = 0.0              # what the check took (imports, downloads, the GPU's own tests)
 
 
 @dataclass
@@ -377,14 +379,16 @@ def run_checks(config: Config, topology: Topology = Topology(),
             results.append(CheckResult(name, SKIPPED, f"needs {' and '.join(missing)}"))
             continue
         found.warnings = []
+        started = time.perf_counter()
         try:
-            results.append(CheckResult(name, PASSED, check(found), warnings=tuple(found.warnings)))
+            result = CheckResult(name, PASSED, check(found), warnings=tuple(found.warnings))
         except CheckedByLauncher:
-            pass
+            continue
         except Skip as exc:
-            results.append(CheckResult(name, SKIPPED, str(exc)))
+            result = CheckResult(name, SKIPPED, str(exc))
         except CheckFailed as exc:
-            results.append(CheckResult(name, FAILED, exc.detail, tuple(exc.problems)))
+            result = CheckResult(name, FAILED, exc.detail, tuple(exc.problems))
+        results.append(replace(result, seconds=round(time.perf_counter() - started, 2)))
     return results, found
 
 
@@ -417,7 +421,7 @@ def report(results: list[CheckResult], reporter: Reporter) -> list[str]:
         for r in results:
             extra = {"problems": list(r.problems)} if r.problems else {}
             extra.update({"warnings": list(r.warnings)} if r.warnings else {})
-            reporter.event("preflight", r.detail, check=r.name, status=r.status, **extra)
+            reporter.event("preflight", r.detail, check=r.name, status=r.status, seconds=r.seconds, **extra)
     elif results:   # none in a worker whose launcher ran every check
         reporter.text(render_table(results))
     for line in (w for r in results for w in r.warnings):
