@@ -247,8 +247,10 @@ class Run:
         self.cache = self.compile_cache()
         self.plan = self.speed_plan()
         self.reporter.event("speed", "speed settings for this device", **self.plan.describe())
-        model = add_lora(self.config, load_base_model(self.config, self.tokenizer, self.device, self.plan),
-                         self.tokenizer)
+        loading = time.perf_counter()
+        base = load_base_model(self.config, self.tokenizer, self.device, self.plan)
+        loaded = time.perf_counter()
+        model = add_lora(self.config, base, self.tokenizer)
         # The plan's callbacks come first, whatever callbacks() returns: they make the model what the plan says.
         speed_callbacks = recompute.callbacks(self.plan.recompute)
         if self.plan.torch_compile:
@@ -265,7 +267,9 @@ class Run:
         elif self.warmup is not None:
             self.stop_warmup("the run does not compile")
         self.reporter.event("model", "4-bit base with LoRA ready", base=self.config.base_model,
-                            trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+                            trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                            load_seconds=round(loaded - loading, 2),
+                            adapter_seconds=round(time.perf_counter() - loaded, 2))
 
         import datasets
         self.writer = CheckpointWriter()   # finishes checkpoint files off the training thread
