@@ -164,7 +164,11 @@ class Run:
         self.reporter.event("preflight", "checks passed", device=self.device, run_id=self.config.resolved_run_id,
                             train_rows=len(self.splits.train), eval_rows=len(self.splits.eval))
         if self.warmup is not None:
-            self.warmup.go()
+            self.cache = self.compile_cache()
+            if self.cache is not None and self.cache.meta.get("bytes"):
+                self.stop_warmup("the stored compile cache will be loaded instead")
+            else:
+                self.warmup.go()
 
     def hold(self) -> None:
         """Take the run's lease (rank 0): one writer per run. Waits up to LEASE_TTL_SECONDS for a live holder, then
@@ -244,7 +248,8 @@ class Run:
             raise Stopped("stopped before training started; nothing new to save")
         if self.model_shape is None:
             self.model_shape = base_shape(self.config)
-        self.cache = self.compile_cache()
+        if self.cache is None:   # (check() looked it up where the compile's helper waited on it)
+            self.cache = self.compile_cache()
         self.plan = self.speed_plan()
         self.reporter.event("speed", "speed settings for this device", **self.plan.describe())
         loading = time.perf_counter()
@@ -294,8 +299,6 @@ class Run:
 
         if self.warmup is None:
             return None
-        if self.cache is not None and self.cache.meta.get("bytes"):
-            return self.stop_warmup("the stored compile cache is loaded instead")
         if not warm.same_graphs(self.plan, warm.compiled_plan(self.config, self.device, self.model_shape)):
             return self.stop_warmup("it compiled for another speed plan")
         warmup = self.warmup
