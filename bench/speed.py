@@ -91,6 +91,12 @@ CONFIGS = {
                                              "TORCH_COMPILE": "true", "patch": ["kept-weights"]}),
     "job-b32-compile-kept": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32", "GRADIENT_CHECKPOINTING": "false",
                                              "TORCH_COMPILE": "true", "patch": ["kept-weights"]}),
+    # The same with inductor's GEMM autotuning (TORCHINDUCTOR_MAX_AUTOTUNE_GEMM: its Triton matmul templates, with
+    # their fused epilogues, against cuBLAS, per product shape), in a cache of its own: the compile takes longer.
+    "job-b24-compile-kept-autotune": ("job", 24, 16, {
+        "PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false", "TORCH_COMPILE": "true",
+        "patch": ["kept-weights"], "os_env": {"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM": "1",
+                                              "TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor-autotune"}}),
     "job-b24-compile": ("job", 24, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false",
                                         "TORCH_COMPILE": "true"}),
     "job-b32-compile": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32", "GRADIENT_CHECKPOINTING": "false",

@@ -299,6 +299,8 @@ class Run:
 
         if self.warmup is None:
             return None
+        if self.plan.gradient_checkpointing:
+            return self.stop_warmup("the GPU's memory is the training's (it recomputes to fit)")
         if not warm.same_graphs(self.plan, warm.compiled_plan(self.config, self.device, self.model_shape)):
             return self.stop_warmup("it compiled for another speed plan")
         warmup = self.warmup

@@ -11,7 +11,8 @@ is done, then compile from those caches, as a run with the portable compile cach
 
 It is a speed lever and nothing more: the helper writes nothing but caches and its own scratch folder, and where it
 fails, or the run does not compile with the plan it compiled for, or a stored compile cache was loaded, the run
-goes on as without it (a cold compile, or none).
+goes on as without it (a cold compile, or none). Where the plan recomputes activations to fit the GPU's memory, the
+helper does not run: the memory its one-layer model and step would take is the training's.
 """
 from __future__ import annotations
 
@@ -193,6 +194,8 @@ def warm(config, device: str, scratch: Path) -> dict:
     plan = compiled_plan(config, device, shape)
     if not plan.torch_compile:
         return {"compiled": False, "why": "the plan does not compile"}
+    if plan.gradient_checkpointing and device == "cuda":
+        return {"compiled": False, "why": "the GPU's memory is the training's (it recomputes to fit)"}
     started = time.time()
     one_layer = dataclasses.replace(config, base_model=str(scratch / "model"), output_dir=str(scratch / "out"))
     shape.num_hidden_layers = 1
