@@ -310,8 +310,8 @@ class Run:
             seconds = round(time.time() - (warmup.went or warmup.started), 1)
             if outcome.get("compiled"):
                 self.reporter.event("speed", f"compile's helper done in {seconds} s: the layers compile from its "
-                                             f"caches at step {step}", step=step, build_seconds=outcome.get("build_seconds"),
-                                    step_seconds=outcome.get("step_seconds"))
+                                             f"caches at step {step}", step=step,
+                                    **{k: outcome.get(k) for k in ("build_seconds", "step_seconds", "peak_gib")})
             else:
                 self.reporter.event("speed", f"compile's helper failed ({outcome.get('why')}): the layers compile "
                                              f"at step {step}", step=step)

@@ -234,8 +234,10 @@ def warm(config, device: str, scratch: Path) -> dict:
     run.setup()
     built = time.time()
     run.trainer.train()
+    peak = torch.cuda.max_memory_reserved() / 2 ** 30 if device == "cuda" else None
     return {"compiled": True, "build_seconds": round(built - started, 2),
-            "step_seconds": round(time.time() - built, 2), "plan": plan.describe()}
+            "step_seconds": round(time.time() - built, 2), "peak_gib": peak and round(peak, 2),
+            "plan": plan.describe()}
 
 
 def main() -> int:
