@@ -2,9 +2,9 @@
 docs/PERFORMANCE.md) done by a helper process while the run loads its model and trains its first steps eagerly.
 
 The helper (`python -m job.speed.warm`) starts with the run's preflight checks, on one GPU, when the run may
-compile. It imports what it needs and writes a one-layer model of the base's shape with random weights, on the
-CPU; once the checks have passed (never before: bad input costs no GPU time) it loads that model in 4 bits with the
-run's adapter and the speed plan the run takes when it compiles, and runs one compiled training step of it. That fills inductor's and
+compile. It imports what it needs, and once the checks have passed (never before: bad input costs no GPU time)
+makes a one-layer model of the base's shape with random weights, loads it in 4 bits with the run's adapter and the
+speed plan the run takes when it compiles, and runs one compiled training step of it. That fills inductor's and
 AOTAutograd's caches on disk (TORCHINDUCTOR_CACHE_DIR, the run's own) with the graphs every decoder layer compiles
 to: one layer's graphs are every layer's (kernels.compile_layers). The run's layers run eagerly until the helper
 is done, then compile from those caches, as a run with the portable compile cache does (compile_cache.py).
@@ -183,8 +183,9 @@ def _examples(config, vocab_size: int) -> list[dict]:
 
 
 def one_layer_model(config, device: str, scratch: Path):
-    """A one-layer model of the base's shape with random weights, and the run's tokenizer, written to `scratch`
-    (on the CPU, before the checks have passed): the settings that load it, and its shape."""
+    """A one-layer model of the base's shape with random weights, made on `device` (fast where it is a GPU: on an
+    H100's host the CPU took over 10 s for the 7B's layer and embeddings), and the run's tokenizer, written to
+    `scratch`: the settings that load it, and its shape."""
     from transformers import AutoModelForCausalLM
 
     from ..model import base_shape, load_tokenizer
@@ -192,13 +193,17 @@ def one_layer_model(config, device: str, scratch: Path):
     one_layer = dataclasses.replace(config, base_model=str(scratch / "model"), output_dir=str(scratch / "out"))
     shape = base_shape(config)
     shape.num_hidden_layers = 1
-    model = AutoModelForCausalLM.from_config(shape, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(shape, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     model.save_pretrained(one_layer.base_model)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()   # the GPU is the run's: keep only what the step needs
     load_tokenizer(config).save_pretrained(one_layer.base_model)
     return one_layer, shape
 
 
-def warm(config, one_layer, shape, device: str) -> dict:
+def warm(config, device: str, scratch: Path) -> dict:
     """One compiled training step of the one-layer model on `device`, with the plan of the run were it to compile."""
     from ..log import Reporter
     from ..model import base_shape
@@ -210,6 +215,7 @@ def warm(config, one_layer, shape, device: str) -> dict:
     if plan.gradient_checkpointing and device == "cuda":
         return {"compiled": False, "why": "the GPU's memory is the training's (it recomputes to fit)"}
     started = time.time()
+    one_layer, shape = one_layer_model(config, device, scratch)
 
     class OneStep(Run):
         """Run.setup on the one-layer model and one micro-batch: the run's plan, model, adapter, compiled layers and
@@ -244,15 +250,32 @@ def warm(config, one_layer, shape, device: str) -> dict:
             "plan": plan.describe()}
 
 
+def preload(config) -> None:
+    """What the step needs imported while the run checks its inputs (seconds of imports, none on the GPU): the
+    Trainer, peft, bitsandbytes, the base's model class, Dynamo and inductor."""
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import torch._dynamo  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
+
+    from .. import run, trainer  # noqa: F401
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        from ..model import base_shape
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(base_shape(config))]
+    except Exception:  # noqa: BLE001 - only a head start: the step imports whatever this did not
+        pass
+
+
 def main() -> int:
     spec = pickle.load(sys.stdin.buffer)
     config, device = spec["config"], spec["device"]
-    from .. import run  # noqa: F401  (what the step needs, imported while the run checks its inputs)
+    preload(config)
+    if sys.stdin.buffer.readline().strip() != b"go":
+        return 0   # the checks failed, or the run ended: nothing to do
     with tempfile.TemporaryDirectory(prefix="compile-warmup-") as scratch:
-        one_layer, shape = one_layer_model(config, device, Path(scratch))
-        if sys.stdin.buffer.readline().strip() != b"go":
-            return 0   # the checks failed, or the run ended: nothing to do
-        report = warm(config, one_layer, shape, device)
+        report = warm(config, device, Path(scratch))
     Path(spec["report"]).write_text(json.dumps(report))
     # Done: the run waits for this process's exit, which need not tear down the interpreter first (seconds).
     sys.stdout.flush()
