@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 # The services' test doubles, for every test module: hub_server, and moto_server, seaweedfs_server and s3_server
 # (both S3 servers in turn).
@@ -21,6 +22,11 @@ from fakes.s3 import moto_server, s3_server, seaweedfs_server  # noqa: F401  (fi
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = ROOT / "data" / "persona_sample.jsonl"
+
+# The tests' own torch work (test_recompute.py, test_speed.py, ...) on one thread, as the jobs run (job_env): two
+# xdist workers and their jobs share the CPU, and on a busy CPU OpenMP's threads wait on each other. The selective
+# recomputation test took 26 s on torch's default two threads with both cores busy, 12 s on one.
+torch.set_num_threads(1)
 
 # Fast settings for a tiny model on a CPU; tests add what they exercise.
 CPU_SETTINGS = {
