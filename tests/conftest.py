@@ -2,14 +2,18 @@
 that starts `python -m job` as a subprocess with environment variables, exactly as the container does."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
+import torch
 
 # The services' test doubles, for every test module: hub_server, and moto_server, seaweedfs_server and s3_server
 # (both S3 servers in turn).
@@ -18,6 +22,11 @@ from fakes.s3 import moto_server, s3_server, seaweedfs_server  # noqa: F401  (fi
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = ROOT / "data" / "persona_sample.jsonl"
+
+# The tests' own torch work (test_recompute.py, test_speed.py, ...) on one thread, as the jobs run (job_env): two
+# xdist workers and their jobs share the CPU, and on a busy CPU OpenMP's threads wait on each other. The selective
+# recomputation test took 26 s on torch's default two threads with both cores busy, 12 s on one.
+torch.set_num_threads(1)
 
 # Fast settings for a tiny model on a CPU; tests add what they exercise.
 CPU_SETTINGS = {
@@ -42,10 +51,30 @@ CPU_SETTINGS = {
 }
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """A folder that `build` fills once per test session and every xdist worker then reads: the first worker to
+    ask builds it while the others wait on a lock (each would otherwise build its own, a job run for some)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:   # no xdist: this process is the whole session
+        where = tmp_path_factory.mktemp(name)
+        build(where)
+        return where
+    root = tmp_path_factory.getbasetemp().parent   # this session's folder, above each worker's own
+    where, built = root / name, root / f"{name}.built"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built.exists():   # a worker whose build failed left no mark: the next one tries again
+            shutil.rmtree(where, ignore_errors=True)
+            where.mkdir()
+            build(where)
+            built.touch()
+    return where
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
+    """Built once per session; tests read it and never write into it."""
     from job.tiny import build_tiny_model
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+    return built_once(tmp_path_factory, "tiny-llama", build_tiny_model)
 
 
 @dataclass
@@ -79,6 +108,26 @@ def run_job(*args: str, env: dict[str, str], timeout: float = 600) -> JobResult:
     proc = subprocess.run([sys.executable, "-m", "job", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
     return JobResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+UNINTERRUPTED_RUN_ID = "resume-story"
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_model, tmp_path_factory) -> dict:
+    """The adapter of a run that was never interrupted (RUN_ID resume-story, CPU_SETTINGS): what every resumed run
+    must end with. One run for the whole session, not one per module and worker."""
+    from safetensors.torch import load_file
+
+    def train(where: Path) -> None:
+        env = job_env(**{**CPU_SETTINGS, "BASE_MODEL": str(tiny_model), "DATASET": str(SAMPLE_DATA),
+                         "RUN_ID": UNINTERRUPTED_RUN_ID, "CHECKPOINT_URI": str(where / "store"),
+                         "OUTPUT_DIR": str(where / "out")})
+        result = run_job("train", env=env)
+        assert result.returncode == 0, result.stderr
+
+    where = built_once(tmp_path_factory, "uninterrupted", train)
+    return load_file(where / "out" / "adapter_model.safetensors")
 
 
 @pytest.fixture

@@ -199,11 +199,10 @@ def test_a_trained_adapter_beats_the_base_on_held_out_conversations(cpu_job, tmp
     assert status["evaluation"]["tuned_loss"] == evaluation["tuned"]["loss"]
 
 
-def test_evaluating_at_every_checkpoint_stores_it_and_does_not_change_the_training(cpu_job, tmp_path):
+def test_evaluating_at_every_checkpoint_stores_it_and_does_not_change_the_training(cpu_job, tmp_path,
+                                                                                    uninterrupted):
     from safetensors.torch import load_file
 
-    plain = run_job("train", env=cpu_job(OUTPUT_DIR=str(tmp_path / "plain"), CHECKPOINT_URI=str(tmp_path / "s1")))
-    assert plain.returncode == 0, plain.stderr
     evaluated = run_job("train", env=cpu_job(EVAL_AT_CHECKPOINTS="true", SAVE_TOTAL_LIMIT="5"))
     assert evaluated.returncode == 0, evaluated.stderr
     steps = [e["step"] for e in evaluated.events("evaluation") if "step" in e and "base_loss" in e]
@@ -213,8 +212,8 @@ def test_evaluating_at_every_checkpoint_stores_it_and_does_not_change_the_traini
         manifest = json.loads((folder / "MANIFEST.json").read_text())
         assert "evaluation.json" in {f["path"] if isinstance(f, dict) else f for f in manifest["files"]}
         assert json.loads((folder / "evaluation.json").read_text())["step"] == step
-    a = load_file(tmp_path / "plain" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    # The same settings without EVAL_AT_CHECKPOINTS: the session's uninterrupted run (conftest.py).
+    a, b = uninterrupted, load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

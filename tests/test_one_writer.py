@@ -123,8 +123,7 @@ def test_a_released_lease_is_taken_at_once_and_a_renewed_one_is_waited_for_then_
 
 from conftest import run_job  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from test_resume import (RUN_ID, Running, assert_bit_identical, committed, s3_bucket_store,  # noqa: E402,F401
-                         uninterrupted)
+from test_resume import RUN_ID, Running, assert_bit_identical, committed, s3_bucket_store  # noqa: E402
 
 TTL = "3"
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CPU_SETTINGS, ROOT, SAMPLE_DATA, job_env, run_job
+from conftest import ROOT, UNINTERRUPTED_RUN_ID, run_job
 from fakes.s3 import FlakyProxy
 
-RUN_ID = "resume-story"
+RUN_ID = UNINTERRUPTED_RUN_ID   # every resumed run must end as the `uninterrupted` fixture's run (conftest.py)
 
 
 class Store:
@@ -93,17 +93,6 @@ def job(cpu_job, store):
 @pytest.fixture
 def s3_job(cpu_job, s3_store):
     return _job(cpu_job, s3_store)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_model, tmp_path_factory) -> dict[str, torch.Tensor]:
-    """The adapter of a run that was never interrupted: what every resumed run must end with."""
-    where = tmp_path_factory.mktemp("uninterrupted")
-    env = job_env(**{**CPU_SETTINGS, "BASE_MODEL": str(tiny_model), "DATASET": str(SAMPLE_DATA),
-                     "RUN_ID": RUN_ID, "CHECKPOINT_URI": str(where / "store"), "OUTPUT_DIR": str(where / "out")})
-    result = run_job("train", env=env)
-    assert result.returncode == 0, result.stderr
-    return load_file(where / "out" / "adapter_model.safetensors")
 
 
 class Running:

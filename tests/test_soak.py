@@ -12,7 +12,7 @@ from fakes.s3 import FlakyProxy
 from safetensors.torch import load_file
 from test_one_writer import every_committed_checkpoint_verifies
 from test_publish import hub, publish_job, run_commits  # noqa: F401  (fixtures)
-from test_resume import RUN_ID, Running, assert_bit_identical, s3_bucket_store, uninterrupted  # noqa: F401
+from test_resume import RUN_ID, Running, assert_bit_identical, s3_bucket_store
 
 from conftest import run_job
 
