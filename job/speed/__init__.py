@@ -8,6 +8,7 @@ compiled decoder layers, whether to recompute activations, and checkpoints that 
 - recompute.py: what the backward pass recomputes (GRADIENT_CHECKPOINTING: whole layers, the attention block, or
   whole layers with their inputs in host memory);
 - compile_cache.py: torch.compile's portable caches in the checkpoint store, for later and resumed runs;
+- warm.py: a first run's compile done by a helper process while the run checks, loads and trains eagerly;
 - snapshot.py: a checkpoint's tensors copied to host memory and written off the training thread.
 
 Everything here is off on the CPU: there the tests hold the job to bit-exact resume and exact reload logits,
