@@ -5,11 +5,14 @@ step of a one-layer model and touches nothing of the run's, waits for the checks
 run's compiled layers run eagerly until it is done, then compiled, to the same losses."""
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo
 
 from job.config import from_env
 from job.speed import warm
@@ -128,3 +131,71 @@ def test_the_helper_is_started_only_where_the_run_may_compile(settings):
     assert not warm.may_compile(settings(TORCH_COMPILE="auto", MAX_STEPS="40"), single)   # too short to repay
     assert warm.may_compile(settings(), single) is torch.cuda.is_available()
     assert not warm.may_compile(settings(), Topology(world_size=2, rank=0, local_rank=0))
+
+
+def test_a_run_starts_the_helper_with_its_checks_and_compiles_from_its_caches_once_it_is_done(
+        settings, tmp_path, monkeypatch):
+    """The whole run (Run.main, in this process) on the CPU, with the helper as a GPU run has it: started with the
+    checks and told to go once they pass. The run's 6 steps take a second here and the helper's compile longer, so
+    the run waits for it at `go` (eagerly until then, the unit test above): its layers then compile from the first
+    step, and the run says what the helper did."""
+    from torch._dynamo.utils import counters
+    import io
+    import json
+
+    from job.log import Reporter
+    from job.run import Run
+
+    real = warm.Warmup
+    monkeypatch.setattr(warm, "may_compile", lambda config, topology: True)   # on a GPU it says so itself
+
+    class Waited(real):
+        def go(self):
+            super().go()
+            finished(self)
+
+    monkeypatch.setattr(warm, "Warmup", lambda config, folder: Waited(config, folder, device="cpu"))
+    out = io.StringIO()
+    torch._dynamo.reset()
+    counters.clear()
+    run = Run(settings(MAX_STEPS="6", SAVE_STEPS="3", EVAL_STEPS="3", PADDING_FREE="false"),
+              Reporter("json", secrets=[TOKEN], stream=out))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run.main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        torch._dynamo.reset()
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    speed = [e["message"] for e in events if e["event"] == "speed"]
+    assert any("compile once the compile's helper is done" in m for m in speed), speed
+    done = [e for e in events if e["event"] == "speed" and e["message"].startswith("compile's helper done")]
+    assert len(done) == 1 and done[0]["step"] == 1 and done[0]["step_seconds"] > 0, done
+    assert run.warmup.process.returncode == 0
+    assert counters["stats"]["unique_graphs"] > 0   # the run's layers compiled
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["steps"] == 6 and all(x["loss"] == x["loss"] for x in summary["train_loss"])
+    assert TOKEN not in out.getvalue()
+
+
+def test_a_run_whose_checks_fail_stops_its_helper_before_it_touches_the_device(settings, tmp_path, monkeypatch):
+    from job.config import BadInput
+    from job.log import Reporter
+    from job.run import Run
+
+    real = warm.Warmup
+    started = []
+    monkeypatch.setattr(warm, "may_compile", lambda config, topology: True)
+    monkeypatch.setattr(warm, "Warmup", lambda config, folder: started.append(real(config, folder, device="cpu"))
+                        or started[-1])
+    run = Run(settings(DATASET=str(tmp_path / "no-such-data.jsonl")), Reporter("json", stream=open(os.devnull, "w")))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(BadInput, match="no-such-data"):
+            run.main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert started and started[0].done()
+    assert not (tmp_path / "out" / "work" / warm.REPORT).exists()
