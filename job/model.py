@@ -51,9 +51,9 @@ def speed_plan(config: Config, device: str, steps: int | None = None, world_size
     return plan(config, device, base_shape(config), steps, world_size, compile_seconds, cache_unmeasured)
 
 
-def load_base_model(config: Config, tokenizer, device: str, plan=None):
+def load_base_model(config: Config, tokenizer, device: str, plan=None, shape=None):
     """The base in 4-bit NF4, with room for the persona tokens (their rows start as the mean row), and the
-    attention and fused kernels the speed plan asks for."""
+    attention and fused kernels the speed plan asks for. `shape`: its config (`base_shape`), where already read."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from .speed.attention import register_attention
@@ -69,7 +69,7 @@ def load_base_model(config: Config, tokenizer, device: str, plan=None):
     # loaded in 1.9 s, and in 3.65 s converted to bfloat16): the 4-bit weights are quantized from the stored values,
     # and the few unquantized tensors are converted after (`to_compute_dtype`).
     model = AutoModelForCausalLM.from_pretrained(config.base_model, quantization_config=quantization,
-                                                 dtype=stored_dtype(config) or dtype,
+                                                 dtype=stored_dtype(shape or base_shape(config)) or dtype,
                                                  device_map={"": torch.cuda.current_device() if device == "cuda" else device},
                                                  attn_implementation=plan.attn_implementation,
                                                  token=config.hf_token or None)
@@ -83,9 +83,8 @@ def load_base_model(config: Config, tokenizer, device: str, plan=None):
     return model
 
 
-def stored_dtype(config: Config) -> torch.dtype | None:
-    """The floating dtype BASE_MODEL's weights are stored in, as its config says (None: it does not say)."""
-    shape = base_shape(config)
+def stored_dtype(shape) -> torch.dtype | None:
+    """The floating dtype the base's weights are stored in, as its config (`base_shape`) says; None if it does not."""
     stored = getattr(shape, "dtype", None) or getattr(shape, "torch_dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)

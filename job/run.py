@@ -253,7 +253,7 @@ class Run:
         self.plan = self.speed_plan()
         self.reporter.event("speed", "speed settings for this device", **self.plan.describe())
         loading = time.perf_counter()
-        base = load_base_model(self.config, self.tokenizer, self.device, self.plan)
+        base = load_base_model(self.config, self.tokenizer, self.device, self.plan, self.model_shape)
         loaded = time.perf_counter()
         model = add_lora(self.config, base, self.tokenizer)
         # The plan's callbacks come first, whatever callbacks() returns: they make the model what the plan says.

@@ -76,14 +76,14 @@ def test_a_base_stored_in_float16_loads_quantized_from_its_stored_values_with_th
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from job.config import from_env
-    from job.model import load_base_model, load_tokenizer, stored_dtype
+    from job.model import base_shape, load_base_model, load_tokenizer, stored_dtype
 
     stored = tmp_path / "fp16"
     AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float16).save_pretrained(stored)
     config = from_env({"BASE_MODEL": str(stored), "REQUIRE_GPU": "false", "COMPUTE_DTYPE": "bfloat16",
                        "LORA_TARGET_MODULES": "all-linear"})
     load_tokenizer(from_env({"BASE_MODEL": str(tiny_model)})).save_pretrained(stored)
-    assert stored_dtype(config) == torch.float16
+    assert stored_dtype(base_shape(config)) == torch.float16
     tokenizer = load_tokenizer(config)
     model = load_base_model(config, tokenizer, "cpu")
     converting = AutoModelForCausalLM.from_pretrained(

@@ -188,13 +188,14 @@ def one_layer_model(config, device: str, scratch: Path):
     `scratch`: the settings that load it, and its shape."""
     from transformers import AutoModelForCausalLM
 
-    from ..model import base_shape, load_tokenizer
+    from ..model import base_shape, load_tokenizer, stored_dtype
 
     one_layer = dataclasses.replace(config, base_model=str(scratch / "model"), output_dir=str(scratch / "out"))
     shape = base_shape(config)
     shape.num_hidden_layers = 1
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(shape, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    stored = stored_dtype(shape) or (torch.bfloat16 if device == "cuda" else torch.float32)
+    with torch.device(device):   # stored as the base is, so that it loads as the base does
+        model = AutoModelForCausalLM.from_config(shape, dtype=stored)
     model.save_pretrained(one_layer.base_model)
     del model
     if device == "cuda":
