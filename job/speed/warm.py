@@ -122,7 +122,8 @@ class Warmup:
 
 class EagerUntilWarm:
     """A Trainer callback: the compiled layers run eagerly from the first step until the helper is done (checked
-    at each step's start), then compile, from its caches if it compiled. `on_compiled(step, outcome)` once then."""
+    at each step's start), then compile, from its caches if it compiled. `on_compiled(step)` once then;
+    `compiling` from then on."""
 
     def __init__(self, ready, on_compiled):
         from transformers import TrainerCallback
@@ -141,16 +142,11 @@ class EagerUntilWarm:
 
         self.ready, self.on_compiled = ready, on_compiled
         self.eager = False
-        self.finished = False
+        self.compiling = False
         self.callback = _Callback()
 
-    @property
-    def compiling(self) -> bool:
-        """The compiled layers run compiled from now on."""
-        return self.finished
-
     def check(self, step: int) -> None:
-        if self.finished:
+        if self.compiling:
             return
         if not self.ready():
             if not self.eager:
@@ -164,7 +160,7 @@ class EagerUntilWarm:
         if self.eager:
             torch.compiler.set_stance("default")
             self.eager = False
-        self.finished = True
+        self.compiling = True
 
 
 # ---------------------------------------------------------------- the helper process
@@ -182,16 +178,18 @@ def _examples(config, vocab_size: int) -> list[dict]:
     return rows
 
 
-def one_layer_model(config, device: str, scratch: Path):
+def one_layer_model(config, shape, device: str, scratch: Path):
     """A one-layer model of the base's shape with random weights, made on `device` (fast where it is a GPU: on an
     H100's host the CPU took over 10 s for the 7B's layer and embeddings), and the run's tokenizer, written to
-    `scratch`: the settings that load it, and its shape."""
+    `scratch`: the settings that load it, and its shape. `shape`: the base's (`base_shape`)."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
-    from ..model import base_shape, load_tokenizer, stored_dtype
+    from ..model import load_tokenizer, stored_dtype
 
     one_layer = dataclasses.replace(config, base_model=str(scratch / "model"), output_dir=str(scratch / "out"))
-    shape = base_shape(config)
+    shape = copy.deepcopy(shape)
     shape.num_hidden_layers = 1
     stored = stored_dtype(shape) or (torch.bfloat16 if device == "cuda" else torch.float32)
     with torch.device(device):   # stored as the base is, so that it loads as the base does
@@ -210,13 +208,14 @@ def warm(config, device: str, scratch: Path) -> dict:
     from ..model import base_shape
     from ..run import Run
 
-    plan = compiled_plan(config, device, base_shape(config))
+    base = base_shape(config)
+    plan = compiled_plan(config, device, base)
     if not plan.torch_compile:
         return {"compiled": False, "why": "the plan does not compile"}
     if plan.gradient_checkpointing and device == "cuda":
         return {"compiled": False, "why": "the GPU's memory is the training's (it recomputes to fit)"}
     started = time.time()
-    one_layer, shape = one_layer_model(config, device, scratch)
+    one_layer, shape = one_layer_model(config, base, device, scratch)
 
     class OneStep(Run):
         """Run.setup on the one-layer model and one micro-batch: the run's plan, model, adapter, compiled layers and
