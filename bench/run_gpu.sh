@@ -6,7 +6,7 @@
 # Environment: RACE=contenders of bench/e2e_race.py (the seed's whole run, end to end; RACE_TIMEOUT), CLI_SPEED=job configs to also run through `python -m job train` (bench/cli_speed.py; CLI_STEPS steps,
 # default 40; CLI_PYSPY=1 samples both sides), PYSPY=configs to sample with py-spy, SKIP_SNAPSHOT=1 to skip bench/snapshot_check.py,
 # OLD_TREE=a copy of an older checkout to run OLD_CONFIGS (default job) of too and compare first losses with,
-# NF4_CHECK=1 runs bench/nf4_check.py first, KEPT_CHECK=1 bench/kept_check.py,
+# NF4_CHECK=1 runs bench/nf4_check.py first, KEPT_CHECK=1 bench/kept_check.py, WARM_CHECK=variants of bench/warm_check.py,
 # SPEED_TIMEOUT / CONFIG_TIMEOUT / OLD_TIMEOUT / CLI_TIMEOUT / CLI_CONFIG_TIMEOUT / E2E_TIMEOUT seconds.
 # Wheels: bench/fetch_wheels.sh puts them in .whl/ here; the device tool carries .whl (README.md, Notes).
 set -uo pipefail
@@ -70,6 +70,12 @@ if [ -n "${KEPT_CHECK:-}" ]; then
     # A compiled layer's 4-bit linears keeping their dequantized weights against bitsandbytes' path (bench/kept_check.py)
     timeout 150 python3 bench/kept_check.py "$out" 2>&1 | tee "$scratch/kept_check.log" | grep -v "^ *warn" || status=1
 fi
+if [ -n "${WARM_CHECK:-}" ]; then
+    # The compile's helper alone under variants (bench/warm_check.py): WARM_CHECK=baseline,pool,pool-nopw,...
+    timeout "${WARM_TIMEOUT:-200}" python3 bench/warm_check.py --out "$scratch/warm" --variants "$WARM_CHECK" \
+        2>&1 | tee "$scratch/warm_check.log" || status=1
+    cp "$scratch/warm/results.json" "$out/warm_results.json" 2>/dev/null
+fi
 if [ "$configs" != "none" ]; then
     timeout "${SPEED_TIMEOUT:-400}" python3 bench/speed.py --out "$scratch/speed" --configs "$configs" \
         --profile "$profile" --pyspy "${PYSPY:-}" --timeout "${CONFIG_TIMEOUT:-200}" || status=1
@@ -125,6 +131,6 @@ elif [ "$e2e" = "numerics" ]; then
 fi
 cp "$scratch/speed/results.json" "$scratch/GPU_E2E.md" "$out/" 2>/dev/null
 cp "$scratch"/speed/pyspy-*.json "$out/" 2>/dev/null
-tar czf "$out/logs.tgz" -C "$scratch" --exclude=work --exclude=store --exclude=out --exclude=trainer \
+tar czf "$out/logs.tgz" -C "$scratch" --exclude=work --exclude=store --exclude=out --exclude=trainer --exclude=caches \
     --exclude="*.jsonl" . 2>/dev/null
 exit $status

@@ -97,6 +97,11 @@ CONFIGS = {
         "PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false", "TORCH_COMPILE": "true",
         "patch": ["kept-weights"], "os_env": {"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM": "1",
                                               "TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor-autotune"}}),
+    # ... and with inductor's coordinate-descent tuning of its own (pointwise and reduction) kernels' launch settings
+    "job-b24-compile-kept-cdt": ("job", 24, 16, {
+        "PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false", "TORCH_COMPILE": "true",
+        "patch": ["kept-weights"], "os_env": {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1",
+                                              "TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor-cdt"}}),
     "job-b24-compile": ("job", 24, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false",
                                         "TORCH_COMPILE": "true"}),
     "job-b32-compile": ("job", 32, 16, {"PER_DEVICE_TRAIN_BATCH_SIZE": "32", "GRADIENT_CHECKPOINTING": "false",
