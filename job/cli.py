@@ -63,13 +63,17 @@ def cli(ctx: click.Context) -> None:
 def train() -> None:
     """Train (or resume, or publish, or nothing if done) the run of this configuration."""
     config = _config()
-    _quiet_libraries()
     from .distributed import wants_launch
+    from .speed.warm import start_early
+    topology = _topology()
+    # The compile's helper, started before this process's own imports where the run may compile (job/speed/warm.py)
+    warmup = None if wants_launch(config, topology) else start_early(config, topology)
+    _quiet_libraries()
     from .run import Run, launch_workers
-    topology, reporter = _topology(), _reporter(config)
+    reporter = _reporter(config)
     if wants_launch(config, topology):
         sys.exit(_outcome(config, reporter, lambda: launch_workers(config, reporter, topology), lambda: "launch"))
-    run = Run(config, reporter, topology)
+    run = Run(config, reporter, topology, warmup=warmup)
     sys.exit(_outcome(config, reporter, run.main, lambda: run.phase))
 
 

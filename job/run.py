@@ -64,7 +64,7 @@ def phase(method):
 class Run:
     """The job's recipe. `main` is the whole run; bench/speed.py reuses `setup` and the Trainer it builds."""
 
-    def __init__(self, config: Config, reporter: Reporter, topology: Topology = Topology()):
+    def __init__(self, config: Config, reporter: Reporter, topology: Topology = Topology(), warmup=None):
         self.config, self.reporter, self.topology = config, reporter, topology
         self.phase = "start"                    # the phase running now (see `phase`)
         self.stop = StopSignal(reporter)
@@ -78,7 +78,7 @@ class Run:
         self.committer = None   # set up with the callbacks
         self.cache = None       # the compile cache of this run's compiled layers (job/speed/compile_cache.py)
         self.lease: Lease | None = None   # rank 0's hold on the run: the one writer (job/store/lease.py)
-        self.warmup = None      # the helper compiling a layer while the run starts (job/speed/warm.py)
+        self.warmup = warmup    # the helper compiling a layer while the run starts (job/speed/warm.py)
 
     # ---------------------------------------------------------------- the whole run
 
@@ -95,11 +95,15 @@ class Run:
 
     def _continue(self) -> None:
         status = self.store.read_status() or {}
-        if status.get("phase") == Phase.DONE:
+        done = status.get("phase") == Phase.DONE
+        trained = done or self.store.final_committed()
+        if trained and self.warmup is not None:
+            self.stop_warmup("this run has no training left")
+        if done:
             self.reporter.event("done", "this run is already done; nothing to do", run_id=self.config.resolved_run_id,
                                 hub_commit=status.get("hub_commit_url"))
             return
-        if self.store.final_committed():
+        if trained:
             if not self.topology.is_main:
                 return
             self.reporter.event("final", "final adapter already committed; skipping training")
@@ -145,10 +149,15 @@ class Run:
     def check(self) -> None:
         """Every preflight check (job/checks.py), before a byte of the model is loaded. All of them run; BadInput
         carries every failure, one line each. What they find on the way is the run's: nothing is read twice.
-        Where the run may compile, the compile's helper starts with them, and starts on the GPU once they pass."""
+        Where the run may compile, the compile's helper starts with them (unless it started with the process), and
+        starts on the GPU once they pass; one started with the process where the run may not compile is stopped."""
         from .speed import warm
 
-        if warm.may_compile(self.config, self.topology):
+        if not warm.may_compile(self.config, self.topology):
+            if self.warmup is not None:
+                self.warmup.stop()   # started on a cheaper look (warm.start_early) that torch now overrules
+                self.warmup = None
+        elif self.warmup is None:
             self.warmup = warm.Warmup(self.config, self.work)
         results, found = run_checks(self.config, self.topology)
         problems = report(results, self.reporter)

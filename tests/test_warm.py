@@ -43,6 +43,8 @@ def test_the_helper_trains_one_compiled_step_of_a_one_layer_model_and_touches_no
     assert warmup.process.returncode == 0
     assert outcome["compiled"] is True and outcome["step_seconds"] > 0, outcome
     assert outcome["plan"]["torch_compile"] is True
+    assert outcome["model_made_before_go"] is True   # while the checks ran: CPU and disk only
+    assert not warmup.scratch.exists()                # its one-layer model is gone with it
     log = (tmp_path / "work" / warm.LOG).read_text()
     assert '"trainable_params"' in log and "4-bit base with LoRA ready" in log   # the run's own setup built it
     assert TOKEN not in log
@@ -57,6 +59,7 @@ def test_the_helper_touches_nothing_before_the_checks_pass_and_a_failed_one_says
     assert not waiting.done()
     waiting.stop()
     assert waiting.outcome()["compiled"] is False and not (tmp_path / "stopped" / warm.REPORT).exists()
+    assert not waiting.scratch.exists()
 
     broken = warm.Warmup(settings(BASE_MODEL=str(tmp_path / "no-such-model")), tmp_path / "broken", device="cpu")
     broken.go()
@@ -133,6 +136,42 @@ def test_the_helper_is_started_only_where_the_run_may_compile(settings):
     assert not warm.may_compile(settings(), Topology(world_size=2, rank=0, local_rank=0))
 
 
+def test_the_helper_starts_with_the_process_only_where_a_cheap_look_finds_a_gpu_and_the_run_may_compile(
+        settings, tmp_path, monkeypatch):
+    from job.distributed import Topology
+
+    single, two = Topology(), Topology(world_size=2, rank=0, local_rank=0)
+    monkeypatch.setattr(warm, "gpu_device_files", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    import importlib.util
+
+    assert warm.may_start_early(settings(), single) is (importlib.util.find_spec("triton") is not None)
+    assert not warm.may_start_early(settings(TORCH_COMPILE="false"), single)
+    assert not warm.may_start_early(settings(), two)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not warm.may_start_early(settings(), single)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(warm, "gpu_device_files", lambda: False)
+    assert not warm.may_start_early(settings(), single) and warm.start_early(settings(), single) is None
+
+
+def test_a_helper_started_with_the_process_is_stopped_where_the_run_may_not_compile(settings, tmp_path):
+    """warm.start_early looks only at device files; once torch is imported, `may_compile` decides (here, on a machine
+    without CUDA, that the run does not compile): the run stops the helper with its checks, before it went."""
+    from job.log import Reporter
+    from job.run import Run
+
+    config = settings()
+    early = warm.Warmup(config, tmp_path / "out" / "work", device="cpu")
+    run = Run(config, Reporter("json", stream=open(os.devnull, "w")), warmup=early)
+    assert run.warmup is early and not early.done()
+    run.check()
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the run keeps its helper")
+    assert run.warmup is None and early.done() and not (tmp_path / "out" / "work" / warm.REPORT).exists()
+    run.let_go()
+
+
 def test_a_run_starts_the_helper_with_its_checks_and_compiles_from_its_caches_once_it_is_done(
         settings, tmp_path, monkeypatch):
     """The whole run (Run.main, in this process) on the CPU, with the helper as a GPU run has it: started with the
@@ -177,6 +216,21 @@ def test_a_run_starts_the_helper_with_its_checks_and_compiles_from_its_caches_on
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
     assert summary["steps"] == 6 and all(x["loss"] == x["loss"] for x in summary["train_loss"])
     assert TOKEN not in out.getvalue()
+
+    # The same run started again finds itself done: its helper, told to go by the checks, is stopped at once.
+    monkeypatch.setattr(warm, "Warmup", lambda config, folder: real(config, folder, device="cpu"))
+    again_out = io.StringIO()
+    again = Run(settings(MAX_STEPS="6", SAVE_STEPS="3", EVAL_STEPS="3", PADDING_FREE="false"),
+                Reporter("json", secrets=[TOKEN], stream=again_out))
+    try:
+        again.main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    events = [json.loads(line) for line in again_out.getvalue().splitlines()]
+    assert [e["message"] for e in events if e["event"] == "speed"] == \
+        ["compile's helper stopped: this run has no training left"]
+    assert any(e["event"] == "done" for e in events) and again.warmup is None
 
 
 def test_a_run_whose_checks_fail_stops_its_helper_before_it_touches_the_device(settings, tmp_path, monkeypatch):

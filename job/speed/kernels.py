@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from pathlib import Path
 
 import torch
 
@@ -51,6 +50,7 @@ def compile_layers(model, backend=None, recomputed: bool = False, keep_weights: 
         return 0
     on_gpu = next(model.parameters()).is_cuda
     if on_gpu:
+        from .warm import persistent_compile_cache
         persistent_compile_cache()
     with_constant_floats()
     without_cpu_isa_probes()
@@ -103,15 +103,6 @@ def without_cpu_isa_probes() -> None:
 
     if "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ:
         inductor_config.cpp.vec_isa_ok = False
-
-
-def persistent_compile_cache() -> None:
-    """Inductor's caches beside the Hub cache (a volume in compose and the Kubernetes Job), in the environment,
-    for this process and the ones it starts (warm.py's helper): by default they go under /tmp, lost with the
-    container, where a restarted or resumed run would not find them and compile again."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from huggingface_hub import constants
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(constants.HF_HOME) / "torch-compile")
 
 
 def eager():

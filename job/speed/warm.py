@@ -2,17 +2,24 @@
 docs/PERFORMANCE.md) done by a helper process while the run loads its model and trains its first steps eagerly.
 
 The helper (`python -m job.speed.warm`) starts with the run's preflight checks, on one GPU, when the run may
-compile. It imports what it needs, and once the checks have passed (never before: bad input costs no GPU time)
-makes a one-layer model of the base's shape with random weights, loads it in 4 bits with the run's adapter and the
-speed plan the run takes when it compiles, and runs one compiled training step of it. That fills inductor's and
-AOTAutograd's caches on disk (TORCHINDUCTOR_CACHE_DIR, the run's own) with the graphs every decoder layer compiles
-to: one layer's graphs are every layer's (kernels.compile_layers). The run's layers run eagerly until the helper
-is done, then compile from those caches, as a run with the portable compile cache does (compile_cache.py).
+compile. While they run it imports what it needs and writes a one-layer model of the base's shape (CPU and disk
+only); once they have passed (never before: bad input costs no GPU time) it loads that model in 4 bits on the GPU
+with the run's adapter and the speed plan the run takes when it compiles, and runs one compiled training step of
+it. That fills inductor's and AOTAutograd's caches on disk (TORCHINDUCTOR_CACHE_DIR, the run's own) with the
+graphs every decoder layer compiles to: one layer's graphs are every layer's (kernels.compile_layers). The run's
+layers run eagerly until the helper is done, then compile from those caches, as a run with the portable compile
+cache does (compile_cache.py).
 
-It is a speed lever and nothing more: the helper writes nothing but caches and its own scratch folder, and where it
-fails, or the run does not compile with the plan it compiled for, or a stored compile cache was loaded, the run
-goes on as without it (a cold compile, or none). Where the plan recomputes activations to fit the GPU's memory, the
-helper does not run: the memory its one-layer model and step would take is the training's.
+The helper's imports take seconds, and the sooner it has them the sooner it is done: `start_early` starts it as
+`python -m job train` starts, before the run's own imports, wherever a cheap look says the run may compile here (a
+GPU's device files, Triton installed, one process, TORCH_COMPILE not false); the run keeps it only if `may_compile`
+agrees once torch is imported, and stops it otherwise.
+
+It is a speed lever and nothing more: the helper writes nothing but caches and the scratch folder the run gives it
+(and removes, however the helper ends), and where it fails, or the run does not compile with the plan it compiled
+for, or a stored compile cache was loaded, or the run has no training left, the run goes on as without it (a cold
+compile, or none). Where the plan recomputes activations to fit the GPU's memory, the helper does not run: the
+memory its one-layer model and step would take is the training's.
 """
 from __future__ import annotations
 
@@ -21,13 +28,12 @@ import json
 import os
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 # The steps the helper's plan assumes: a run long enough for `auto` to compile.
 LONG_RUN = 10 ** 6
@@ -45,7 +51,46 @@ def may_compile(config, topology) -> bool:
         return False
     if config.torch_compile == "auto" and 0 < config.max_steps < COMPILE_SECONDS / COMPILE_SAVING_PER_STEP:
         return False
+    import torch
+
     return torch.cuda.is_available()
+
+
+def may_start_early(config, topology) -> bool:
+    """`may_compile`'s cheap half, before torch is imported: TORCH_COMPILE not false, one process, Triton installed,
+    and an NVIDIA GPU's device file visible (as the NVIDIA container runtime mounts them) with CUDA_VISIBLE_DEVICES
+    not hiding it."""
+    import importlib.util
+
+    if config.torch_compile == "false" or topology.world_size > 1 or importlib.util.find_spec("triton") is None:
+        return False
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    return gpu_device_files()
+
+
+def gpu_device_files() -> bool:
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def start_early(config, topology) -> "Warmup | None":
+    """The helper, started before the run imports torch, where `may_start_early`; None elsewhere, or where it cannot
+    start (OUTPUT_DIR not writable: the checks say so)."""
+    if not may_start_early(config, topology):
+        return None
+    try:
+        return Warmup(config, Path(config.output_dir) / "work")
+    except OSError:
+        return None
+
+
+def persistent_compile_cache() -> None:
+    """Inductor's caches beside the Hub cache (a volume in compose and the Kubernetes Job), in the environment,
+    for this process and the ones it starts (the helper): by default they go under /tmp, lost with the container,
+    where a restarted or resumed run would not find them and compile again."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from huggingface_hub import constants
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(constants.HF_HOME) / "torch-compile")
 
 
 def compiled_plan(config, device: str, model_shape):
@@ -65,11 +110,11 @@ class Warmup:
     when the run no longer needs it (or ends)."""
 
     def __init__(self, config, folder: Path, device: str = "cuda"):
-        from .kernels import persistent_compile_cache
-
         persistent_compile_cache()   # the helper fills the run's own on-disk caches: the environment says where
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
+        # Its one-layer model (about 0.9 GB for Llama-2-7B's shape), removed here however the helper ends.
+        self.scratch = Path(tempfile.mkdtemp(prefix="compile-warmup-"))
         self.report_path = folder / REPORT
         self.report_path.unlink(missing_ok=True)
         self.started = time.time()
@@ -80,7 +125,8 @@ class Warmup:
             self.process = subprocess.Popen([sys.executable, "-m", "job.speed.warm"], stdin=subprocess.PIPE,
                                             stdout=log, stderr=subprocess.STDOUT, env=env)
         # The settings travel through the pipe, not the command line or a file: they hold the run's tokens.
-        self._send(pickle.dumps({"config": config, "device": device, "report": str(self.report_path)}))
+        self._send(pickle.dumps({"config": config, "device": device, "report": str(self.report_path),
+                                 "scratch": str(self.scratch)}))
 
     def _send(self, data: bytes) -> None:
         try:
@@ -102,7 +148,10 @@ class Warmup:
             pass
 
     def done(self) -> bool:
-        return self.process.poll() is not None
+        if self.process.poll() is None:
+            return False
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        return True
 
     def stop(self) -> None:
         """End the helper, whatever it is doing (its caches are written whole or not at all)."""
@@ -110,6 +159,7 @@ class Warmup:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
     def outcome(self) -> dict:
         """What the helper did, once done: its report, or why there is none."""
@@ -146,6 +196,8 @@ class EagerUntilWarm:
         self.callback = _Callback()
 
     def check(self, step: int) -> None:
+        import torch
+
         if self.compiling:
             return
         if not self.ready():
@@ -157,6 +209,8 @@ class EagerUntilWarm:
         self.on_compiled(step)
 
     def release(self) -> None:
+        import torch
+
         if self.eager:
             torch.compiler.set_stance("default")
             self.eager = False
@@ -179,11 +233,14 @@ def _examples(config, vocab_size: int) -> list[dict]:
 
 
 def one_layer_model(config, shape, device: str, scratch: Path):
-    """A one-layer model of the base's shape with random weights, made on `device` (fast where it is a GPU: on an
-    H100's host the CPU took over 10 s for the 7B's layer and embeddings), and the run's tokenizer, written to
-    `scratch`: the settings that load it, and its shape. `shape`: the base's (`base_shape`)."""
+    """A one-layer model of the base's shape, stored as the base is (so that it loads as the base does), and the
+    run's tokenizer, written to `scratch`: the settings that load it, and its shape. Its weights are one constant:
+    the graphs compile from shapes alone, and made on the CPU without random initialization (over 10 s on an H100's
+    host for the 7B's layer and embeddings) it is ready in about a second, before the checks have passed.
+    `shape`: the base's (`base_shape`)."""
     import copy
 
+    import torch
     from transformers import AutoModelForCausalLM
 
     from ..model import load_tokenizer, stored_dtype
@@ -192,18 +249,33 @@ def one_layer_model(config, shape, device: str, scratch: Path):
     shape = copy.deepcopy(shape)
     shape.num_hidden_layers = 1
     stored = stored_dtype(shape) or (torch.bfloat16 if device == "cuda" else torch.float32)
-    with torch.device(device):   # stored as the base is, so that it loads as the base does
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(shape, dtype=stored)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(0.01)   # finite, and the same in every block: 4-bit quantization of it is too
     model.save_pretrained(one_layer.base_model)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()   # the GPU is the run's: keep only what the step needs
     load_tokenizer(config).save_pretrained(one_layer.base_model)
     return one_layer, shape
 
 
-def warm(config, device: str, scratch: Path) -> dict:
-    """One compiled training step of the one-layer model on `device`, with the plan of the run were it to compile."""
+def prepare(config, device: str, scratch: Path):
+    """The one-layer model, made while the run checks its inputs (no GPU): `one_layer_model`'s result, or None where
+    it failed (the step tries again after `go`, and its report says why)."""
+    from ..model import base_shape
+
+    try:
+        return one_layer_model(config, base_shape(config), device, scratch)
+    except Exception:  # noqa: BLE001 - only a head start
+        return None
+
+
+def warm(config, device: str, scratch: Path, prepared=None) -> dict:
+    """One compiled training step of the one-layer model on `device`, with the plan of the run were it to compile.
+    `prepared`: the one-layer model `prepare` made, or None to make it now."""
+    import torch
+
     from ..log import Reporter
     from ..model import base_shape
     from ..run import Run
@@ -215,7 +287,7 @@ def warm(config, device: str, scratch: Path) -> dict:
     if plan.gradient_checkpointing and device == "cuda":
         return {"compiled": False, "why": "the GPU's memory is the training's (it recomputes to fit)"}
     started = time.time()
-    one_layer, shape = one_layer_model(config, base, device, scratch)
+    one_layer, shape = prepared or one_layer_model(config, base, device, scratch)
 
     class OneStep(Run):
         """Run.setup on the one-layer model and one micro-batch: the run's plan, model, adapter, compiled layers and
@@ -245,9 +317,18 @@ def warm(config, device: str, scratch: Path) -> dict:
     built = time.time()
     run.trainer.train()
     peak = torch.cuda.max_memory_reserved() / 2 ** 30 if device == "cuda" else None
-    return {"compiled": True, "build_seconds": round(built - started, 2),
+    return {"compiled": True, "model_made_before_go": prepared is not None, "build_seconds": round(built - started, 2),
             "step_seconds": round(time.time() - built, 2), "peak_gib": peak and round(peak, 2),
-            "plan": plan.describe()}
+            "compile_seconds": _compile_seconds(), "plan": plan.describe()}
+
+
+def _compile_seconds() -> dict[str, float]:
+    """Where the compile's time went: Dynamo's own timers (tracing, AOTAutograd, inductor, Triton), summed."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return {}
+    return {name: round(sum(times), 3) for name, times in compilation_time_metrics.items()}
 
 
 def preload(config) -> None:
@@ -270,12 +351,14 @@ def preload(config) -> None:
 
 def main() -> int:
     spec = pickle.load(sys.stdin.buffer)
-    config, device = spec["config"], spec["device"]
+    config, device, scratch = spec["config"], spec["device"], Path(spec["scratch"])
     preload(config)
+    prepared = prepare(config, device, scratch)
     if sys.stdin.buffer.readline().strip() != b"go":
-        return 0   # the checks failed, or the run ended: nothing to do
-    with tempfile.TemporaryDirectory(prefix="compile-warmup-") as scratch:
-        report = warm(config, device, Path(scratch))
+        return 0   # the checks failed, or the run ended: nothing to do (the run removes the scratch folder)
+    went = time.time()
+    report = warm(config, device, scratch, prepared)
+    report["seconds_after_go"] = round(time.time() - went, 2)
     Path(spec["report"]).write_text(json.dumps(report))
     # Done: the run waits for this process's exit, which need not tear down the interpreter first (seconds).
     sys.stdout.flush()
