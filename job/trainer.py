@@ -56,7 +56,7 @@ def training_arguments(config: Config, output_dir: Path, device: str, has_eval: 
         seed=config.seed,
         data_seed=config.seed,
         bf16=False, fp16=False,          # compute dtype comes from the 4-bit config, as in the seed
-        tf32=plan.tf32 if device == "cuda" else None,
+        tf32=None,                       # set by use_tf32 below, not by transformers (see there)
         gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs=checkpoint_kwargs(plan.recompute) if gradient_checkpointing else None,
         use_cpu=device == "cpu",
@@ -75,6 +75,8 @@ def training_arguments(config: Config, output_dir: Path, device: str, has_eval: 
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
+    if device == "cuda":
+        use_tf32(plan.tf32)
     if device == "cuda" and world_size == 1:
         # One process on a node with several GPUs: the Trainer would wrap the model in nn.DataParallel over all
         # of them (its n_gpu is every visible GPU), which the 4-bit model does not survive intact and which logged
@@ -82,6 +84,15 @@ def training_arguments(config: Config, output_dir: Path, device: str, has_eval: 
         _ = args.device   # let TrainingArguments count the GPUs first, then keep to one
         args._n_gpu = 1
     return args
+
+
+def use_tf32(enabled: bool) -> None:
+    """TF32 tensor cores for float32 matmuls (the LoRA products) and cuDNN, through torch's per-backend flags.
+    TrainingArguments(tf32=True) sets torch.backends.fp32_precision instead, after which torch refuses to answer
+    torch.get_float32_matmul_precision() and the allow_tf32 flags ("you have used mix of the legacy and new APIs"):
+    inductor's GEMM autotuning (TORCHINDUCTOR_MAX_AUTOTUNE_GEMM) asks, and failed on an H100 (docs/PERFORMANCE.md)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def planned_steps(config: Config, rows: int, world_size: int) -> int:

@@ -70,3 +70,27 @@ def test_no_per_step_host_check_of_the_loss_and_batches_are_queued_to_the_gpu(tm
     non_blocking = args.accelerator_config.non_blocking if hasattr(args.accelerator_config, "non_blocking") \
         else args.accelerator_config["non_blocking"]
     assert non_blocking == (device == "cuda")
+
+
+def test_tf32_is_set_so_that_torch_still_answers_what_it_is():
+    """The job turns TF32 on through torch's per-backend flags: inductor's GEMM autotuning then reads the precision
+    back, which torch refuses after transformers' way (TrainingArguments(tf32=True): torch.backends.fp32_precision)."""
+    from transformers.utils.import_utils import enable_tf32
+
+    from job.trainer import use_tf32
+
+    saved = (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+             torch.backends.cudnn.fp32_precision)
+    try:
+        use_tf32(True)
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.allow_tf32
+        use_tf32(False)
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
+        getattr(enable_tf32, "__wrapped__", enable_tf32)(True)   # (it is cached: once a process otherwise)
+        with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+            torch.get_float32_matmul_precision()
+    finally:
+        torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision, \
+            torch.backends.cudnn.fp32_precision = saved
+        torch.get_float32_matmul_precision()   # answers again, for the tests after this one
