@@ -66,12 +66,13 @@ def train() -> None:
     from .distributed import wants_launch
     from .speed.warm import start_early
     topology = _topology()
+    launch = wants_launch(config, topology)
     # The compile's helper, started before this process's own imports where the run may compile (job/speed/warm.py)
-    warmup = None if wants_launch(config, topology) else start_early(config, topology)
+    warmup = None if launch else start_early(config, topology)
     _quiet_libraries()
     from .run import Run, launch_workers
     reporter = _reporter(config)
-    if wants_launch(config, topology):
+    if launch:
         sys.exit(_outcome(config, reporter, lambda: launch_workers(config, reporter, topology), lambda: "launch"))
     run = Run(config, reporter, topology, warmup=warmup)
     sys.exit(_outcome(config, reporter, run.main, lambda: run.phase))

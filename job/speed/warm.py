@@ -45,9 +45,9 @@ def may_compile(config, topology) -> bool:
     """Whether this run may compile its layers on this machine, judged before the checks and the plan: one process
     on a GPU with Triton, TORCH_COMPILE not false, and for `auto`, MAX_STEPS (when set) enough to repay a cold
     compile."""
-    from .plan import COMPILE_SAVING_PER_STEP, COMPILE_SECONDS, triton_available
+    from .plan import COMPILE_SAVING_PER_STEP, COMPILE_SECONDS
 
-    if config.torch_compile == "false" or topology.world_size > 1 or not triton_available():
+    if not _settings_may_compile(config, topology):
         return False
     if config.torch_compile == "auto" and 0 < config.max_steps < COMPILE_SECONDS / COMPILE_SAVING_PER_STEP:
         return False
@@ -60,13 +60,19 @@ def may_start_early(config, topology) -> bool:
     """`may_compile`'s cheap half, before torch is imported: TORCH_COMPILE not false, one process, Triton installed,
     and an NVIDIA GPU's device file visible (as the NVIDIA container runtime mounts them) with CUDA_VISIBLE_DEVICES
     not hiding it."""
-    import importlib.util
-
-    if config.torch_compile == "false" or topology.world_size > 1 or importlib.util.find_spec("triton") is None:
+    if not _settings_may_compile(config, topology):
         return False
     if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
         return False
     return gpu_device_files()
+
+
+def _settings_may_compile(config, topology) -> bool:
+    """TORCH_COMPILE not false, one process, Triton installed: what both looks ask first (no torch import)."""
+    import importlib.util
+
+    return (config.torch_compile != "false" and topology.world_size == 1
+            and importlib.util.find_spec("triton") is not None)
 
 
 def gpu_device_files() -> bool:
