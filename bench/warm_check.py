@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 POOL = ("from torch._inductor.async_compile import maybe_warm_pool\n"
         "_preload = warm.preload\n"
-        "def preload(config):\n"
-        "    _preload(config)\n"
+        "def preload():\n"
+        "    _preload()\n"
         "    maybe_warm_pool()\n"
         "warm.preload = preload\n")
 NO_POINTWISE_AUTOTUNE = "import torch._inductor.config\ntorch._inductor.config.triton.autotune_pointwise = False\n"

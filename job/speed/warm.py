@@ -337,28 +337,21 @@ def _compile_seconds() -> dict[str, float]:
     return {name: round(sum(times), 3) for name, times in compilation_time_metrics.items()}
 
 
-def preload(config) -> None:
+def preload() -> None:
     """What the step needs imported while the run checks its inputs (seconds of imports, none on the GPU): the
-    Trainer, peft, bitsandbytes, the base's model class, Dynamo and inductor."""
+    Trainer, peft, bitsandbytes, Dynamo and inductor. (The base's model class: `prepare`, which makes the model.)"""
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
     import torch._dynamo  # noqa: F401
     import torch._inductor.compile_fx  # noqa: F401
 
     from .. import run, trainer  # noqa: F401
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-        from ..model import base_shape
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(base_shape(config))]
-    except Exception:  # noqa: BLE001 - only a head start: the step imports whatever this did not
-        pass
 
 
 def main() -> int:
     spec = pickle.load(sys.stdin.buffer)
     config, device, scratch = spec["config"], spec["device"], Path(spec["scratch"])
-    preload(config)
+    preload()
     prepared = prepare(config, device, scratch)
     if sys.stdin.buffer.readline().strip() != b"go":
         return 0   # the checks failed, or the run ended: nothing to do (the run removes the scratch folder)
