@@ -39,7 +39,9 @@ class CheckpointStore(abc.ABC):
     uri: str
 
     @abc.abstractmethod
-    def put_file(self, key: str, path: Path) -> None: ...
+    def put_file(self, key: str, path: Path) -> tuple[int, str] | None:
+        """The (size, sha256) of the bytes stored, where the store sees them pass (a local store hashes as it
+        copies); None where it does not (S3)."""
 
     @abc.abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:

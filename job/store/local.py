@@ -86,14 +86,14 @@ class LocalStore(CheckpointStore):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def _write(self, key: str, fill: Callable[[object], None]) -> None:
+    def _write(self, key: str, fill: Callable[[object], None]) -> tuple[int, str]:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        write_durably(dest, fill)   # the manifest relies on the rename being durable
+        return write_durably(dest, fill)   # the manifest relies on the rename being durable
 
-    def put_file(self, key: str, path: Path) -> None:
+    def put_file(self, key: str, path: Path) -> tuple[int, str]:
         with open(path, "rb") as src:
-            self._write(key, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+            return self._write(key, lambda f: shutil.copyfileobj(src, f, 1 << 20))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, lambda f: f.write(data))

@@ -176,13 +176,16 @@ class RunStore:
         self._delete_prefix(prefix)
         entries = {}
         for path, rel in zip(files, rels):
-            size, digest = hash_file(path)
+            # A store that hashes what it stores (local) is asked first: one read of the file, not two. Either
+            # way the manifest lists what was stored, and a file that differs from what was written is not
+            # committed (its manifest is never written).
+            stored = self.store.put_file(prefix + rel, path)
+            size, digest = stored if stored is not None else hash_file(path)
             if written is not None and (size, digest) != tuple(written[rel]):
                 raise CorruptCheckpoint(f"{path}: changed since it was written ({size} bytes, sha256 "
                                         f"{digest[:12]}...; written: {written[rel][0]} bytes, "
                                         f"{written[rel][1][:12]}...); not committed")
             entries[rel] = {"size": size, "sha256": digest}
-            self.store.put_file(prefix + rel, path)
         self._put_manifest(prefix, {"step": step, "fingerprint": fingerprint, "created_at": _utc_now(),
                                     "files": entries})
         return prefix
