@@ -2,10 +2,12 @@
 that starts `python -m job` as a subprocess with environment variables, exactly as the container does."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -91,6 +93,18 @@ class JobResult:
                 if name is None or event.get("event") == name:
                     out.append(event)
         return out
+
+
+@contextlib.contextmanager
+def signals_restored():
+    """Run.main installs the job's SIGTERM and SIGINT handlers: a test that runs it in this process puts pytest's
+    back after it."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def job_env(**settings: str) -> dict[str, str]:

@@ -5,7 +5,7 @@ import shutil
 
 import torch
 
-from conftest import SAMPLE_DATA, run_job
+from conftest import SAMPLE_DATA, run_job, signals_restored
 
 ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
                  "training_summary.json"}
@@ -205,7 +205,6 @@ def test_the_adapter_is_in_output_dir_before_the_run_waits_for_its_last_checkpoi
     commit (which the evaluation must wait for): that wait, not the finalize phase, pays for writing them. What
     final/ holds is those bytes."""
     import os
-    import signal
 
     from job.config import from_env
     from job.log import Reporter
@@ -221,12 +220,8 @@ def test_the_adapter_is_in_output_dir_before_the_run_waits_for_its_last_checkpoi
 
     monkeypatch.setattr(CheckpointCommitter, "finish", finish)
     run = Run(from_env(cpu_job(MAX_STEPS="4")), Reporter("json", stream=open(os.devnull, "w")))
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with signals_restored():
         run.main()
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     assert len(seen) == 1
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(seen[0])
     assert "training_summary.json" not in seen[0]   # the evaluation's part comes after it

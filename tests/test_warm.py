@@ -6,7 +6,6 @@ run's compiled layers run eagerly until it is done, then compiled, to the same l
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torch._dynamo
 
+from conftest import signals_restored
 from job.config import from_env
 from job.speed import warm
 
@@ -199,12 +199,10 @@ def test_a_run_starts_the_helper_with_its_checks_and_compiles_from_its_caches_on
     counters.clear()
     run = Run(settings(MAX_STEPS="6", SAVE_STEPS="3", EVAL_STEPS="3", PADDING_FREE="false"),
               Reporter("json", secrets=[TOKEN], stream=out))
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        run.main()
+        with signals_restored():
+            run.main()
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
         torch._dynamo.reset()
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     speed = [e["message"] for e in events if e["event"] == "speed"]
@@ -222,11 +220,8 @@ def test_a_run_starts_the_helper_with_its_checks_and_compiles_from_its_caches_on
     again_out = io.StringIO()
     again = Run(settings(MAX_STEPS="6", SAVE_STEPS="3", EVAL_STEPS="3", PADDING_FREE="false"),
                 Reporter("json", secrets=[TOKEN], stream=again_out))
-    try:
+    with signals_restored():
         again.main()
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     events = [json.loads(line) for line in again_out.getvalue().splitlines()]
     assert [e["message"] for e in events if e["event"] == "speed"] == \
         ["compile's helper stopped: this run has no training left"]
@@ -244,12 +239,7 @@ def test_a_run_whose_checks_fail_stops_its_helper_before_it_touches_the_device(s
     monkeypatch.setattr(warm, "Warmup", lambda config, folder: started.append(real(config, folder, device="cpu"))
                         or started[-1])
     run = Run(settings(DATASET=str(tmp_path / "no-such-data.jsonl")), Reporter("json", stream=open(os.devnull, "w")))
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with pytest.raises(BadInput, match="no-such-data"):
-            run.main()
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    with signals_restored(), pytest.raises(BadInput, match="no-such-data"):
+        run.main()
     assert started and started[0].done()
     assert not (tmp_path / "out" / "work" / warm.REPORT).exists()
