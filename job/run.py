@@ -442,8 +442,6 @@ class Run:
         try:
             self.result = self.trainer.train(resume_from_checkpoint=str(self.resume[1]) if self.resume else None)
             if not self.stop.received:
-                if self.topology.is_main:
-                    self.write_adapter()   # while the last checkpoint commits in the background
                 self.committer.finish()
         except UploadStalled as exc:
             self.status.write(phase=Phase.FAILED, error=str(exc))
@@ -462,16 +460,6 @@ class Run:
                           f"checkpoint {'committed' if committed else 'not committed in time'}; "
                           f"newest committed step {self.committer.last_committed}")
         self.final_eval = self._final_eval_loss() if self.eval_examples else {}
-
-    def write_adapter(self) -> None:
-        """The finished adapter and tokenizer into OUTPUT_DIR, and the loss curve's plotting library imported: what
-        final/ needs that the evaluation does not change, done while the last checkpoint commits in the background
-        (the run waits for that commit before its evaluation, so a stop there costs no training)."""
-        from .plot import prepare
-
-        self.trainer.model.save_pretrained(self.out, save_embedding_layers=False)
-        self.tokenizer.save_pretrained(self.out)
-        prepare()
 
     def _final_eval_loss(self) -> dict[str, float]:
         """The Trainer's eval loss at the last step: the one it logged there (EVAL_STEPS dividing the steps), else a
@@ -513,13 +501,15 @@ class Run:
 
     @phase
     def finalize(self) -> None:
-        """training_summary.json, the loss curve and the model card in OUTPUT_DIR beside the adapter and tokenizer
-        (`write_adapter`), committed to the store's final/."""
+        """The finished adapter, tokenizer, training_summary.json, loss curve and model card in OUTPUT_DIR,
+        committed to the store's final/."""
         from .card import model_card
 
         summary = {**self.summary(), "evaluation": self.evaluation}
         self.status.write(phase=Phase.FINALIZING, step=self.trainer.state.global_step)
         self.status.flush()
+        self.trainer.model.save_pretrained(self.out, save_embedding_layers=False)
+        self.tokenizer.save_pretrained(self.out)
         (self.out / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         self._plot(summary)
         (self.out / "README.md").write_text(model_card(self.config, self.out))  # ours, in place of peft's template

@@ -5,7 +5,7 @@ import shutil
 
 import torch
 
-from conftest import SAMPLE_DATA, run_job, signals_restored
+from conftest import SAMPLE_DATA, run_job
 
 ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
                  "training_summary.json"}
@@ -198,33 +198,3 @@ def test_a_signal_while_a_line_is_being_written_does_not_hang():
     with reporter._lock:
         stop._handle(signal.SIGTERM, None)
     assert stop.received == "SIGTERM" and '"event": "stop"' in reporter.stream.getvalue()
-
-
-def test_the_adapter_is_in_output_dir_before_the_run_waits_for_its_last_checkpoint(cpu_job, tmp_path, monkeypatch):
-    """Run.train writes the finished adapter and tokenizer into OUTPUT_DIR, and then waits for the last checkpoint's
-    commit (which the evaluation must wait for): that wait, not the finalize phase, pays for writing them. What
-    final/ holds is those bytes."""
-    import os
-
-    from job.config import from_env
-    from job.log import Reporter
-    from job.run import Run
-    from job.trainer import CheckpointCommitter
-
-    out, seen = tmp_path / "out", []
-    real = CheckpointCommitter.finish
-
-    def finish(self):
-        seen.append({p.name: p.read_bytes() for p in out.iterdir() if p.is_file()})
-        return real(self)
-
-    monkeypatch.setattr(CheckpointCommitter, "finish", finish)
-    run = Run(from_env(cpu_job(MAX_STEPS="4")), Reporter("json", stream=open(os.devnull, "w")))
-    with signals_restored():
-        run.main()
-    assert len(seen) == 1
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(seen[0])
-    assert "training_summary.json" not in seen[0]   # the evaluation's part comes after it
-    final = tmp_path / "store" / run.config.resolved_run_id / "final"
-    assert (final / "adapter_model.safetensors").read_bytes() == seen[0]["adapter_model.safetensors"]
-    assert (final / "training_summary.json").exists()
