@@ -267,33 +267,35 @@ def one_layer_model(config, shape, device: str, scratch: Path):
 
 
 def prepare(config, device: str, scratch: Path):
-    """The one-layer model, made while the run checks its inputs (no GPU): `one_layer_model`'s result, or None where
-    it failed (the step tries again after `go`, and its report says why)."""
+    """The one-layer model, made while the run checks its inputs (no GPU): the base's shape (`base_shape`, which the
+    step's plan needs too: one read of the base's config.json, a request to the Hub for a Hub model) and
+    `one_layer_model`'s result; None where it failed (the step tries again after `go`, and its report says why)."""
     from ..model import base_shape
 
     try:
-        return one_layer_model(config, base_shape(config), device, scratch)
+        base = base_shape(config)
+        return (base, *one_layer_model(config, base, device, scratch))
     except Exception:  # noqa: BLE001 - only a head start
         return None
 
 
 def warm(config, device: str, scratch: Path, prepared=None) -> dict:
     """One compiled training step of the one-layer model on `device`, with the plan of the run were it to compile.
-    `prepared`: the one-layer model `prepare` made, or None to make it now."""
+    `prepared`: what `prepare` made (the base's shape and the one-layer model), or None to make them now."""
     import torch
 
     from ..log import Reporter
     from ..model import base_shape
     from ..run import Run
 
-    base = base_shape(config)
+    base = prepared[0] if prepared else base_shape(config)
     plan = compiled_plan(config, device, base)
     if not plan.torch_compile:
         return {"compiled": False, "why": "the plan does not compile"}
     if plan.gradient_checkpointing and device == "cuda":
         return {"compiled": False, "why": "the GPU's memory is the training's (it recomputes to fit)"}
     started = time.time()
-    one_layer, shape = prepared or one_layer_model(config, base, device, scratch)
+    one_layer, shape = prepared[1:] if prepared else one_layer_model(config, base, device, scratch)
 
     class OneStep(Run):
         """Run.setup on the one-layer model and one micro-batch: the run's plan, model, adapter, compiled layers and
