@@ -97,6 +97,11 @@ CONFIGS = {
         "PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false", "TORCH_COMPILE": "true",
         "patch": ["kept-weights"], "os_env": {"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM": "1",
                                               "TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor-autotune"}}),
+    # ... and under bf16 autocast (TrainingArguments(bf16=True)): the LoRA's products in bf16 instead of float32,
+    # without the casts to and from float32 around them. Not the seed's numerics (its LoRA ran in float32).
+    "job-b24-compile-kept-autocast": ("job", 24, 16, {
+        "PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false", "TORCH_COMPILE": "true",
+        "patch": ["kept-weights"], "autocast": "bf16"}),
     # ... and with inductor's coordinate-descent tuning of its own (pointwise and reduction) kernels' launch settings
     "job-b24-compile-kept-cdt": ("job", 24, 16, {
         "PER_DEVICE_TRAIN_BATCH_SIZE": "24", "GRADIENT_CHECKPOINTING": "false", "TORCH_COMPILE": "true",

@@ -59,12 +59,36 @@ def test_a_compiled_linear_gives_bitsandbytes_product_and_gradient_and_keeps_onl
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_a_compiled_linear_that_keeps_its_weight_gives_bitsandbytes_numbers_and_keeps_the_dequantized_weight(
         double_quant):
-    """nf4.keep: bitsandbytes dequantizes the weight once, in the forward pass, and the backward pass takes that
-    copy instead of dequantizing again: the same product and gradient bit for bit, a bf16 weight kept."""
+    """nf4.keep: bitsandbytes dequantizes the weight once, for the run, and every training pass, eager or compiled,
+    forward and backward, takes that copy instead of dequantizing again: the same product and gradient bit for bit.
+    What the backward pass keeps is that one copy (no new one a step), and it is in no state dict."""
     layer = linear(512, 256, double_quant)
     kept = compiled_matches_bitsandbytes(layer, nf4.keep)
     assert [(tuple(t.shape), t.dtype) for t in kept] == [((512, 256), torch.bfloat16)], kept
     assert torch.equal(kept[0], bnbf.dequantize_4bit(layer.weight, layer.weight.quant_state))
+    assert kept[0].data_ptr() == layer.dequantized.data_ptr()          # the run's copy, not one made this step
+    assert set(layer.state_dict()) == set(linear(512, 256, double_quant).state_dict())
+
+    # Without gradients (evaluation, generation): bitsandbytes' own operator, as without keep
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    with torch.no_grad(), Ops() as seen:
+        out = layer(x)
+    assert any(name.startswith("bitsandbytes.") for name in seen.names), seen.names
+    assert torch.equal(out, bnb.matmul_4bit(x, layer.weight.t(), quant_state=layer.weight.quant_state))
+    with Ops() as seen:                                                  # training: the kept copy, no dequantization
+        layer(x.requires_grad_())
+    assert not any(name.startswith("bitsandbytes.") for name in seen.names), seen.names
 
 
 def test_a_base_stored_in_float16_loads_quantized_from_its_stored_values_with_the_rest_in_the_compute_dtype(

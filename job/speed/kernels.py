@@ -42,8 +42,9 @@ def compile_layers(model, backend=None, recomputed: bool = False, keep_weights: 
     (nf4.py), not through bitsandbytes' operators: in a step bound by the host, `offload` with DOUBLE_QUANT ran 16%
     faster with that and recompute.py's prefetch than before (H100, 2026-12-06). Unrecomputed compiled layers, where
     the GPU weighs more and bitsandbytes' dequantization kernel is the faster one, keep its kernel; with
-    `keep_weights` (the speed plan's, where memory allows) they dequantize each weight once a step and keep it for
-    the backward pass (nf4.keep), otherwise bitsandbytes' operators dequantize it in both passes."""
+    `keep_weights` (the speed plan's, where memory allows) each weight is dequantized once for the run and
+    every training pass multiplies by that copy (nf4.keep), otherwise bitsandbytes' operators dequantize it in both
+    passes."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:

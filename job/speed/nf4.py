@@ -15,9 +15,13 @@ order. tests/test_nf4.py and tests/test_recompute.py (training to the eager run'
 check that on the CPU, and bench/nf4_check.py on a GPU.
 
 `keep` is the other trade, for unrecomputed compiled layers where memory allows (the speed plan's keep_weights):
-each weight dequantized once a step by bitsandbytes' kernel and the bf16 copy kept for the backward pass (12.06 GiB
-for the 7B), 224 fewer operator calls a step. On an H100 (2026-12-06) the batch-4 step ran 1.15x as fast with it and
-batch 24 1.02x (docs/PERFORMANCE.md; bench/kept_check.py times one layer's linears both ways)."""
+each weight dequantized once for the whole run by bitsandbytes' kernel, and the bf16 copy (12.06 GiB for the 7B)
+multiplied by every training step, forward and backward, eager or compiled. The base is frozen, so that copy is
+what bitsandbytes would dequantize again at every pass, bit for bit. The memory is what dequantizing once a step
+and keeping the copy for the backward pass took at the step's peak anyway (the end of the forward pass, every
+layer's copy held); what goes is 224 dequantizations a step, their host time and ~15 GB of memory traffic.
+(Dequantized once a step, on an H100 (2026-12-06), the batch-4 step ran 1.15x as fast as dequantizing twice and
+batch 24 1.02x: docs/PERFORMANCE.md; bench/kept_check.py times one layer's linears.)"""
 from __future__ import annotations
 
 import types
@@ -74,14 +78,6 @@ class NF4Linear(torch.autograd.Function):
         return grad @ dequantize(weight, ctx.state, grad.dtype, for_backward=True), None, None
 
 
-def _kept_product(x: torch.Tensor, weight: torch.Tensor, state) -> torch.Tensor:
-    # The weight dequantized by bitsandbytes' own kernel, then a plain product: traced, AOTAutograd keeps the
-    # dequantized weight for the input's gradient (bitsandbytes' operators are not ones it recomputes).
-    import bitsandbytes.functional as bnbf
-
-    return torch.nn.functional.linear(x, bnbf.dequantize_4bit(weight, state).to(x.dtype))
-
-
 def _linear4bit_forward(product):
     """bitsandbytes' Linear4bit.forward for a bias-free NF4 linear, with `product(x, weight, quant_state)` in place of
     matmul_4bit where dynamo traces it; run eagerly (evaluation and generation, kernels.eager()), bitsandbytes' own
@@ -103,13 +99,34 @@ def use(module: torch.nn.Module) -> int:
 
 
 def keep(module: torch.nn.Module) -> int:
-    """For when `module` is compiled and memory allows: every bias-free NF4 Linear4bit under it dequantizes its
-    weight once a step and keeps the bf16 copy for the backward pass (2 bytes a weight, until the layer's backward
-    pass), where bitsandbytes' operators dequantize it again. Returns how many."""
-    return _replace_forwards(module, _linear4bit_forward(_kept_product), whole_blocks=False)
+    """For when `module` is compiled and memory allows: every bias-free NF4 Linear4bit under it has its weight
+    dequantized now by bitsandbytes' kernel, in its compute dtype, and kept for the run (2 bytes a weight) as the
+    plain attribute `dequantized`: no parameter, buffer or state-dict entry, so never in a checkpoint, the adapter
+    or DDP's broadcasts. Training forwards (gradients on, eager or compiled) multiply by it; without gradients
+    (evaluation, generation) bitsandbytes' own operators run as before. Returns how many."""
+    import bitsandbytes.functional as bnbf
+
+    def dequantize_once(linear) -> None:
+        state = linear.weight.quant_state
+        dtype = linear.compute_dtype or state.dtype
+        with torch.no_grad():
+            linear.dequantized = bnbf.dequantize_4bit(linear.weight, state).to(dtype)
+
+    return _replace_forwards(module, _resident_forward, whole_blocks=False, prepare=dequantize_once)
 
 
-def _replace_forwards(module: torch.nn.Module, forward, whole_blocks: bool) -> int:
+def _resident_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Linear4bit.forward for a bias-free NF4 linear with its weight dequantized once (`keep`): the product
+    bitsandbytes' training path computes (its weight dequantized, then a plain product), with that copy."""
+    if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        return type(self).forward(self, x)
+    inp_dtype = x.dtype
+    if self.compute_dtype is not None:
+        x = x.to(self.compute_dtype)
+    return torch.nn.functional.linear(x, self.dequantized.to(x.dtype)).to(inp_dtype)
+
+
+def _replace_forwards(module: torch.nn.Module, forward, whole_blocks: bool, prepare=None) -> int:
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
@@ -121,6 +138,8 @@ def _replace_forwards(module: torch.nn.Module, forward, whole_blocks: bool) -> i
                 or state.quant_type != "nf4" or len(state.shape) != 2 \
                 or (whole_blocks and state.shape[1] % state.blocksize):
             continue
+        if prepare is not None:
+            prepare(linear)
         linear.forward = types.MethodType(forward, linear)
         count += 1
     return count

@@ -45,7 +45,7 @@ class SpeedPlan:
     reasons: tuple[str, ...] = ()
     torch_compile: bool = False
     recompute: str = ""          # recompute.py's mode when gradient_checkpointing: layers, selective, offload
-    keep_weights: bool = False   # compiled layers keep their dequantized 4-bit weights for the backward pass (nf4.keep)
+    keep_weights: bool = False   # compiled layers' 4-bit weights dequantized once for the run (nf4.keep)
 
     @property
     def attn_implementation(self) -> str:
@@ -111,14 +111,15 @@ def plan(config: Config, device: str, model_config=None, steps: int | None = Non
 
 def _keep_weights(config: Config, model_config) -> tuple[bool, str]:
     """nf4.keep for unrecomputed compiled layers, where the GPU holds the training's estimated peak and a bf16 copy
-    of every 4-bit weight within the same headroom as the checkpointing choice. On an H100 (2026-12-06) it ran the
-    batch-4 step at 1.15x (11,617 against 10,068 tokens/s; the step is bound by the host, and bitsandbytes'
-    backward dequantizations were half its 448 operator calls) and batch 24 at 1.02x, for 12.05 GiB more."""
+    of every 4-bit weight within the same headroom as the checkpointing choice. On an H100 (2026-12-06), as a copy
+    made once a step for the backward pass, it ran the batch-4 step at 1.15x (11,617 against 10,068 tokens/s; the
+    step is bound by the host, and bitsandbytes' backward dequantizations were half its 448 operator calls) and
+    batch 24 at 1.02x, for 12.05 GiB more; the copy is now made once for the run, the same memory at the peak."""
     total = torch.cuda.get_device_properties(0).total_memory
     kept = kept_weight_bytes(model_config)
     need = _unrecomputed_need(config, model_config, fused=True)[0] + kept
     on = need <= _MEMORY_HEADROOM * total
-    return on, (f"4-bit weights {'kept' if on else 'not kept'} dequantized for the backward pass: "
+    return on, (f"4-bit weights {'kept' if on else 'not kept'} dequantized for the run: "
                 f"~{need / 2**30:.1f} GiB needed with their {kept / 2**30:.1f} GiB, "
                 f"{'within' if on else 'over'} {_MEMORY_HEADROOM:.0%} of {total / 2**30:.0f} GiB")
 
