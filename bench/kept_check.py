@@ -1,6 +1,6 @@
 """On the GPU: a compiled layer's seven 4-bit linears (Llama-2-7B's shapes) through bitsandbytes' operators, which
-dequantize each weight in the forward pass and again in the backward pass, against the same layer keeping each
-dequantized bf16 weight from the forward pass for the backward pass (nf4.keep): the product and input gradient
+dequantize each weight in the forward pass and again in the backward pass, against the same layer with each weight
+dequantized once, in bf16, and that copy used by every pass (nf4.keep): the product and input gradient
 (equal? each one's largest error against a float32 computation with the same dequantized weights, relative to that
 computation's largest value), and the time of a forward and backward pass at a batch-4 and a batch-32 step's tokens.
 On a GPU the two may differ in the last bits (inductor hands cuBLAS the product in another form, and cuBLAS picks its

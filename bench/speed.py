@@ -139,7 +139,7 @@ CONFIGS = {
     # H200, 2026-11-29; the plan does not compile them on a GPU.)
     "job-b48-compile": ("job", 48, 12, {"PER_DEVICE_TRAIN_BATCH_SIZE": "48", "GRADIENT_CHECKPOINTING": "false",
                                         "TORCH_COMPILE": "true"}),
-    # ... with the dequantized weights kept for the backward pass (~104 GiB by batch 24's 60.2: an H200's card)
+    # ... with the weights dequantized once, nf4.keep (~104 GiB by batch 24's 60.2: an H200's card)
     "job-b48-compile-kept": ("job", 48, 12, {"PER_DEVICE_TRAIN_BATCH_SIZE": "48", "GRADIENT_CHECKPOINTING": "false",
                                              "TORCH_COMPILE": "true", "patch": ["kept-weights"]}),
     # The seed's whole run, end to end (bench/e2e_race.py): every row of E2E_ROWS (a JSON file of encoded rows, the
