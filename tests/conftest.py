@@ -2,6 +2,7 @@
 that starts `python -m job` as a subprocess with environment variables, exactly as the container does."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import json
@@ -16,6 +17,7 @@ from typing import Callable
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # The services' test doubles, for every test module: hub_server, and moto_server, seaweedfs_server and s3_server
 # (both S3 servers in turn).
@@ -152,3 +154,16 @@ def cpu_job(tiny_model, tmp_path):
                           "CHECKPOINT_URI": str(tmp_path / "store"), "OUTPUT_DIR": str(tmp_path / "out"),
                           "HF_HOME": str(tmp_path / "hf"), **overrides})
     return settings
+
+
+class OpCounter(TorchDispatchMode):
+    """How many times each op runs under it (`counts`, by the op's name): which operators a computation reaches, and
+    how often (a recomputed op runs again in the backward pass, a saved one does not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))

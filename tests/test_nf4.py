@@ -6,6 +6,7 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbf  # noqa: E402
 
+from conftest import OpCounter  # noqa: E402
 from job.speed import nf4  # noqa: E402
 
 
@@ -70,25 +71,14 @@ def test_a_compiled_linear_that_keeps_its_weight_gives_bitsandbytes_numbers_and_
     assert set(layer.state_dict()) == set(linear(512, 256, double_quant).state_dict())
 
     # Without gradients (evaluation, generation): bitsandbytes' own operator, as without keep
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     x = torch.randn(3, 256, dtype=torch.bfloat16)
-    with torch.no_grad(), Ops() as seen:
+    with torch.no_grad(), OpCounter() as seen:
         out = layer(x)
-    assert any(name.startswith("bitsandbytes.") for name in seen.names), seen.names
+    assert any(name.startswith("bitsandbytes.") for name in seen.counts), seen.counts
     assert torch.equal(out, bnb.matmul_4bit(x, layer.weight.t(), quant_state=layer.weight.quant_state))
-    with Ops() as seen:                                                  # training: the kept copy, no dequantization
+    with OpCounter() as seen:                                            # training: the kept copy, no dequantization
         layer(x.requires_grad_())
-    assert not any(name.startswith("bitsandbytes.") for name in seen.names), seen.names
+    assert not any(name.startswith("bitsandbytes.") for name in seen.counts), seen.counts
 
 
 def test_a_base_stored_in_float16_loads_quantized_from_its_stored_values_with_the_rest_in_the_compute_dtype(

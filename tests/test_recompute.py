@@ -14,7 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import OpCounter
 
 import job.speed.recompute
 from job.config import from_env
@@ -31,18 +32,6 @@ def sequences(n: int, seed: int = 0, base: int = 40) -> list[dict]:
         ids = torch.randint(3, 1000, (length,), generator=gen).tolist()
         out.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2:]})
     return out
-
-
-class OpCounter(TorchDispatchMode):
-    """How many times each op runs: a recomputed op runs again in the backward pass, a saved one does not."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def allocated() -> int:
