@@ -430,3 +430,28 @@ def test_an_outage_past_the_stall_limit_stops_the_job_with_one_line(s3_job, s3_s
     assert f"{RUN_ID}/final/MANIFEST.json" not in store.keys()
     status = json.loads(store.read(f"{RUN_ID}/status.json"))
     assert status["phase"] == "failed" and status["error"] == errors[0][len("error: "):]
+
+
+def test_a_stop_signal_while_a_finished_run_exits_leaves_its_exit_code_0(cpu_job):
+    # `docker stop` or a pod's deletion can come while a finished run's process tears down: torch's interpreter
+    # takes 1-2 s to exit after the `done` event, and in its last steps Python restores the default handlers, so a
+    # SIGTERM then killed the process (exit 143, a failure to Kubernetes) though everything was committed. The job's
+    # second start on a done run ("nothing to do") tears down the same way, so it is the process signalled here,
+    # once per delay after its `done` line.
+    env = cpu_job(MAX_STEPS="2", SAVE_STEPS="2", EVAL_FRACTION="0")
+    assert run_job("train", env=env).returncode == 0
+    alive_when_signalled = []
+    for delay in (0.4, 1.0):
+        proc = subprocess.Popen([sys.executable, "-m", "job", "train"], env=env, cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        for line in proc.stdout:
+            if '"event": "done"' in line:
+                break
+        time.sleep(delay)
+        alive = proc.poll() is None
+        alive_when_signalled.append(alive)
+        proc.send_signal(signal.SIGTERM)
+        proc.stdout.read()
+        code = proc.wait(timeout=60)
+        assert code == 0, f"SIGTERM {delay} s after `done` ({'still running' if alive else 'exited'}): exit {code}"
+    assert any(alive_when_signalled), "every process had exited before its signal: nothing was tested"
