@@ -213,7 +213,9 @@ sys.exit(1 if missing else 0)' >"$LOGS/bytecode.log" 2>&1 || fail "modules witho
 
     podman run --rm "${LOCKED[@]}" "${mounts[@]}" "$IMAGE" tiny-model /scratch/tiny >"$LOGS/tiny-model.log" 2>&1 \
         || fail "tiny-model in the image: $(tail -n 5 "$LOGS/tiny-model.log")"
-    local settings=(--env-file .ci/cpu.env -e RUN_ID=cpu-podman -e CHECKPOINT_URI=/scratch/checkpoints)
+    # 200 steps, not cpu.env's 20: the tiny run's 20 steps take ~2 s, and a stop that came after the run was done
+    # found nothing to stop (exit 0, not 75). With 200 it lands mid-run.
+    local settings=(--env-file .ci/cpu.env -e MAX_STEPS=200 -e RUN_ID=cpu-podman -e CHECKPOINT_URI=/scratch/checkpoints)
     local store=$run/scratch/checkpoints/cpu-podman
 
     note "train, then podman stop after the first committed checkpoint"
