@@ -77,6 +77,7 @@ class Found:
     config: Config
     topology: Topology
     launcher: bool = False                  # the process that starts torchrun's workers: it keeps off the GPUs
+    early_probe: Any = None                 # the GPU row's Triton probe, started with the process (job/toolchain.py)
     device: str | None = None               # "cuda" or "cpu"
     run_store: RunStore | None = None
     splits: Splits | None = None
@@ -123,7 +124,7 @@ def check_gpu(f: Found) -> str:
     if f.device == "cuda":   # Liger's kernels and torch.compile build Triton kernels with the C compiler
         from .toolchain import ToolchainMissing, gpu_toolchain
         try:
-            detail += gpu_toolchain(config, f.topology.world_size)
+            detail += gpu_toolchain(config, f.topology.world_size, f.early_probe)
         except ToolchainMissing as exc:
             raise CheckFailed(exc.line, exc.detail) from None
     return detail
@@ -365,13 +366,21 @@ CHECKS: list[tuple[str, Callable[[Found], str], tuple[str, ...]]] = [
 ]
 
 
-def run_checks(config: Config, topology: Topology = Topology(),
-               launcher: bool = False) -> tuple[list[CheckResult], Found]:
+def run_checks(config: Config, topology: Topology = Topology(), launcher: bool = False,
+               early_probe=None) -> tuple[list[CheckResult], Found]:
     """Every check, in order; a check whose needs did not pass is skipped. `launcher`: this process is about to
     start torchrun's workers, so the checks keep off the GPUs, which the workers take next. A worker whose
     launcher ran them (`topology.launcher_checked`) checks only its own GPU (on a CPU, nothing) and shows
-    only those rows."""
-    found = Found(config, topology, launcher)
+    only those rows. `early_probe`: the GPU row's Triton probe, started with the process; stopped here whether
+    the row took its answer or not."""
+    try:
+        return _run_checks(Found(config, topology, launcher, early_probe))
+    finally:
+        if early_probe is not None:
+            early_probe.stop()
+
+
+def _run_checks(found: Found) -> tuple[list[CheckResult], Found]:
     results: list[CheckResult] = []
     for name, check, needs in CHECKS:
         missing = [r.name for r in results if r.name in needs and r.status != PASSED]

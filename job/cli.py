@@ -65,16 +65,19 @@ def train() -> None:
     config = _config()
     from .distributed import wants_launch
     from .speed.warm import start_early
+    from .toolchain import start_early_probe
     topology = _topology()
     launch = wants_launch(config, topology)
-    # The compile's helper, started before this process's own imports where the run may compile (job/speed/warm.py)
+    # Started before this process's own imports: the GPU row's Triton probe (job/toolchain.py), and where the run
+    # may compile, the compile's helper (job/speed/warm.py)
+    early_probe = None if launch else start_early_probe(config, topology)
     warmup = None if launch else start_early(config, topology)
     _quiet_libraries()
     from .run import Run, launch_workers
     reporter = _reporter(config)
     if launch:
         sys.exit(_outcome(config, reporter, lambda: launch_workers(config, reporter, topology), lambda: "launch"))
-    run = Run(config, reporter, topology, warmup=warmup)
+    run = Run(config, reporter, topology, warmup=warmup, early_probe=early_probe)
     sys.exit(_outcome(config, reporter, run.main, lambda: run.phase))
 
 
@@ -122,10 +125,13 @@ def preflight() -> None:
                             secrets=[os.environ.get("HF_TOKEN", "").strip()] + _foreign_secrets())
         results = config_failed(exc.problems)
         sys.exit(_shown(results, reporter))
+    from .toolchain import start_early_probe
+    topology = _topology()
+    early_probe = start_early_probe(config, topology)
     _quiet_libraries()
     reporter = _reporter(config)
-    sys.exit(_outcome(config, reporter, lambda: _shown(run_checks(config, _topology())[0], reporter),
-                      lambda: "preflight"))
+    sys.exit(_outcome(config, reporter, lambda: _shown(run_checks(config, topology, early_probe=early_probe)[0],
+                                                       reporter), lambda: "preflight"))
 
 
 def _shown(results, reporter) -> ExitCode:

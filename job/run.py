@@ -64,7 +64,8 @@ def phase(method):
 class Run:
     """The job's recipe. `main` is the whole run; bench/speed.py reuses `setup` and the Trainer it builds."""
 
-    def __init__(self, config: Config, reporter: Reporter, topology: Topology = Topology(), warmup=None):
+    def __init__(self, config: Config, reporter: Reporter, topology: Topology = Topology(), warmup=None,
+                 early_probe=None):
         self.config, self.reporter, self.topology = config, reporter, topology
         self.phase = "start"                    # the phase running now (see `phase`)
         self.stop = StopSignal(reporter)
@@ -79,6 +80,7 @@ class Run:
         self.cache = None       # the compile cache of this run's compiled layers (job/speed/compile_cache.py)
         self.lease: Lease | None = None   # rank 0's hold on the run: the one writer (job/store/lease.py)
         self.warmup = warmup    # the helper compiling a layer while the run starts (job/speed/warm.py)
+        self.early_probe = early_probe   # the GPU row's Triton probe, started with the process (job/toolchain.py)
 
     # ---------------------------------------------------------------- the whole run
 
@@ -159,7 +161,8 @@ class Run:
                 self.warmup = None
         elif self.warmup is None:
             self.warmup = warm.Warmup(self.config, self.work)
-        results, found = run_checks(self.config, self.topology)
+        results, found = run_checks(self.config, self.topology, early_probe=self.early_probe)
+        self.early_probe = None
         problems = report(results, self.reporter)
         if problems:
             raise BadInput("\n".join(problems))

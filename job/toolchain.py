@@ -7,19 +7,25 @@ every other check, loads the model, and dies at its first training step.
 
 - `gpu_toolchain`: preflight's gpu row, whenever Liger or torch.compile may run on this GPU. A tiny Triton kernel is
   compiled and launched with empty caches (so that it really compiles); ToolchainMissing has one line naming the
-  missing piece.
+  missing piece. `EarlyProbe` runs the same probe in a process of its own, started with the job's process, so that
+  its compiles run beside the imports and the other checks.
 - `parity`: `python -m job toolchain`, the image's own check on a CPU (CI has no GPU). It goes as far towards the
   GPU path as a CPU can: Triton's real launcher compiled and loaded, a Triton kernel compiled to a GPU binary,
   inductor compiling CPU code, Liger and bitsandbytes importing, and the torch build the image pins.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 # What to set to train without Triton, for every failure line of the GPU row.
@@ -30,6 +36,9 @@ HEADERS = {"Python.h": "Python's headers (libpython3.12-dev)", "cuda.h": "Triton
 LIBC_HEADERS = "the C library's headers (libc6-dev)"
 # The GPU architecture the parity check compiles its Triton kernel for on a CPU (H100/H200); any would do.
 PARITY_TARGET = ("cuda", 90, 32)
+# The early probe's process, and how long the GPU row waits for its answer before it probes in its own process.
+EARLY_PROBE_COMMAND = [sys.executable, "-m", "job.toolchain"]
+EARLY_PROBE_TIMEOUT = 120
 
 
 class ToolchainMissing(Exception):
@@ -54,12 +63,16 @@ def triton_may_run(config, world_size: int = 1) -> bool:
     return now.liger_kernel or now.torch_compile or longest.torch_compile
 
 
-def gpu_toolchain(config, world_size: int = 1) -> str:
+def gpu_toolchain(config, world_size: int = 1, early: "EarlyProbe | None" = None) -> str:
     """Preflight: compile and launch a tiny Triton kernel on the current GPU when Liger or torch.compile may run.
-    Returns the row's extra text ("" when Triton will not run); raises ToolchainMissing."""
+    Returns the row's extra text ("" when Triton will not run); raises ToolchainMissing. `early`: the probe started
+    with the process; its success is the row's, and anything else probes here, whose failure is the row's line."""
     if not triton_may_run(config, world_size):
         return ""
     users = _triton_users(config)
+    seconds = early.seconds() if early is not None else None
+    if seconds is not None:
+        return f", Triton kernel compiled and launched in {seconds:.1f} s beside the imports (for {users})"
     started = time.monotonic()
     try:
         with _fresh_compile_caches(), _captured_stderr() as compiler_output:
@@ -69,6 +82,74 @@ def gpu_toolchain(config, world_size: int = 1) -> str:
         raise ToolchainMissing(f"{users} need Triton, which cannot compile a kernel here: {why}; {fix}, "
                                f"{WITHOUT_TRITON}", why.split(" (")[0]) from None
     return f", Triton kernel compiled and launched in {time.monotonic() - started:.1f} s (for {users})"
+
+
+class EarlyProbe:
+    """The GPU row's Triton probe (`python -m job.toolchain`) in a process of its own, started as the job's process
+    starts: its two C compiles of Triton's (1.3-1.5 s on an H100 host) then run beside the process's imports and
+    other checks instead of inside the GPU row. Its empty caches are a folder of its own, removed with it. It only
+    saves time: the row takes its success, and on anything else (a failed compile, no CUDA context for a second
+    process on an exclusive GPU, no answer within EARLY_PROBE_TIMEOUT) probes in the job's own process as before."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="job-toolchain-"))
+        root = str(Path(__file__).resolve().parents[1])   # where the job package is, as `python -m job` found it
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+               "TRITON_CACHE_DIR": str(self.folder / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(self.folder / "inductor")}
+        with open(self.folder / "answer.json", "wb") as answer, open(self.folder / "stderr", "wb") as stderr:
+            self.process = subprocess.Popen(EARLY_PROBE_COMMAND, stdin=subprocess.DEVNULL, stdout=answer,
+                                            stderr=stderr, env=env)
+        atexit.register(self.stop)
+
+    def seconds(self, timeout: float | None = None) -> float | None:
+        """Once it is done: what its compile and launch took; None where it did not succeed (or did not answer within
+        `timeout`, by default EARLY_PROBE_TIMEOUT)."""
+        try:
+            self.process.wait(EARLY_PROBE_TIMEOUT if timeout is None else timeout)
+            answer = json.loads((self.folder / "answer.json").read_text()) if self.process.returncode == 0 else {}
+        except (subprocess.TimeoutExpired, OSError, ValueError):
+            answer = {}
+        self.stop()
+        seconds = answer.get("seconds") if isinstance(answer, dict) else None
+        return float(seconds) if isinstance(seconds, (int, float)) else None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def start_early_probe(config, topology) -> EarlyProbe | None:
+    """The early probe, where a cheap look (no torch import) says the GPU row will probe: Liger or torch.compile
+    not switched off, one process, Triton installed, a GPU visible (job/speed/warm.py's look)."""
+    from .speed.warm import gpu_visible, triton_installed
+
+    if config.use_liger_kernel == "false" and config.torch_compile == "false":
+        return None
+    if topology.world_size != 1 or not triton_installed() or not gpu_visible():
+        return None
+    try:
+        return EarlyProbe()
+    except OSError:
+        return None
+
+
+def _early_probe_main() -> int:
+    """The early probe's process: after its imports and CUDA's start (which the GPU row's own probe finds done), the
+    kernel compiled and launched; its time, or the error, as JSON on stdout. The compiler's output goes to stderr."""
+    import torch
+    import triton  # noqa: F401
+
+    torch.cuda.init()
+    started = time.monotonic()
+    try:
+        _launch_triton_kernel()
+    except Exception as exc:
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        return 1
+    print(json.dumps({"seconds": round(time.monotonic() - started, 2)}))
+    return 0
 
 
 def _triton_users(config) -> str:
@@ -285,3 +366,7 @@ def render(results: list[tuple[str, bool, str]]) -> str:
     lines.append(f"toolchain check: {failed} of {len(results)} steps failed" if failed else
                  f"toolchain check: all {len(results)} steps passed")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(_early_probe_main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -93,6 +94,93 @@ def test_a_missing_c_compiler_fails_the_gpu_row_with_one_line_naming_it(fake_gpu
     assert "no C compiler" in line and "install gcc" in line
     assert "USE_LIGER_KERNEL=false and TORCH_COMPILE=false" in line
     assert failed.value.detail == "no C compiler"
+
+
+def _early_probe(monkeypatch, script: str) -> toolchain.EarlyProbe:
+    """An early probe whose process is `script` (Python) in place of `python -m job.toolchain`."""
+    monkeypatch.setattr(toolchain, "EARLY_PROBE_COMMAND", [sys.executable, "-c", script])
+    return toolchain.EarlyProbe()
+
+
+def test_the_gpu_row_takes_the_early_probes_success_and_does_not_compile_again(fake_gpu, monkeypatch):
+    probe = _early_probe(monkeypatch, "import json, os; print(json.dumps({'seconds': 1.37, "
+                                      "'caches': [os.environ['TRITON_CACHE_DIR'], os.environ['TORCHINDUCTOR_CACHE_DIR']]}))")
+    detail = check_gpu(Found(_config(), Topology(), early_probe=probe))
+    assert fake_gpu == []   # no second probe in this process
+    assert "Triton kernel compiled and launched in 1.4 s beside the imports" in detail
+    assert not probe.folder.exists()   # its empty caches went with it
+
+
+def test_the_early_probe_compiles_with_empty_caches_of_its_own(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "warm-triton-cache"))
+    probe = _early_probe(monkeypatch, "import os, sys; print(os.environ['TRITON_CACHE_DIR'], "
+                                      "os.environ['TORCHINDUCTOR_CACHE_DIR']); sys.exit(3)")
+    probe.process.wait(30)
+    caches = (probe.folder / "answer.json").read_text().split()
+    assert all(Path(c).parent == probe.folder and not Path(c).exists() for c in caches)
+    assert probe.seconds() is None   # exit 3: no answer to take
+
+
+def test_a_failed_early_probe_leaves_the_verdict_to_the_rows_own_probe(fake_gpu, monkeypatch):
+    # The real probe process (python -m job.toolchain) on this CPU: no CUDA, so it fails; the row probes again here.
+    monkeypatch.setattr(toolchain, "EARLY_PROBE_COMMAND", [sys.executable, "-m", "job.toolchain"])
+    probe = toolchain.EarlyProbe()
+    assert probe.process.wait(120) != 0
+    detail = check_gpu(Found(_config(), Topology(), early_probe=probe))
+    assert fake_gpu == [1] and "compiled and launched in" in detail and "beside" not in detail
+
+    def no_compiler():
+        raise RuntimeError(TRITON_NO_CC)
+    monkeypatch.setattr(toolchain, "_launch_triton_kernel", no_compiler)
+    probe = _early_probe(monkeypatch, "import sys; sys.stderr.write('gcc: not found\\n'); sys.exit(1)")
+    with pytest.raises(CheckFailed) as failed:
+        check_gpu(Found(_config(), Topology(), early_probe=probe))
+    assert failed.value.detail == "no C compiler"
+
+
+def test_an_early_probe_that_does_not_answer_in_time_is_stopped_and_the_row_probes_itself(fake_gpu, monkeypatch):
+    import time
+
+    monkeypatch.setattr(toolchain, "EARLY_PROBE_TIMEOUT", 0.5)
+    probe = _early_probe(monkeypatch, "import time; time.sleep(600)")
+    started = time.monotonic()
+    assert "compiled and launched in" in check_gpu(Found(_config(), Topology(), early_probe=probe))
+    assert time.monotonic() - started < 10
+    assert fake_gpu == [1] and probe.process.poll() is not None and not probe.folder.exists()
+
+
+def test_the_early_probe_starts_only_where_the_gpu_row_may_probe(monkeypatch):
+    from job.speed import warm
+
+    monkeypatch.setattr(toolchain, "EARLY_PROBE_COMMAND", [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(warm, "triton_installed", lambda: True)
+    monkeypatch.setattr(warm, "gpu_device_files", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    single, two = Topology(), Topology(world_size=2, rank=0, local_rank=0)
+    probe = toolchain.start_early_probe(_config(), single)
+    assert probe is not None
+    probe.stop()
+    assert toolchain.start_early_probe(_config(USE_LIGER_KERNEL="false", TORCH_COMPILE="false"), single) is None
+    assert toolchain.start_early_probe(_config(), two) is None   # each torchrun worker probes its own GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert toolchain.start_early_probe(_config(), single) is None
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(warm, "gpu_device_files", lambda: False)   # this machine: no GPU
+    assert toolchain.start_early_probe(_config(), single) is None
+    monkeypatch.setattr(warm, "gpu_device_files", lambda: True)
+    monkeypatch.setattr(warm, "triton_installed", lambda: False)
+    assert toolchain.start_early_probe(_config(), single) is None
+
+
+def test_preflight_stops_an_early_probe_the_gpu_row_did_not_use(monkeypatch, tmp_path):
+    # On this CPU the row has no Triton to probe; the probe started with the process must not outlive the checks.
+    from job.checks import run_checks
+    probe = _early_probe(monkeypatch, "import time; time.sleep(600)")
+    results, _ = run_checks(_config(REQUIRE_GPU="false", BASE_MODEL=str(tmp_path / "no-model"),
+                                    DATASET=str(tmp_path / "no-rows.jsonl"), CHECKPOINT_URI=str(tmp_path / "store"),
+                                    OUTPUT_DIR=str(tmp_path / "out")), Topology(), early_probe=probe)
+    assert {r.name: r.status for r in results}["gpu"] == "passed"
+    assert probe.process.poll() is not None and not probe.folder.exists()
 
 
 def test_the_probe_compiles_with_empty_caches_and_restores_them(monkeypatch):

@@ -60,19 +60,26 @@ def may_start_early(config, topology) -> bool:
     """`may_compile`'s cheap half, before torch is imported: TORCH_COMPILE not false, one process, Triton installed,
     and an NVIDIA GPU's device file visible (as the NVIDIA container runtime mounts them) with CUDA_VISIBLE_DEVICES
     not hiding it."""
-    if not _settings_may_compile(config, topology):
-        return False
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
-        return False
-    return gpu_device_files()
+    return _settings_may_compile(config, topology) and gpu_visible()
 
 
 def _settings_may_compile(config, topology) -> bool:
     """TORCH_COMPILE not false, one process, Triton installed: what both looks ask first (no torch import)."""
+    return config.torch_compile != "false" and topology.world_size == 1 and triton_installed()
+
+
+def triton_installed() -> bool:
     import importlib.util
 
-    return (config.torch_compile != "false" and topology.world_size == 1
-            and importlib.util.find_spec("triton") is not None)
+    return importlib.util.find_spec("triton") is not None
+
+
+def gpu_visible() -> bool:
+    """A cheap look, before torch is imported: an NVIDIA GPU's device file (as the NVIDIA container runtime mounts
+    them), with CUDA_VISIBLE_DEVICES not hiding it."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    return gpu_device_files()
 
 
 def gpu_device_files() -> bool:
