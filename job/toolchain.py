@@ -88,8 +88,9 @@ class EarlyProbe:
     """The GPU row's Triton probe (`python -m job.toolchain`) in a process of its own, started as the job's process
     starts: its two C compiles of Triton's (1.3-1.5 s on an H100 host) then run beside the process's imports and
     other checks instead of inside the GPU row. Its empty caches are a folder of its own, removed with it. It only
-    saves time: the row takes its success, and on anything else (a failed compile, no CUDA context for a second
-    process on an exclusive GPU, no answer within EARLY_PROBE_TIMEOUT) probes in the job's own process as before."""
+    saves time: the row takes its success, and on anything else (a failed compile, a GPU in an exclusive compute
+    mode, where it declines to hold a context beside the job's, no answer within EARLY_PROBE_TIMEOUT) probes in the
+    job's own process as before."""
 
     def __init__(self):
         self.folder = Path(tempfile.mkdtemp(prefix="job-toolchain-"))
@@ -137,7 +138,12 @@ def start_early_probe(config, topology) -> EarlyProbe | None:
 
 def _early_probe_main() -> int:
     """The early probe's process: after its imports and CUDA's start (which the GPU row's own probe finds done), the
-    kernel compiled and launched; its time, or the error, as JSON on stdout. The compiler's output goes to stderr."""
+    kernel compiled and launched; its time, or the error, as JSON on stdout. The compiler's output goes to stderr.
+    It holds a CUDA context of its own while the job's process starts: only where every GPU lets a second process
+    hold one (on a GPU in an exclusive compute mode, the job's own context could fail while the probe's lives)."""
+    if not gpus_shared():
+        print(json.dumps({"error": "a GPU is not in the default compute mode, or NVML cannot say"}))
+        return 1
     import torch
     import triton  # noqa: F401
 
@@ -366,6 +372,38 @@ def render(results: list[tuple[str, bool, str]]) -> str:
     lines.append(f"toolchain check: {failed} of {len(results)} steps failed" if failed else
                  f"toolchain check: all {len(results)} steps passed")
     return "\n".join(lines)
+
+
+NVML_COMPUTEMODE_DEFAULT = 0   # nvml.h: several processes may hold a context on the GPU
+
+
+def gpus_shared(nvml=None) -> bool:
+    """Whether every GPU that NVML sees is in the default compute mode, where a process may hold a CUDA context
+    beside another's; False wherever NVML cannot say. Asked through NVML (the driver's library, which the NVIDIA
+    container runtime mounts), so that no CUDA context is made to ask. `nvml`: the loaded library, for tests."""
+    import ctypes
+
+    try:
+        nvml = nvml or ctypes.CDLL("libnvidia-ml.so.1")
+        if nvml.nvmlInit_v2() != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    try:
+        count = ctypes.c_uint(0)
+        if nvml.nvmlDeviceGetCount_v2(ctypes.pointer(count)) != 0 or count.value == 0:
+            return False
+        for index in range(count.value):
+            handle, mode = ctypes.c_void_p(), ctypes.c_int(-1)
+            if (nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.pointer(handle)) != 0
+                    or nvml.nvmlDeviceGetComputeMode(handle, ctypes.pointer(mode)) != 0
+                    or mode.value != NVML_COMPUTEMODE_DEFAULT):
+                return False
+        return True
+    except AttributeError:
+        return False
+    finally:
+        nvml.nvmlShutdown()
 
 
 if __name__ == "__main__":

@@ -149,6 +149,46 @@ def test_an_early_probe_that_does_not_answer_in_time_is_stopped_and_the_row_prob
     assert fake_gpu == [1] and probe.process.poll() is not None and not probe.folder.exists()
 
 
+class FakeNvml:
+    """NVML as ctypes calls it: status codes returned, answers written through the pointers given."""
+
+    def __init__(self, modes: list[int], init: int = 0):
+        self.modes, self.init, self.shut = modes, init, False
+
+    def nvmlInit_v2(self):
+        return self.init
+
+    def nvmlShutdown(self):
+        self.shut = True
+        return 0
+
+    def nvmlDeviceGetCount_v2(self, count):
+        count.contents.value = len(self.modes)
+        return 0
+
+    def nvmlDeviceGetHandleByIndex_v2(self, index, handle):
+        handle.contents.value = 1000 + index
+        return 0
+
+    def nvmlDeviceGetComputeMode(self, handle, mode):
+        mode.contents.value = self.modes[handle.value - 1000]
+        return 0
+
+
+def test_the_early_probe_holds_a_cuda_context_only_where_every_gpu_is_shared():
+    # nvml.h: 0 default, 1 exclusive thread (gone), 2 prohibited, 3 exclusive process
+    assert toolchain.gpus_shared(FakeNvml([0])) and toolchain.gpus_shared(FakeNvml([0, 0, 0, 0]))
+    for modes in ([3], [0, 3], [2], []):
+        nvml = FakeNvml(modes)
+        assert not toolchain.gpus_shared(nvml) and nvml.shut
+    assert not toolchain.gpus_shared(FakeNvml([0], init=9))   # NVML_ERROR_DRIVER_NOT_LOADED
+    import ctypes
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:   # no NVIDIA driver here (CI): NVML cannot say, so no context beside the job's
+        assert not toolchain.gpus_shared()
+
+
 def test_the_early_probe_starts_only_where_the_gpu_row_may_probe(monkeypatch):
     from job.speed import warm
 
