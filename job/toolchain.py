@@ -97,9 +97,10 @@ class EarlyProbe:
         root = str(Path(__file__).resolve().parents[1])   # where the job package is, as `python -m job` found it
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                "TRITON_CACHE_DIR": str(self.folder / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(self.folder / "inductor")}
-        with open(self.folder / "answer.json", "wb") as answer, open(self.folder / "stderr", "wb") as stderr:
+        # Its compiler output is not kept: a failure is probed again in the job's process, whose line names it.
+        with open(self.folder / "answer.json", "wb") as answer:
             self.process = subprocess.Popen(EARLY_PROBE_COMMAND, stdin=subprocess.DEVNULL, stdout=answer,
-                                            stderr=stderr, env=env)
+                                            stderr=subprocess.DEVNULL, env=env)
         atexit.register(self.stop)
 
     def seconds(self, timeout: float | None = None) -> float | None:
@@ -138,7 +139,7 @@ def start_early_probe(config, topology) -> EarlyProbe | None:
 
 def _early_probe_main() -> int:
     """The early probe's process: after its imports and CUDA's start (which the GPU row's own probe finds done), the
-    kernel compiled and launched; its time, or the error, as JSON on stdout. The compiler's output goes to stderr.
+    kernel compiled and launched; its time, or the error, as JSON on stdout.
     It holds a CUDA context of its own while the job's process starts: only where every GPU lets a second process
     hold one (on a GPU in an exclusive compute mode, the job's own context could fail while the probe's lives)."""
     if not gpus_shared():
