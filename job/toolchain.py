@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from . import child_environment
+
 # What to set to train without Triton, for every failure line of the GPU row.
 WITHOUT_TRITON = "or set USE_LIGER_KERNEL=false and TORCH_COMPILE=false to train without Triton's kernels (slower)"
 # The headers a compile may miss, and what brings them (Ubuntu's package names, the image's base).
@@ -94,9 +96,8 @@ class EarlyProbe:
 
     def __init__(self):
         self.folder = Path(tempfile.mkdtemp(prefix="job-toolchain-"))
-        root = str(Path(__file__).resolve().parents[1])   # where the job package is, as `python -m job` found it
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-               "TRITON_CACHE_DIR": str(self.folder / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(self.folder / "inductor")}
+        env = child_environment(TRITON_CACHE_DIR=str(self.folder / "triton"),
+                                TORCHINDUCTOR_CACHE_DIR=str(self.folder / "inductor"))
         # Its compiler output is not kept: a failure is probed again in the job's process, whose line names it.
         with open(self.folder / "answer.json", "wb") as answer:
             self.process = subprocess.Popen(EARLY_PROBE_COMMAND, stdin=subprocess.DEVNULL, stdout=answer,

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .. import child_environment
+
 # The steps the helper's plan assumes: a run long enough for `auto` to compile.
 LONG_RUN = 10 ** 6
 REPORT = "compile-warmup.json"
@@ -132,11 +134,9 @@ class Warmup:
         self.report_path.unlink(missing_ok=True)
         self.started = time.time()
         self.went: float | None = None
-        root = str(Path(__file__).resolve().parents[2])   # where the job package is, as `python -m job` found it
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         with open(folder / LOG, "wb") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "job.speed.warm"], stdin=subprocess.PIPE,
-                                            stdout=log, stderr=subprocess.STDOUT, env=env)
+                                            stdout=log, stderr=subprocess.STDOUT, env=child_environment())
         # The settings travel through the pipe, not the command line or a file: they hold the run's tokens.
         self._send(pickle.dumps({"config": config, "device": device, "report": str(self.report_path),
                                  "scratch": str(self.scratch)}))
