@@ -152,3 +152,35 @@ def test_a_dataset_without_rows_stops_the_job_with_one_line(cpu_job, tmp_path, n
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: DATASET={str(empty)!r}: no rows"), lines
     assert "Traceback" not in result.stderr
+
+
+def test_rows_encoded_as_one_batch_are_those_encoded_one_by_one(tokenizer):
+    """encode_rows calls the tokenizer once for every exchange's text (encode_all); what it gives must be what
+    `encode` gives row by row, cut rows (the oldest exchanges dropped to fit) and skipped rows included."""
+    from job.data import encode_rows
+
+    rows = sample_rows()
+    lengths = sorted(len(e["input_ids"]) for e in (TEMPLATE.encode(r, tokenizer, 4096) for r in rows))
+    max_length = lengths[len(lengths) // 2]   # half the rows need their oldest exchanges dropped, or are skipped
+    one_by_one = [TEMPLATE.encode(r, tokenizer, max_length) for r in rows]
+    calls = []
+    real = type(tokenizer).__call__
+
+    def counted(self, text, *args, **kwargs):
+        calls.append(text)
+        return real(self, text, *args, **kwargs)
+
+    type(tokenizer).__call__ = counted
+    try:
+        batched, skipped = encode_rows(rows, tokenizer, max_length)
+        cuts = len(calls)
+        calls.clear()
+        uncut, _ = encode_rows(rows, tokenizer, 4096)
+    finally:
+        type(tokenizer).__call__ = real
+    assert batched == [e for e in one_by_one if e is not None] and skipped == one_by_one.count(None)
+    assert any(e is not None and len(e["input_ids"]) < len(full["input_ids"])
+               for e, full in zip(one_by_one, (TEMPLATE.encode(r, tokenizer, 4096) for r in rows))), "no row was cut"
+    assert cuts > 1   # a cut row's exchanges, its persona moved, are encoded on their own
+    assert uncut == [TEMPLATE.encode(r, tokenizer, 4096) for r in rows]
+    assert len(calls) == 1 and isinstance(calls[0], list), "rows that fit take one call for all their exchanges"
