@@ -184,6 +184,39 @@ def test_checkpoint_files_finished_in_the_background_reach_the_uploader_complete
     writer.close()
 
 
+def test_checkpoint_scratch_files_are_not_fsynced_but_their_store_copies_are(tmp_path, monkeypatch):
+    """The writer's files are scratch: the store's copy is the durable one, made from them and checked against the
+    hash taken as they were written. So fsync happens once per file, in the store, not twice."""
+    import os
+
+    from job.speed.snapshot import CheckpointWriter
+    from job.trainer import _torch_save
+    from job.store.local import LocalStore
+    from job.store.run_store import RunStore
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    folder = tmp_path / "work" / "checkpoint-5"
+    folder.mkdir(parents=True)
+    writer = CheckpointWriter()
+    writer.write({"w": torch.ones(4)}, folder / "optimizer.pt", _torch_save)
+    (folder / "trainer_state.json").write_text("{}")   # a file the Trainer writes itself
+    written = writer.seal(folder)
+    writer.close()
+    assert set(written) == {"optimizer.pt", "trainer_state.json"}
+    assert not [p for p in synced if "/work/" in p], synced
+
+    RunStore(LocalStore(tmp_path / "store"), "run").commit_checkpoint(5, folder, "fp", written=written)
+    stored = [p for p in synced if "/store/" in p]
+    assert any("optimizer.pt" in p for p in stored) and any("trainer_state.json" in p for p in stored)
+    # a scratch file changed after it was written is still refused
+    (folder / "optimizer.pt").write_bytes(b"changed")
+    from job.store.run_store import CorruptCheckpoint
+    with pytest.raises(CorruptCheckpoint):
+        RunStore(LocalStore(tmp_path / "store"), "run").commit_checkpoint(6, folder, "fp", written=written)
+
+
 def test_torch_compile_is_chosen_by_the_runs_length_on_a_modern_gpu(monkeypatch):
     import job.speed.plan
 

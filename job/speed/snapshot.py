@@ -1,5 +1,9 @@
 """A checkpoint's tensors copied to host memory and its files written off the training thread, each through a
-temporary name, fsync and rename, hashed as it is written."""
+temporary name and a rename, hashed as it is written.
+
+These files are scratch: the durable copy is the store's, which its commit makes (and fsyncs, in a local store)
+from them, refusing any file whose bytes differ from the hash taken here (RunStore.commit_checkpoint). So they are
+not fsynced: that wrote every checkpoint to the disk twice, and on the last one the run waits for both."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -10,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..store.local import fsync_folder, is_temporary, write_durably
+from ..store.local import is_temporary, write_durably
 from ..store.run_store import hash_file
 
 
@@ -99,13 +103,6 @@ _TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.uint8: "|u1", torc
             torch.int64: "<i8"}
 
 
-def _fsync_and_hash(path: Path) -> tuple[int, str]:
-    """(size, sha256) of a file another library wrote (the Trainer's state, the tokenizer), once it is on disk."""
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-    return hash_file(path)
-
-
 def _key(folder: str | os.PathLike) -> Path:
     return Path(os.path.abspath(folder))
 
@@ -124,11 +121,11 @@ class CheckpointWriter:
         self._failed: dict[Path, BaseException] = {}
 
     def write(self, tree, path: str | os.PathLike, serialize: Callable[[object, object], None]) -> None:
-        """serialize(tree, f) into `path` through a temporary name, fsync and rename (write_durably), hashed as
-        written and remembered for its folder's seal; a failure is remembered too."""
+        """serialize(tree, f) into `path` through a temporary name and a rename (write_durably, without fsync),
+        hashed as written and remembered for its folder's seal; a failure is remembered too."""
         path = Path(path)
         try:
-            size, digest = write_durably(path, lambda f: serialize(tree, f))
+            size, digest = write_durably(path, lambda f: serialize(tree, f), sync=False)
         except Exception as e:
             self.failed(path.parent, e)
             raise
@@ -142,8 +139,8 @@ class CheckpointWriter:
 
     def seal(self, folder: str | os.PathLike) -> dict[str, tuple[int, str]]:
         """Every file of a finished checkpoint folder with its (size, sha256): the files written here as they were
-        written; the small ones the Trainer, peft and the tokenizer wrote on the training thread fsynced and hashed
-        now. Raises the first write into the folder that failed (OSError for a full disk)."""
+        written; the small ones the Trainer, peft and the tokenizer wrote on the training thread hashed now. Raises
+        the first write into the folder that failed (OSError for a full disk)."""
         folder = Path(folder)
         with self._lock:
             error = self._failed.pop(_key(folder), None)
@@ -155,8 +152,7 @@ class CheckpointWriter:
         files = {}
         for path in sorted(p for p in folder.rglob("*") if p.is_file() and not is_temporary(p.name)):
             rel = path.relative_to(folder).as_posix()
-            files[rel] = written[rel] if rel in written else _fsync_and_hash(path)
-        fsync_folder(folder)   # the new files' names
+            files[rel] = written[rel] if rel in written else hash_file(path)
         return files
 
     def submit(self, fn, *args) -> concurrent.futures.Future:

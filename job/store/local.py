@@ -42,9 +42,10 @@ class _HashingFile:
         return self._sha256.hexdigest()
 
 
-def write_durably(path: Path, fill: Callable[[object], None]) -> tuple[int, str]:
+def write_durably(path: Path, fill: Callable[[object], None], sync: bool = True) -> tuple[int, str]:
     """Write `path` through a temporary name beside it: fill(f) writes the bytes, which are hashed as they pass;
-    fsync, rename, fsync the folder. (size, sha256) of exactly those bytes. A failure (a full disk) leaves no file."""
+    fsync, rename, fsync the folder. (size, sha256) of exactly those bytes. A failure (a full disk) leaves no file.
+    `sync` False: no fsync, for scratch files whose durable copy is made elsewhere, from the hash taken here."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
@@ -52,12 +53,14 @@ def write_durably(path: Path, fill: Callable[[object], None]) -> tuple[int, str]
             hashing = _HashingFile(f)
             fill(hashing)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_folder(path.parent)   # the rename itself is durable only once the folder is synced
+    if sync:
+        fsync_folder(path.parent)   # the rename itself is durable only once the folder is synced
     return hashing.size, hashing.sha256
 
 
