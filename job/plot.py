@@ -6,6 +6,17 @@ from pathlib import Path
 LOSS_CURVE = "loss_curve.png"
 
 
+def prepare() -> None:
+    """matplotlib imported ahead (about half a second), where the run would otherwise wait; nothing if it is
+    missing (`loss_curve` says so)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")   # no display in a container
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        pass
+
+
 def loss_curve(summary: dict, path: Path) -> Path | None:
     """Draw the curve of `training_summary.json`'s losses; None when there is nothing to draw."""
     train = [(e["step"], e["loss"]) for e in summary.get("train_loss", [])]

@@ -81,6 +81,7 @@ class Run:
         self.lease: Lease | None = None   # rank 0's hold on the run: the one writer (job/store/lease.py)
         self.warmup = warmup    # the helper compiling a layer while the run starts (job/speed/warm.py)
         self.early_probe = early_probe   # the GPU row's Triton probe, started with the process (job/toolchain.py)
+        self.adapter_written = False     # the finished adapter already in OUTPUT_DIR (write_adapter)
 
     # ---------------------------------------------------------------- the whole run
 
@@ -268,12 +269,15 @@ class Run:
         base = load_base_model(self.config, self.tokenizer, self.device, self.plan, self.model_shape)
         loaded = time.perf_counter()
         model = add_lora(self.config, base, self.tokenizer)
+        lora = time.perf_counter()
+        layers_seconds = 0.0
         # The plan's callbacks come first, whatever callbacks() returns: they make the model what the plan says.
         speed_callbacks = recompute.callbacks(self.plan.recompute)
         if self.plan.torch_compile:
             from .speed.kernels import compile_layers
             layers = compile_layers(model, recomputed=self.plan.recompute in ("layers", "offload"),
                                     keep_weights=self.plan.keep_weights)
+            layers_seconds = time.perf_counter() - lora
             hold = self.eager_until_warm()
             speed_callbacks += [hold.callback] if hold else []
             speed_callbacks += compile_cache.attach(self.cache, self.reporter, self.topology.is_main,
@@ -286,7 +290,8 @@ class Run:
         self.reporter.event("model", "4-bit base with LoRA ready", base=self.config.base_model,
                             trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                             load_seconds=round(loaded - loading, 2),
-                            adapter_seconds=round(time.perf_counter() - loaded, 2))
+                            adapter_seconds=round(time.perf_counter() - loaded, 2),
+                            lora_seconds=round(lora - loaded, 2), layers_seconds=round(layers_seconds, 2))
 
         import datasets
         self.writer = CheckpointWriter()   # finishes checkpoint files off the training thread
@@ -445,7 +450,7 @@ class Run:
         try:
             self.result = self.trainer.train(resume_from_checkpoint=str(self.resume[1]) if self.resume else None)
             if not self.stop.received:
-                self.committer.finish()
+                self.committer.finish(meanwhile=self.write_adapter if self.topology.is_main else None)
         except UploadStalled as exc:
             self.status.write(phase=Phase.FAILED, error=str(exc))
             self.status.flush()
@@ -463,6 +468,21 @@ class Run:
                           f"checkpoint {'committed' if committed else 'not committed in time'}; "
                           f"newest committed step {self.committer.last_committed}")
         self.final_eval = self._final_eval_loss() if self.eval_examples else {}
+
+    def write_adapter(self) -> None:
+        """The finished adapter and tokenizer into OUTPUT_DIR, and the loss curve's plotting library imported: what
+        final/ needs that the evaluation does not change, done while the last checkpoint is uploaded by its own
+        process (the run waits for that upload before its evaluation, so that a stop there costs no training).
+        Where this fails, finalize writes them again and says why."""
+        from .plot import prepare
+
+        try:
+            self.trainer.model.save_pretrained(self.out, save_embedding_layers=False)
+            self.tokenizer.save_pretrained(self.out)
+        except OSError:
+            return
+        self.adapter_written = True
+        prepare()
 
     def _final_eval_loss(self) -> dict[str, float]:
         """The Trainer's eval loss at the last step: the one it logged there (EVAL_STEPS dividing the steps), else a
@@ -504,15 +524,17 @@ class Run:
 
     @phase
     def finalize(self) -> None:
-        """The finished adapter, tokenizer, training_summary.json, loss curve and model card in OUTPUT_DIR,
-        committed to the store's final/."""
+        """The finished adapter and tokenizer (unless `write_adapter` wrote them), training_summary.json, the loss
+        curve and the model card in OUTPUT_DIR, committed to the store's final/."""
         from .card import model_card
 
+        started = time.perf_counter()
         summary = {**self.summary(), "evaluation": self.evaluation}
         self.status.write(phase=Phase.FINALIZING, step=self.trainer.state.global_step)
         self.status.flush()
-        self.trainer.model.save_pretrained(self.out, save_embedding_layers=False)
-        self.tokenizer.save_pretrained(self.out)
+        if not self.adapter_written:
+            self.trainer.model.save_pretrained(self.out, save_embedding_layers=False)
+            self.tokenizer.save_pretrained(self.out)
         (self.out / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         self._plot(summary)
         (self.out / "README.md").write_text(model_card(self.config, self.out))  # ours, in place of peft's template
@@ -521,7 +543,8 @@ class Run:
         files = sorted(p.name for p in self.out.iterdir() if p.is_file())
         self.store.commit_final(self.out, self.config.fingerprint(), files=files)
         self.reporter.event("final", "final adapter committed", steps=summary["steps"],
-                            final_eval_loss=summary["final_eval_loss"])
+                            final_eval_loss=summary["final_eval_loss"],
+                            seconds=round(time.perf_counter() - started, 2))
 
     def summary(self) -> dict[str, Any]:
         state, config = self.trainer.state, self.config

@@ -10,6 +10,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -323,11 +324,21 @@ class CheckpointCommitter(TrainerCallback):
         self.writer.submit(self._hand_over, step, local, self.config.fingerprint())
         return control
 
-    def finish(self) -> None:
+    def finish(self, meanwhile: Callable[[], None] | None = None) -> None:
         """At the end of training: wait for the uploads to end, at most until the stall limit. A last checkpoint
-        that failed is reported, and the final adapter is committed all the same."""
+        that failed is reported, and the final adapter is committed all the same. `meanwhile` runs once the
+        checkpoint writer is done and before the wait for the upload process: work of this process's that would
+        otherwise compete with the writer's for the interpreter, while the upload, in a process of its own, does
+        not."""
         if self.uploader is None:
+            if meanwhile is not None:
+                meanwhile()
             return
+        while not self.writer.idle(1.0):
+            if self._stalled():
+                raise self._stall_error()
+        if meanwhile is not None:
+            meanwhile()
         while not self._idle(1.0):
             if self._stalled():
                 raise self._stall_error()

@@ -198,3 +198,72 @@ def test_a_signal_while_a_line_is_being_written_does_not_hang():
     with reporter._lock:
         stop._handle(signal.SIGTERM, None)
     assert stop.received == "SIGTERM" and '"event": "stop"' in reporter.stream.getvalue()
+
+
+def _run_in_process(run):
+    import signal
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run.main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def test_the_adapter_is_written_while_the_last_checkpoint_uploads(cpu_job, tmp_path, monkeypatch):
+    """Run.train writes the finished adapter and tokenizer into OUTPUT_DIR once the checkpoint writer is done and
+    before it waits for the upload process: that wait, not the finalize phase, pays for writing them, and they do
+    not compete with the writer's files. final/ holds those very bytes, written once."""
+    import os
+
+    from job.config import from_env
+    from job.log import Reporter
+    from job.run import Run
+    from job.trainer import CheckpointCommitter
+
+    out, seen = tmp_path / "out", []
+    real = CheckpointCommitter.finish
+
+    def finish(self, meanwhile=None):
+        def watched():
+            seen.append({"writer idle": self.writer.idle(0), "before": {p.name for p in out.iterdir()}})
+            meanwhile()
+            seen[-1]["after"] = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        return real(self, watched if meanwhile else None)
+
+    monkeypatch.setattr(CheckpointCommitter, "finish", finish)
+    run = Run(from_env(cpu_job(MAX_STEPS="4")), Reporter("json", stream=open(os.devnull, "w")))
+    _run_in_process(run)
+    assert len(seen) == 1 and seen[0]["writer idle"]
+    assert "adapter_model.safetensors" not in seen[0]["before"]
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(seen[0]["after"])
+    assert "training_summary.json" not in seen[0]["after"]   # the evaluation's part comes after it
+    final = tmp_path / "store" / run.config.resolved_run_id / "final"
+    assert (final / "adapter_model.safetensors").read_bytes() == seen[0]["after"]["adapter_model.safetensors"]
+    assert (final / "training_summary.json").exists()
+
+
+def test_an_adapter_that_could_not_be_written_early_is_written_by_finalize(cpu_job, tmp_path, monkeypatch):
+    import os
+
+    from peft import PeftModel
+
+    from job.config import from_env
+    from job.log import Reporter
+    from job.run import Run
+
+    real, calls = PeftModel.save_pretrained, []
+
+    def save_pretrained(self, *args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", save_pretrained)
+    run = Run(from_env(cpu_job(MAX_STEPS="4")), Reporter("json", stream=open(os.devnull, "w")))
+    _run_in_process(run)
+    assert len(calls) == 2 and not run.adapter_written
+    final = tmp_path / "store" / run.config.resolved_run_id / "final"
+    assert (final / "adapter_model.safetensors").read_bytes() == (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
