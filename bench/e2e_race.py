@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,7 +47,12 @@ JOB_CONTENDERS = {"job": {}, "job-compile": {"TORCH_COMPILE": "true"}, "job-comp
                   "job-gc": {"GRADIENT_CHECKPOINTING": "true"},
                   "job-gc-dq": {"GRADIENT_CHECKPOINTING": "true", "DOUBLE_QUANT": "true"},
                   # Unsloth's memory: inputs of the recomputed layers in host memory, the NF4 scales in 8 bits
-                  "job-gc-offload-dq": {"GRADIENT_CHECKPOINTING": "offload", "DOUBLE_QUANT": "true"}}
+                  "job-gc-offload-dq": {"GRADIENT_CHECKPOINTING": "offload", "DOUBLE_QUANT": "true"},
+                  # A first run again on a machine that has run the job: its defaults with caches of their own
+                  # (HF_HOME, under which inductor's go, and Triton's) and a store of its own (no portable compile
+                  # cache), so nothing compiled before is found; -spy: the same under py-spy, every sample of every
+                  # thread in time order (speedscope), into OUT/job-cold-spy.speedscope.json
+                  "job-cold": {}, "job-cold-2": {}, "job-cold-spy": {}}
 
 
 def job_settings(name: str, model_dir: Path, data: Path, work: Path, device: str) -> dict[str, str]:
@@ -54,6 +60,10 @@ def job_settings(name: str, model_dir: Path, data: Path, work: Path, device: str
     env = {"BASE_MODEL": str(model_dir), "DATASET": str(data), "RUN_ID": f"race-{name}", "LOG_FORMAT": "json",
            "CHECKPOINT_URI": str(work / "store"), "OUTPUT_DIR": str(work / name / "out"), "EVAL_GENERATIONS": "0",
            "REQUIRE_GPU": "true" if device == "cuda" else "false", **JOB_CONTENDERS[name]}
+    if name.startswith("job-cold"):
+        own = work / f"{name}-caches"
+        shutil.rmtree(own, ignore_errors=True)
+        env.update(CHECKPOINT_URI=str(own / "store"), HF_HOME=str(own / "hf"), TRITON_CACHE_DIR=str(own / "triton"))
     if device == "cpu":
         env.update(OPTIM="adamw_torch", MAX_STEPS="6", SAVE_STEPS="3", EVAL_STEPS="3", LOGGING_STEPS="1")
     return env
@@ -79,12 +89,17 @@ def encoded_train_rows(env: dict[str, str], path: Path) -> int:
     return len(train)
 
 
-def run_job(env: dict[str, str], log: Path, timeout: float) -> dict:
+def run_job(env: dict[str, str], log: Path, timeout: float, spy: Path | None = None) -> dict:
     """`python -m job train` (bench/cli_speed.py's runner, its lines stamped as they arrive): seconds from process
-    start to each event, its evaluation seconds, and its progress intervals."""
+    start to each event, its evaluation seconds, and its progress intervals. `spy`: py-spy samples every thread,
+    idle ones included, into this speedscope file (bench/spy_timeline.py reads it)."""
     from cli_speed import milestones, run_train
 
-    code, events = run_train(env, log, timeout)
+    prefix = []
+    if spy is not None and shutil.which("py-spy"):
+        prefix = [shutil.which("py-spy"), "record", "--nonblocking", "--threads", "--idle", "-r", "100",
+                  "-f", "speedscope", "-o", str(spy), "--"]
+    code, events = run_train(env, log, timeout, prefix)
     if code != 0:
         raise RuntimeError(f"python -m job train exited {code}: {[e for _, e in events][-1:]}")
     first = milestones(events)
@@ -163,7 +178,9 @@ def main() -> int:
         if name in JOB_CONTENDERS:
             try:
                 settings = job_settings(name, model_dir, data, args.out / "job", device)
-                results.append({"contender": name, **run_job(settings, args.out / f"{name}.log", args.timeout)})
+                spy = args.out / f"{name}.speedscope.json" if name.endswith("-spy") else None
+                results.append({"contender": name, **run_job(settings, args.out / f"{name}.log", args.timeout,
+                                                             spy)})
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 results.append({"contender": name, "error": str(exc)})
         else:

@@ -3,7 +3,7 @@
 # compiled on the node yet), each result copied to OUT while it runs, so a call cut off at its limit still brings
 # back what finished:
 #   1. race: the seed's whole run end to end beside the job's defaults and Unsloth's (bench/e2e_race.py,
-#      RACE=seed,job,unsloth);
+#      RACE=seed,job,unsloth, or the contenders RACE names);
 #   2. mfu: batch 24 with the weights kept, and the largest batch this card holds (32 on an H100's 80 GB, 48 on an
 #      H200's 141 GB), for target 5 (bench/speed.py).
 #   bash bench/issue17_run.sh OUT [race,mfu]
@@ -28,7 +28,7 @@ if [[ ",$steps," == *",race,"* ]]; then
     mkdir -p "$work"
     pids="$(follow "$work/run.log" race-run.log) $(follow /tmp/bench-run/race/results.json race.json) \
           $(follow /tmp/bench-run/race/job.log race-job.log)"
-    SKIP_SNAPSHOT=1 RACE=seed,job,unsloth RACE_TIMEOUT="${RACE_TIMEOUT:-400}" \
+    SKIP_SNAPSHOT=1 RACE="${RACE:-seed,job,unsloth}" RACE_TIMEOUT="${RACE_TIMEOUT:-400}" \
         RACE_CONTENDER_TIMEOUT="${RACE_CONTENDER_TIMEOUT:-160}" \
         bash bench/run_gpu.sh "$work" none "" no-e2e > "$work/run.log" 2>&1 || status=1
     kill $pids 2>/dev/null
