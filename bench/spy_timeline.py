@@ -32,10 +32,14 @@ def label(stack: list[dict], depth: int) -> str:
 def timeline(path: Path, thread: str, window: float, start: float, end: float, top: int, depth: int) -> list[str]:
     data = json.loads(path.read_text())
     frames = data["shared"]["frames"]
-    profile = next(p for p in data["profiles"] if f'"{thread}"' in p["name"] or thread in p["name"])
+    named = [p for p in data["profiles"] if f'"{thread}"' in p["name"]]
+    # py-spy cannot always read a thread's name; the main thread's id is the process's, the lowest
+    profile = named[0] if named else min(data["profiles"], key=lambda p: int(p["name"].split()[1]))
     lines, t, bucket, bucket_start = [], 0.0, collections.Counter(), None
     for sample, weight in zip(profile["samples"], profile["weights"]):
-        if start <= t < end:
+        if t >= end:
+            break
+        if start <= t:
             if bucket_start is None:
                 bucket_start = t
             bucket[label([frames[i] for i in sample], depth)] += weight
@@ -44,7 +48,7 @@ def timeline(path: Path, thread: str, window: float, start: float, end: float, t
                 bucket, bucket_start = collections.Counter(), None
         t += weight
     if bucket:
-        lines.append(_window(bucket_start, t, bucket, top))
+        lines.append(_window(bucket_start, min(t, end), bucket, top))
     return lines
 
 
