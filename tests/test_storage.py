@@ -19,6 +19,7 @@ import pytest
 
 from fakes.s3 import MOTO_KEYS, SEAWEEDFS_KEYS, SEAWEEDFS_NO_PERMISSION_KEYS, FlakyProxy, start_moto
 from job.store import CheckpointStore, StoreError, open_store
+from job.store.local import LocalStore
 from job.store.run_store import CorruptCheckpoint, RunStore
 from job.store.s3 import S3Store
 from job.store.uploader import BackgroundUploader
@@ -186,6 +187,71 @@ def test_the_final_adapter_round_trips_and_leaves_the_rest_of_output_dir_alone(s
     run.download_final(elsewhere)
     assert tree(elsewhere) == {"keep.txt": b"mine", "adapter_config.json": b'{"r": 64}',
                                "adapter_model.safetensors": (out / "adapter_model.safetensors").read_bytes()}
+
+
+def test_final_files_the_last_checkpoint_holds_are_copied_in_the_store_not_uploaded_again(store, tmp_path,
+                                                                                            monkeypatch):
+    """The adapter final/ commits is the last step's, which its checkpoint already holds: the store copies those
+    bytes (S3's server-side copy, a local hard link) instead of taking them from OUTPUT_DIR again. A file that
+    differs, or a checkpoint of other settings, is uploaded as before; final/ survives the checkpoint's pruning."""
+    run = RunStore(store, RUN)
+    checkpoint = write_checkpoint(tmp_path / "work", 50)
+    run.commit_checkpoint(50, checkpoint, "fp-1")
+    out = tmp_path / "output"
+    out.mkdir()
+    adapter = (checkpoint / "adapter_model.safetensors").read_bytes()
+    (out / "adapter_model.safetensors").write_bytes(adapter)
+    (out / "trainer_state.json").write_text("not the checkpoint's")
+    (out / "README.md").write_text("card")
+    uploaded = []
+    put_file = type(store).put_file
+    monkeypatch.setattr(type(store), "put_file", lambda self, key, path: (uploaded.append(key.rsplit("/", 1)[1]),
+                                                                        put_file(self, key, path))[1])
+
+    run.commit_final(out, "fp-1", files=["adapter_model.safetensors", "trainer_state.json", "README.md"])
+
+    assert sorted(uploaded) == ["README.md", "trainer_state.json"]
+    if isinstance(store, LocalStore):
+        stored = store.root / RUN / "final" / "adapter_model.safetensors"
+        assert stored.stat().st_nlink == 2
+    run.commit_checkpoint(51, write_checkpoint(tmp_path / "work", 51), "fp-1")
+    assert run.prune(keep=1) == [50]
+    got = run.download_final(tmp_path / "elsewhere")
+    assert tree(got) == tree(out)
+
+    run.commit_checkpoint(60, checkpoint, "fp-2")   # other settings' checkpoint: nothing is taken from it
+    uploaded.clear()
+    run.commit_final(out, "fp-1", files=["adapter_model.safetensors"])
+    assert uploaded == ["adapter_model.safetensors"]
+    assert tree(run.download_final(tmp_path / "again")) == {"adapter_model.safetensors": adapter}
+
+
+def test_a_local_store_without_hard_links_copies(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("a/x", b"bytes")
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    assert store.copy("a/x", "b/x") is False
+    with pytest.raises(FileNotFoundError):
+        store.copy("a/missing", "b/y")
+    run = RunStore(store, RUN)
+    checkpoint = write_checkpoint(tmp_path / "work", 5)
+    run.commit_checkpoint(5, checkpoint, "fp")
+    run.commit_final(checkpoint, "fp", files=["adapter_model.safetensors"])
+    stored = store.root / RUN / "final" / "adapter_model.safetensors"
+    assert stored.stat().st_nlink == 1 and stored.read_bytes() == (checkpoint / "adapter_model.safetensors").read_bytes()
+
+
+def test_s3_copy_of_a_missing_object_is_file_not_found(s3_server, monkeypatch):
+    use_aws_env(monkeypatch, s3_server.env())
+    store = open_store(f"s3://{s3_server.make_bucket(fresh_bucket())}/jobs")
+    with pytest.raises(FileNotFoundError):
+        store.copy("nothing/here", "b/x")
+    store.put_bytes("a/x", b"bytes")
+    assert store.copy("a/x", "b/x") and store.get_bytes("b/x") == b"bytes"
 
 
 def test_an_upload_that_died_before_its_manifest_does_not_exist_and_its_leftovers_are_cleaned(store, tmp_path):

@@ -242,6 +242,8 @@ def test_the_adapter_is_written_while_the_last_checkpoint_uploads(cpu_job, tmp_p
     final = tmp_path / "store" / run.config.resolved_run_id / "final"
     assert (final / "adapter_model.safetensors").read_bytes() == seen[0]["after"]["adapter_model.safetensors"]
     assert (final / "training_summary.json").exists()
+    # the same bytes as the last checkpoint's adapter: the local store links them rather than copy them again
+    assert (final / "adapter_model.safetensors").stat().st_nlink == 2
 
 
 def test_an_adapter_that_could_not_be_written_early_is_written_by_finalize(cpu_job, tmp_path, monkeypatch):

@@ -43,6 +43,12 @@ class CheckpointStore(abc.ABC):
         """The (size, sha256) of the bytes stored, where the store sees them pass (a local store hashes as it
         copies); None where it does not (S3)."""
 
+    def copy(self, source: str, key: str) -> bool:
+        """Store under `key` the object stored under `source`, without sending its bytes again where the store can
+        (S3's server-side copy, a local store's hard link); False where it cannot, and the caller uploads them.
+        Raises FileNotFoundError if `source` is absent."""
+        return False
+
     @abc.abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:
         """Readers see the old object or the new one, never a part."""

@@ -101,6 +101,26 @@ class LocalStore(CheckpointStore):
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, lambda f: f.write(data))
 
+    def copy(self, source: str, key: str) -> bool:
+        # A hard link: objects here are never changed in place (every write is a new file renamed over the key)
+        # and a delete unlinks one name, so the two keys are as independent as two copies.
+        src, dest = self._path(source), self._path(key)
+        if not src.is_file():
+            raise FileNotFoundError(f"{self.uri}/{source}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            os.link(src, tmp)
+        except OSError:   # a file system without hard links: the caller copies
+            return False
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_folder(dest.parent)
+        return True
+
     def get_tagged(self, key: str) -> tuple[bytes, str] | None:
         data = self.get_bytes(key)
         return None if data is None else (data, hashlib.sha256(data).hexdigest())

@@ -150,9 +150,11 @@ class RunStore:
         self.store.delete([k for k in keys if k != manifest])
 
     def _commit(self, prefix: str, local_dir: Path, fingerprint: str, step: int | None,
-                files: Iterable[str] | None = None, written: dict[str, tuple[int, str]] | None = None) -> str:
+                files: Iterable[str] | None = None, written: dict[str, tuple[int, str]] | None = None,
+                in_store: dict[str, tuple[str, int, str]] | None = None) -> str:
         """`written`: the files to commit, each with its (size, sha256) as it was written; the manifest lists those,
-        and a file that no longer matches them is not committed."""
+        and a file that no longer matches them is not committed. `in_store`: files whose bytes the store already
+        holds under another key, rel -> (key, size, sha256), copied there by the store where it can."""
         local_dir = Path(local_dir)
         if written is not None:
             files = written
@@ -176,6 +178,9 @@ class RunStore:
         self._delete_prefix(prefix)
         entries = {}
         for path, rel in zip(files, rels):
+            if in_store and rel in in_store and self.store.copy(in_store[rel][0], prefix + rel):
+                entries[rel] = {"size": in_store[rel][1], "sha256": in_store[rel][2]}
+                continue
             # A store that hashes what it stores (local) is asked first: one read of the file, not two. Either
             # way the manifest lists what was stored, and a file that differs from what was written is not
             # committed (its manifest is never written).
@@ -303,8 +308,30 @@ class RunStore:
 
     def commit_final(self, local_dir: Path, fingerprint: str, files: Iterable[str] | None = None) -> None:
         """Commit the finished adapter under final/: every file under local_dir, or only `files`
-        (paths relative to local_dir) when OUTPUT_DIR also holds scratch."""
-        self._commit(self._final, local_dir, fingerprint, None, files)
+        (paths relative to local_dir) when OUTPUT_DIR also holds scratch. A file whose bytes the newest committed
+        checkpoint holds under the same name (the adapter, whose last step is always committed; the tokenizer) is
+        copied from it inside the store rather than uploaded again."""
+        local_dir = Path(local_dir)
+        self._commit(self._final, local_dir, fingerprint, None, files,
+                     in_store=self._in_newest_checkpoint(local_dir, files, fingerprint))
+
+    def _in_newest_checkpoint(self, local_dir: Path, files: Iterable[str] | None,
+                              fingerprint: str) -> dict[str, tuple[str, int, str]]:
+        """The files of local_dir that the newest committed checkpoint of this fingerprint holds byte for byte (by
+        its manifest's sizes and hashes): rel -> (key, size, sha256)."""
+        steps = self.committed_steps()
+        manifest = self._manifest(self.checkpoint_prefix(steps[-1]), steps[-1]) if steps else None
+        if manifest is None or manifest.get("fingerprint") != fingerprint:
+            return {}
+        same = {}
+        for rel in (files if files is not None else manifest["files"]):
+            want, path = manifest["files"].get(rel), local_dir / rel
+            if want is None or not path.is_file() or path.stat().st_size != want["size"]:
+                continue
+            size, digest = hash_file(path)
+            if digest == want["sha256"]:
+                same[rel] = (self.checkpoint_prefix(steps[-1]) + rel, size, digest)
+        return same
 
     def final_committed(self) -> bool:
         return self._manifest(self._final, None) is not None

@@ -219,6 +219,20 @@ class S3Store(CheckpointStore):
             str(path), self.bucket, k, Config=self._transfer))
         return None   # (the upload's own checksums are S3's; the manifest's sha256 is hashed apart)
 
+    def copy(self, source: str, key: str) -> bool:
+        k, src = self._key(key), {"Bucket": self.bucket, "Key": self._key(source)}
+
+        def copy():
+            try:   # the managed copy: one CopyObject, or a multipart copy for an object over its threshold
+                self._client.copy(src, self.bucket, k, Config=self._transfer)
+            except botocore.exceptions.ClientError as e:
+                if _error_code(e)[1] == 404:
+                    raise FileNotFoundError(f"{self.uri}/{source}") from None
+                raise
+
+        self._call(f"copy {source} to {key}", copy)
+        return True
+
     def put_bytes(self, key: str, data: bytes) -> None:
         k = self._key(key)
         self._call(f"put {key}", lambda: self._client.put_object(Bucket=self.bucket, Key=k, Body=data))
