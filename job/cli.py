@@ -64,7 +64,10 @@ def train() -> None:
     """Train (or resume, or publish, or nothing if done) the run of this configuration."""
     config = _config()
     from .distributed import wants_launch
-    from .speed.warm import start_early
+    from .speed.warm import persistent_compile_cache, start_early
+    # Now, before anything imports torch._inductor: its config's import sets TORCHINDUCTOR_CACHE_DIR to its /tmp
+    # default, after which the compile caches would never go beside the Hub cache (a volume).
+    persistent_compile_cache()
     from .toolchain import start_early_probe
     topology = _topology()
     launch = wants_launch(config, topology)

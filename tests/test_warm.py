@@ -243,3 +243,27 @@ def test_a_run_whose_checks_fail_stops_its_helper_before_it_touches_the_device(s
         run.main()
     assert started and started[0].done()
     assert not (tmp_path / "out" / "work" / warm.REPORT).exists()
+
+
+def test_python_m_job_puts_inductors_caches_beside_the_hub_cache_before_torch_can_pick_tmp(tmp_path):
+    """Importing torch._inductor's config sets TORCHINDUCTOR_CACHE_DIR to its /tmp default; `python -m job` sets it
+    under HF_HOME (a volume) first, so a restarted run finds the compiled code. A user's own setting stands."""
+    import subprocess
+    import sys
+
+    from conftest import CPU_SETTINGS
+
+    # `python -m job train`, its run replaced by a look at where inductor's caches go once it is imported
+    code = ("import os, sys, job.run\n"
+            "def main(self):\n    import torch._inductor.config\n"
+            "    print(os.environ['TORCHINDUCTOR_CACHE_DIR'])\n    sys.exit(0)\n"
+            "job.run.Run.main = main\nfrom job.cli import cli\ncli(['train'], prog_name='python -m job')\n")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env.update(CPU_SETTINGS, PYTHONPATH=str(root), HF_HOME=str(tmp_path / "hf"), OUTPUT_DIR=str(tmp_path / "out"),
+               CHECKPOINT_URI=str(tmp_path / "store"))
+    said = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert said.stdout.strip().splitlines()[-1] == str(tmp_path / "hf" / "torch-compile"), said.stderr[-2000:]
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "mine")
+    said = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert said.stdout.strip().splitlines()[-1] == str(tmp_path / "mine"), said.stderr[-2000:]

@@ -102,7 +102,9 @@ def start_early(config, topology) -> "Warmup | None":
 def persistent_compile_cache() -> None:
     """Inductor's caches beside the Hub cache (a volume in compose and the Kubernetes Job), in the environment,
     for this process and the ones it starts (the helper): by default they go under /tmp, lost with the container,
-    where a restarted or resumed run would not find them and compile again."""
+    where a restarted or resumed run would not find them and compile again. Set by `python -m job` before torch is
+    imported: importing torch._inductor's config sets TORCHINDUCTOR_CACHE_DIR to that /tmp default itself (torch
+    2.11), after which this finds it set and leaves it (so until 2026-12-07 the job's caches went to /tmp)."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         from huggingface_hub import constants
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(constants.HF_HOME) / "torch-compile")
