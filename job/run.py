@@ -473,7 +473,7 @@ class Run:
         """The finished adapter and tokenizer into OUTPUT_DIR, and the loss curve's plotting library imported: what
         final/ needs that the evaluation does not change, done while the last checkpoint is uploaded by its own
         process (the run waits for that upload before its evaluation, so that a stop there costs no training).
-        Where this fails, finalize writes them again and says why."""
+        Where the write fails, finalize writes them again (and reports a failure there)."""
         from .plot import prepare
 
         try:

@@ -208,7 +208,7 @@ def test_final_files_the_last_checkpoint_holds_are_copied_in_the_store_not_uploa
     monkeypatch.setattr(type(store), "put_file", lambda self, key, path: (uploaded.append(key.rsplit("/", 1)[1]),
                                                                         put_file(self, key, path))[1])
 
-    run.commit_final(out, "fp-1", files=["adapter_model.safetensors", "trainer_state.json", "README.md"])
+    run.commit_final(out, "fp-1", files=iter(["adapter_model.safetensors", "trainer_state.json", "README.md"]))
 
     assert sorted(uploaded) == ["README.md", "trainer_state.json"]
     if isinstance(store, LocalStore):

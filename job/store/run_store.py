@@ -312,6 +312,7 @@ class RunStore:
         checkpoint holds under the same name (the adapter, whose last step is always committed; the tokenizer) is
         copied from it inside the store rather than uploaded again."""
         local_dir = Path(local_dir)
+        files = None if files is None else list(files)   # read twice: below and by _commit
         self._commit(self._final, local_dir, fingerprint, None, files,
                      in_store=self._in_newest_checkpoint(local_dir, files, fingerprint))
 
