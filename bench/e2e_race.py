@@ -49,10 +49,10 @@ JOB_CONTENDERS = {"job": {}, "job-compile": {"TORCH_COMPILE": "true"}, "job-comp
                   # Unsloth's memory: inputs of the recomputed layers in host memory, the NF4 scales in 8 bits
                   "job-gc-offload-dq": {"GRADIENT_CHECKPOINTING": "offload", "DOUBLE_QUANT": "true"},
                   # A first run again on a machine that has run the job: its defaults with caches of their own
-                  # (HF_HOME, under which inductor's go, and Triton's) and a store of its own (no portable compile
-                  # cache), so nothing compiled before is found; -spy: the same under py-spy, every sample of every
-                  # thread in time order (speedscope), into OUT/job-cold-spy.speedscope.json
-                  "job-cold": {}, "job-cold-2": {}, "job-cold-spy": {}}
+                  # (HF_HOME, inductor's and Triton's) and a store of its own (no portable compile cache), so
+                  # nothing compiled before is found; -spy: the same under py-spy, every sample of every thread in
+                  # time order (speedscope), into OUT/job-cold-spy.speedscope.json
+                  "job-cold": {}, "job-cold-spy": {}}
 
 
 def job_settings(name: str, model_dir: Path, data: Path, work: Path, device: str) -> dict[str, str]:
@@ -63,7 +63,10 @@ def job_settings(name: str, model_dir: Path, data: Path, work: Path, device: str
     if name.startswith("job-cold"):
         own = work / f"{name}-caches"
         shutil.rmtree(own, ignore_errors=True)
-        env.update(CHECKPOINT_URI=str(own / "store"), HF_HOME=str(own / "hf"), TRITON_CACHE_DIR=str(own / "triton"))
+        # inductor's named too: this process's own imports (encoded_train_rows) set TORCHINDUCTOR_CACHE_DIR to
+        # torch's /tmp default in the environment the job inherits
+        env.update(CHECKPOINT_URI=str(own / "store"), HF_HOME=str(own / "hf"), TRITON_CACHE_DIR=str(own / "triton"),
+                   TORCHINDUCTOR_CACHE_DIR=str(own / "inductor"))
     if device == "cpu":
         env.update(OPTIM="adamw_torch", MAX_STEPS="6", SAVE_STEPS="3", EVAL_STEPS="3", LOGGING_STEPS="1")
     return env
