@@ -249,11 +249,17 @@ class RunStore:
 
     def committed_steps(self) -> list[int]:
         """Steps whose MANIFEST.json exists and is well formed, ascending."""
-        return sorted(
-            step for step, keys in self._checkpoint_dirs().items()
-            if self.checkpoint_prefix(step) + MANIFEST in keys
-            and self._manifest(self.checkpoint_prefix(step), step) is not None
-        )
+        return sorted(self._committed())
+
+    def _committed(self) -> dict[int, dict]:
+        """The committed checkpoints' manifests by step."""
+        manifests = {}
+        for step, keys in self._checkpoint_dirs().items():
+            if self.checkpoint_prefix(step) + MANIFEST in keys:
+                manifest = self._manifest(self.checkpoint_prefix(step), step)
+                if manifest is not None:
+                    manifests[step] = manifest
+        return manifests
 
     def fingerprint_of(self, step: int | None) -> str | None:
         """The settings fingerprint a committed checkpoint (or, for None, final/) was written with."""
@@ -320,8 +326,9 @@ class RunStore:
                               fingerprint: str) -> dict[str, tuple[str, int, str]]:
         """The files of local_dir that the newest committed checkpoint of this fingerprint holds byte for byte (by
         its manifest's sizes and hashes): rel -> (key, size, sha256)."""
-        steps = self.committed_steps()
-        manifest = self._manifest(self.checkpoint_prefix(steps[-1]), steps[-1]) if steps else None
+        committed = self._committed()
+        newest = max(committed, default=None)
+        manifest = committed.get(newest)
         if manifest is None or manifest.get("fingerprint") != fingerprint:
             return {}
         same = {}
@@ -331,7 +338,7 @@ class RunStore:
                 continue
             size, digest = hash_file(path)
             if digest == want["sha256"]:
-                same[rel] = (self.checkpoint_prefix(steps[-1]) + rel, size, digest)
+                same[rel] = (self.checkpoint_prefix(newest) + rel, size, digest)
         return same
 
     def final_committed(self) -> bool:
