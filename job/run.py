@@ -305,6 +305,7 @@ class Run:
             processing_class=self.tokenizer,
             callbacks=callbacks,
             checkpoint_writer=self.writer,
+            optimizer_states_on_gpu=self.plan.optimizer_states_on_gpu,
         )
         if self.committer is not None:
             self.committer.clean_leftovers()

@@ -22,7 +22,7 @@ from .config import Config
 from .distributed import any_rank, barrier, split_batch
 from .log import Reporter
 from .status import Phase
-from .speed.kernels import eager, without_per_parameter_syncs
+from .speed.kernels import eager, states_on_gpu, without_per_parameter_syncs
 from .speed.plan import SpeedPlan
 from .speed.recompute import checkpoint_kwargs
 from .speed.snapshot import CheckpointWriter, HostSnapshot
@@ -113,7 +113,9 @@ class PersonaTrainer(Trainer):
     embedding matrices that peft would otherwise add to every checkpoint. `checkpoint_writer` finishes their
     files off the training thread; the CheckpointCommitter that uploads them must be given the same one."""
 
-    def __init__(self, *args, checkpoint_writer: CheckpointWriter | None = None, **kwargs):
+    def __init__(self, *args, checkpoint_writer: CheckpointWriter | None = None,
+                 optimizer_states_on_gpu: bool = False, **kwargs):
+        self.optimizer_states_on_gpu = optimizer_states_on_gpu   # the speed plan's (kernels.states_on_gpu)
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)
         self.remove_callback(ProgressCallback)
@@ -134,6 +136,8 @@ class PersonaTrainer(Trainer):
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
+        if self.optimizer_states_on_gpu:
+            states_on_gpu(optimizer)
         without_per_parameter_syncs(optimizer)
         return optimizer
 

@@ -162,6 +162,66 @@ def test_compiled_layers_keep_their_dequantized_weights_where_the_gpu_has_the_me
                     LLAMA_7B, steps=238).keep_weights
 
 
+@pytest.mark.parametrize("gib, steps, expected", [(32, 238, False), (40, 238, True), (48, 238, False),
+                                                  (48, 10, True), (80, 238, True)])
+def test_a_paged_optimizers_states_stay_in_gpu_memory_where_the_gpu_holds_the_training(monkeypatch, gib, steps,
+                                                                                       expected):
+    # The whole estimated peak (preflight's memory row: weights, LoRA with Adam's moments, activations, kept
+    # weights, overhead) within the checkpointing choice's 80%: 26.4 GiB compiled without kept weights (40 GiB),
+    # 38.5 GiB with them (48 GiB keeps them, so its states stay paged; 80 GiB does not need to), 30.4 GiB eager.
+    import job.speed.plan
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=gib * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
+    monkeypatch.setattr(job.speed.plan, "triton_available", lambda: True)
+    chosen = plan(from_env({}), "cuda", LLAMA_7B, steps=steps)
+    assert not chosen.gradient_checkpointing
+    peak = sum(job.speed.plan.peak_memory(from_env({}), LLAMA_7B, 4, False, True,
+                                          kept_weights=chosen.keep_weights).values())
+    assert (peak <= 0.8 * gib * 2**30) is expected
+    assert chosen.optimizer_states_on_gpu is expected, chosen.reasons
+    assert f"paged_adamw_32bit states {'in GPU memory' if expected else 'paged'}" in " ".join(chosen.reasons)
+    assert chosen.describe()["optimizer_states_on_gpu"] is expected   # in the speed event
+    # Only a paged optimizer's, only unrecomputed, only on a GPU.
+    assert not plan(from_env({"OPTIM": "adamw_torch"}), "cuda", LLAMA_7B, steps=steps).optimizer_states_on_gpu
+    assert not plan(from_env({"GRADIENT_CHECKPOINTING": "true"}), "cuda", LLAMA_7B, steps=steps
+                    ).optimizer_states_on_gpu
+    assert not plan(from_env({}), "cpu", LLAMA_7B, steps=steps).optimizer_states_on_gpu
+
+
+def test_the_plans_optimizer_states_on_gpu_unpage_the_trainers_optimizer_before_its_first_step(tmp_path):
+    # On a CPU bitsandbytes never pages (its states are plain tensors either way), so this holds the wiring: the
+    # Trainer's paged optimizer made to keep its states unpaged where the plan says so, and left paged elsewhere.
+    import bitsandbytes as bnb
+    import datasets
+
+    from job.speed.kernels import states_on_gpu
+    from job.trainer import PersonaTrainer
+
+    model = torch.nn.Linear(8, 8)
+    args = transformers_args(tmp_path)
+    for flag in (True, False):
+        trainer = PersonaTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list([{"x": 1}]),
+                                 optimizer_states_on_gpu=flag)
+        optimizer = trainer.create_optimizer()
+        assert isinstance(optimizer, bnb.optim.optimizer.Optimizer8bit)   # transformers' paged_adamw_32bit
+        assert optimizer.is_paged is not flag
+    # Not once it has states (they would be of both kinds), and not other optimizers.
+    params = [torch.nn.Parameter(torch.randn(4, 4))]
+    stepped = bnb.optim.PagedAdamW32bit(params)
+    params[0].grad = torch.ones(4, 4)
+    stepped.step()
+    assert not states_on_gpu(stepped) and stepped.is_paged
+    assert not states_on_gpu(torch.optim.AdamW(params))
+
+
+def transformers_args(tmp_path):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path), optim="paged_adamw_32bit", use_cpu=True, report_to=[],
+                             save_strategy="no")
+
+
 def test_checkpoint_files_finished_in_the_background_reach_the_uploader_complete_and_in_order(tmp_path):
     import time
 

@@ -128,6 +128,22 @@ def without_per_parameter_syncs(optimizer) -> None:
         optimizer.step = types.MethodType(torch.optim.Optimizer.profile_hook_step(_bnb_step), optimizer)
 
 
+def states_on_gpu(optimizer) -> bool:
+    """A paged bitsandbytes optimizer (OPTIM=paged_*) made to keep the states it has not made yet in the GPU's own
+    memory, as a plain one does: the speed plan's optimizer_states_on_gpu, where the GPU holds the training without
+    paging. Before the first step (the states are made then); True where it changed the optimizer. Its updates are
+    the same kernels on the same values; what goes is each update's prefetch of its managed memory. A resumed run's
+    states were already on the GPU: bitsandbytes' load_state_dict moves them there."""
+    try:
+        from bitsandbytes.optim.optimizer import Optimizer8bit
+    except ImportError:
+        return False
+    if not isinstance(optimizer, Optimizer8bit) or not optimizer.is_paged or optimizer.state:
+        return False
+    optimizer.is_paged = False
+    return True
+
+
 @torch.no_grad()
 def _bnb_step(self, closure=None):
     # bitsandbytes 0.50's Optimizer8bit.step, less its sync_gpu calls.
