@@ -138,7 +138,11 @@ def add_lora(config: Config, model, tokenizer):
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM",
                       trainable_token_indices={"embed_tokens": ids, "lm_head": ids})
-    model = get_peft_model(model, lora)
+    # The LoRA matrices made where the base is: made on the host and moved (peft's way), they took 1.6-1.8 s of a
+    # first run's start on an H100 (128 small tensors zeroed, initialized and copied, beside the compile's helper;
+    # docs/PERFORMANCE.md). On a GPU they are initialized by its random generator, seeded as the host's is.
+    with torch.device(model.get_input_embeddings().weight.device):
+        model = get_peft_model(model, lora)
     lean_trainable_tokens(model)
     chunked_loss(model)
     return model

@@ -222,6 +222,32 @@ def transformers_args(tmp_path):
                              save_strategy="no")
 
 
+def test_the_lora_matrices_are_made_on_the_bases_device_not_moved_there(tiny_model, monkeypatch):
+    # peft makes them on the default device and then moves them to the base layer's; add_lora makes the base's device
+    # the default while peft makes them (on a GPU: no host tensors to zero, initialize and copy). Whatever default
+    # the caller had: here "meta", which peft would have made them on.
+    import peft
+
+    from job.model import add_lora, load_base_model, load_tokenizer
+
+    class Made(Exception):
+        pass
+
+    seen = []
+
+    def recording(model, config, *args, **kwargs):
+        seen.append(torch.get_default_device())
+        raise Made()
+
+    monkeypatch.setattr(peft, "get_peft_model", recording)
+    config = from_env({"BASE_MODEL": str(tiny_model), "REQUIRE_GPU": "false"})
+    tokenizer = load_tokenizer(config)
+    base = load_base_model(config, tokenizer, "cpu", plan(config, "cpu"))
+    with torch.device("meta"), pytest.raises(Made):
+        add_lora(config, base, tokenizer)
+    assert seen == [base.get_input_embeddings().weight.device] == [torch.device("cpu")]
+
+
 def test_checkpoint_files_finished_in_the_background_reach_the_uploader_complete_and_in_order(tmp_path):
     import time
 
