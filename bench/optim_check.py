@@ -1,19 +1,24 @@
 """The optimizer step alone on the GPU: bitsandbytes' paged AdamW 32-bit (the seed's `paged_adamw_32bit`) over the
 job's trainable parameters (LoRA r64 on q_proj and v_proj of Llama-2-7B's 32 layers: 128 float32 matrices of
-64x4096 or 4096x64), with the job's step (kernels.without_per_parameter_syncs), in variants:
-- paged: the states in CUDA managed memory, prefetched to the GPU before each parameter's update (what a fresh
-  run does);
+64x4096 or 4096x64), in variants:
+- bnb: bitsandbytes' own step (a wait for the GPU after each parameter), the reference;
+- paged: the job's step (kernels.without_per_parameter_syncs: no waits, each update's kernel called directly), the
+  states in CUDA managed memory, prefetched to the GPU before each parameter's update (a fresh run without the
+  speed plan's optimizer_states_on_gpu);
 - paged-noprefetch: the same states, not prefetched (the prefetch is a hint: the update's kernel reads managed
   memory wherever it is);
-- device: the states in the GPU's own memory (what a resumed run does: bitsandbytes' load_state_dict moves them
-  there), the same update kernel;
-- torch-fused: torch's fused AdamW, for reference (the same formula, other kernels).
+- device: the job's step, the states in the GPU's own memory (the plan's optimizer_states_on_gpu; what a resumed
+  run has: bitsandbytes' load_state_dict moves them there);
+- device-update-step: the same, each update through bitsandbytes' update_step (its Python and operator dispatch)
+  rather than its kernel called directly;
+- torch-fused: torch's fused AdamW, for reference (the same algorithm, other kernels; weight decay applied before
+  the update, where bitsandbytes applies it after).
 
-    python bench/optim_check.py [--steps 60] [--out results.json]
+    python bench/optim_check.py [--steps 80] [--variants ...] [--out results.json]
 
-For each: the host's time to queue a step, the GPU's time a step (CUDA events around 50 queued steps), and the
-parameters after the steps against `paged`'s (the same gradients every variant): bitwise for the bitsandbytes
-variants, the largest difference for torch's."""
+For each: the host's time to queue a step, the GPU's time a step (CUDA events around the queued steps), and the
+parameters after the steps against the first variant's (the same gradients every variant): bitwise for the
+bitsandbytes variants, the largest difference for torch's."""
 from __future__ import annotations
 
 import argparse
@@ -46,16 +51,20 @@ def gradients(params, step: int) -> None:
 def optimizer(name: str, params):
     import bitsandbytes as bnb
 
-    from job.speed.kernels import without_per_parameter_syncs
+    from job.speed.kernels import states_on_gpu, without_per_parameter_syncs
 
     if name == "torch-fused":
         return torch.optim.AdamW(params, fused=True, **SETTINGS)
     opt = bnb.optim.PagedAdamW32bit(params, **SETTINGS)
-    if name == "device":
-        opt.is_paged = False
+    if name == "bnb":
+        return opt
+    if name.startswith("device"):
+        assert states_on_gpu(opt)
     without_per_parameter_syncs(opt)
     if name == "paged-noprefetch":
         opt.prefetch_state = types.MethodType(lambda self, p: None, opt)
+    if name == "device-update-step":
+        opt._job_adam_32bit = None   # kernels._adam_32bit's cache: none, so update_step
     return opt
 
 
@@ -89,14 +98,15 @@ def run(name: str, steps: int) -> tuple[dict, list[torch.Tensor]]:
     where = {k: (v.device.type + (" managed" if getattr(v, "is_paged", False) else ""))
              for k, v in state.items() if isinstance(v, torch.Tensor) and v.numel() > 1}
     result = {"variant": name, "steps": timed, "gpu_ms_per_step": round(start.elapsed_time(end) / timed, 3),
-              "host_ms_per_step": round(1000 * sorted(host)[len(host) // 2], 3), "states": where}
+              "host_ms_per_step": round(1000 * sorted(host)[len(host) // 2], 3), "states": where,
+              "kernel_called_directly": getattr(opt, "_job_adam_32bit", None) is not None}
     return result, [p.detach().clone() for p in params]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--variants", default="paged,paged-noprefetch,device,torch-fused,paged")
+    parser.add_argument("--variants", default="bnb,paged,paged-noprefetch,device,device-update-step,torch-fused,bnb")
     parser.add_argument("--out")
     args = parser.parse_args()
     results, reference = [], None

@@ -402,6 +402,59 @@ def test_the_optimizer_step_without_syncs_updates_exactly_as_bitsandbytes_does(m
     assert opt_theirs.state_dict()["state"].keys() == opt_ours.state_dict()["state"].keys()
 
 
+def test_the_adam_kernel_called_directly_gets_the_arguments_update_step_gives_it(monkeypatch):
+    # The job's step calls bitsandbytes' CUDA kernel for a 32-bit AdamW update itself (kernels._adam_32bit). With no
+    # CUDA here, a stand-in kernel records what it was called with, and bitsandbytes' own path (update_step, down
+    # to F.optimizer_update_32bit, whose operator passes the same values on to the kernel) is recorded beside it:
+    # every argument must be the one update_step gives, over steps with another learning rate and a parameter
+    # without a gradient. (On the GPU bench/optim_check.py holds the parameters bitwise equal.)
+    import ctypes
+    import sys
+    import types
+
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    import job.speed.kernels as kernels
+
+    direct, reference = [], []
+    fake = types.ModuleType("bitsandbytes.backends.cuda.ops")
+    fake.str2optimizer32bit = {"adam": (lambda *args: direct.append(args), None, None)}
+    monkeypatch.setitem(sys.modules, "bitsandbytes.backends.cuda.ops", fake)
+    monkeypatch.setattr(kernels, "_direct", lambda p: True)
+    monkeypatch.setattr(F, "optimizer_update_32bit", lambda *args, **kwargs: reference.append((args, kwargs)))
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 4096), (4096, 64), (300,)]
+    ours, theirs = ([torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes] for _ in range(2))
+    opt_ours = bnb.optim.PagedAdamW32bit(ours, lr=2e-4, betas=(0.9, 0.95), eps=1e-7, weight_decay=0.001)
+    opt_theirs = bnb.optim.PagedAdamW32bit(theirs, lr=2e-4, betas=(0.9, 0.95), eps=1e-7, weight_decay=0.001)
+    kernels.without_per_parameter_syncs(opt_ours)
+    kernels.without_per_parameter_syncs(opt_theirs)
+    opt_theirs._job_adam_32bit = None   # _adam_32bit's cache: bitsandbytes' update_step
+    grads = {id(p): torch.ones_like(p) for p in ours + theirs}   # the same tensors every step: their addresses
+    for step, lr in enumerate((2e-4, 1.5e-4)):
+        for params in (ours, theirs):
+            for p in params:
+                p.grad = None if (step == 1 and p.shape == (300,)) else grads[id(p)]
+            params[0].grad.mul_(2)
+        for opt in (opt_ours, opt_theirs):
+            opt.param_groups[0]["lr"] = lr
+            opt.step()
+    assert opt_ours._job_adam_32bit is not None and len(direct) == len(reference) == 5
+    f32 = lambda x: ctypes.c_float(x).value   # noqa: E731 - the kernel's float arguments
+    updated = [ours[0], ours[1], ours[2], ours[0], ours[1]]
+    for args, (p, (ref, ref_kw)) in zip(direct, zip(updated, reference)):
+        name, _g, _p, _s1, beta1, eps, step, lr, _s2, beta2, beta3, alpha, weight_decay, gnorm_scale, unorm = ref
+        state = opt_ours.state[p]
+        values = [a.value if isinstance(a, (ctypes.c_void_p, ctypes.c_float, ctypes.c_int32, ctypes.c_bool))
+                  else a for a in args]
+        assert name == "adam" and unorm is None and ref_kw["max_unorm"] == 0.0
+        assert values == [grads[id(p)].data_ptr(), p.data_ptr(), state["state1"].data_ptr(), state["state2"].data_ptr(),
+                          None, 0.0, 0.0, f32(beta1), f32(beta2), f32(beta3), f32(alpha), f32(eps),
+                          f32(weight_decay), step, f32(lr), f32(gnorm_scale), ref_kw["skip_zeros"], p.numel()]
+    assert [opt_ours.state[p]["step"] for p in ours] == [opt_theirs.state[p]["step"] for p in theirs] == [2, 2, 1]
+
+
 def test_a_compiled_run_trains_like_the_eager_one(cpu_job, tmp_path):
     """TORCH_COMPILE=true on the CPU: the decoder layers' forward and backward captured by torch.compile
     (aot_eager there: the same graphs, eager kernels) train as the eager layers do, with the job's paged

@@ -3,6 +3,7 @@ and bitsandbytes' optimizer step without its per-parameter waits."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import inspect
 import os
 
@@ -146,7 +147,8 @@ def states_on_gpu(optimizer) -> bool:
 
 @torch.no_grad()
 def _bnb_step(self, closure=None):
-    # bitsandbytes 0.50's Optimizer8bit.step, less its sync_gpu calls.
+    # bitsandbytes 0.50's Optimizer8bit.step, less its sync_gpu calls; an AdamW's 32-bit updates by their kernel
+    # called directly (_adam_32bit).
     loss = None
     if closure is not None:
         with torch.enable_grad():
@@ -155,12 +157,66 @@ def _bnb_step(self, closure=None):
         self.check_overrides()
         self.to_gpu()
         self.initialized = True
+    kernel = _adam_32bit(self)
     for gindex, group in enumerate(self.param_groups):
+        settings = None
         for pindex, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             if len(self.state[p]) == 0:
                 self.init_state(group, p, gindex, pindex)
             self.prefetch_state(p)
-            self.update_step(group, p, gindex, pindex)
+            if kernel is not None and _direct(p):
+                settings = settings or _settings(self, group)
+                state = self.state[p]
+                state["step"] += 1
+                g = p.grad
+                kernel(ctypes.c_void_p(g.data_ptr()), ctypes.c_void_p(p.data_ptr()),
+                       ctypes.c_void_p(state["state1"].data_ptr()), ctypes.c_void_p(state["state2"].data_ptr()),
+                       None, *settings[:-1], ctypes.c_int32(state["step"]), *settings[-1],
+                       ctypes.c_int32(g.numel()))
+            else:
+                self.update_step(group, p, gindex, pindex)
     return loss
+
+
+def _adam_32bit(optimizer):
+    """The CUDA kernel bitsandbytes' update_step reaches (through F.optimizer_update_32bit, the bitsandbytes
+    operator and its CUDA implementation) for an Adam/AdamW with 32-bit states and float32 gradients, where every
+    parameter takes its group's settings (no per-parameter overrides, no update-norm clipping); None elsewhere,
+    or where bitsandbytes is not built for CUDA. Called directly it is the same launch with the same arguments,
+    without about 20 us of Python and dispatch a parameter (bench/optim_check.py)."""
+    cached = getattr(optimizer, "_job_adam_32bit", False)
+    if cached is not False:
+        return cached
+    kernel = None
+    try:
+        from bitsandbytes.backends.cuda.ops import str2optimizer32bit
+        from bitsandbytes.optim.optimizer import Optimizer2State
+
+        if (isinstance(optimizer, Optimizer2State) and optimizer.optimizer_name == "adam"
+                and optimizer.args.optim_bits == 32 and optimizer.args.max_unorm == 0.0
+                and not optimizer.mng.index2config and not optimizer.mng.pid2config):
+            kernel = str2optimizer32bit["adam"][0]
+    except Exception:  # noqa: BLE001 - no CUDA build, another bitsandbytes: its own path
+        kernel = None
+    optimizer._job_adam_32bit = kernel
+    return kernel
+
+
+def _direct(p) -> bool:
+    """A parameter whose update the kernel takes as update_step would give it: float32 weight, gradient and states
+    (made by init_state for a 32-bit optimizer), contiguous, on the current GPU."""
+    g = p.grad
+    return (p.dtype == torch.float32 and g.dtype == torch.float32 and p.is_cuda and p.is_contiguous()
+            and g.is_contiguous() and p.get_device() == torch.cuda.current_device())
+
+
+def _settings(optimizer, group) -> tuple:
+    """update_step's scalar arguments for a group, in the kernel's order (max_unorm and param_norm 0, as
+    F.optimizer_update_32bit passes them without update-norm clipping); the last item: those after the step."""
+    betas = group["betas"]
+    floats = (0.0, 0.0, betas[0], betas[1], betas[2] if len(betas) >= 3 else 0.0, group.get("alpha", 0.0),
+              group["eps"], group["weight_decay"])
+    return (*(ctypes.c_float(x) for x in floats),
+            (ctypes.c_float(group["lr"]), ctypes.c_float(1.0), ctypes.c_bool(optimizer.args.skip_zeros)))
