@@ -120,6 +120,7 @@ class PersonaTrainer(Trainer):
         self.remove_callback(PrinterCallback)
         self.remove_callback(ProgressCallback)
         self._flops_per_token: int | None = None
+        self._trainable: list[torch.nn.Parameter] | None = None
         self._in_checkpoint = False
         self.checkpoint_writer = checkpoint_writer or CheckpointWriter()
         self.snapshot = HostSnapshot(self.checkpoint_writer)
@@ -140,6 +141,19 @@ class PersonaTrainer(Trainer):
             states_on_gpu(optimizer)
         without_per_parameter_syncs(optimizer)
         return optimizer
+
+    def _clip_grad_norm(self, model):
+        # The Trainer hands accelerate model.parameters(), so every step walked every module and frozen 4-bit weight
+        # to find the LoRA ones with gradients. The trainable ones, listed once, give the same norm and the same
+        # clipping (a frozen weight has no gradient). One process or DDP only: the other setups keep their own way.
+        from accelerate import DistributedType
+
+        if (self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU)
+                or self._has_mixed_mesh_grads(model)):
+            return super()._clip_grad_norm(model)
+        if self._trainable is None:
+            self._trainable = [p for p in model.parameters() if p.requires_grad]
+        return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
 
     def evaluate(self, *args, **kwargs):
         with eager():   # compiled layers would compile again for no-grad evaluation batches

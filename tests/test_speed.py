@@ -215,6 +215,36 @@ def test_the_plans_optimizer_states_on_gpu_unpage_the_trainers_optimizer_before_
     assert not states_on_gpu(torch.optim.AdamW(params))
 
 
+def test_the_trainer_clips_the_trainable_gradients_as_the_trainer_clipped_all_of_them(tmp_path):
+    # The same norm and the same clipped gradients as torch's clip over every parameter (the frozen ones have none),
+    # from a list made once: later steps no longer walk the model's parameters.
+    import datasets
+
+    from job.trainer import PersonaTrainer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model[1].requires_grad_(False)
+    params = list(model.parameters())
+    args = transformers_args(tmp_path)
+    args.max_grad_norm = 0.3
+    trainer = PersonaTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list([{"x": 1}]))
+    for step in range(2):
+        for p in params:
+            p.grad = None
+        model(torch.randn(4, 8, generator=torch.Generator().manual_seed(step))).square().sum().backward()
+        with_grads = [p for p in params if p.grad is not None]
+        reference = [torch.nn.Parameter(torch.zeros_like(p)) for p in with_grads]
+        for r, p in zip(reference, with_grads):
+            r.grad = p.grad.clone()
+        want = torch.nn.utils.clip_grad_norm_(reference, 0.3)
+        got = trainer._clip_grad_norm(model)
+        assert torch.equal(got, want) and got > 0.3   # it clipped
+        assert len(with_grads) == 4 and all(torch.equal(p.grad, r.grad) for p, r in zip(with_grads, reference))
+        model.parameters = None   # not walked again: the second step would fail on it
+    assert trainer._trainable == with_grads
+
+
 def transformers_args(tmp_path):
     from transformers import TrainingArguments
 
