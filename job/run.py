@@ -265,6 +265,8 @@ class Run:
             self.cache = self.compile_cache()
         self.plan = self.speed_plan()
         self.reporter.event("speed", "speed settings for this device", **self.plan.describe())
+        if self.plan.torch_compile and self.device == "cuda":
+            compile_cache.prefetch_keys()
         loading = time.perf_counter()
         base = load_base_model(self.config, self.tokenizer, self.device, self.plan, self.model_shape)
         loaded = time.perf_counter()

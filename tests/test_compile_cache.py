@@ -127,3 +127,41 @@ def test_auto_compiles_only_the_runs_whose_steps_repay_the_first_step_it_weighs_
             assert compiles == (steps * COMPILE_SAVING_PER_STEP >= cost), (kwargs, steps)
     assert not plan(from_env({"TORCH_COMPILE": "false"}), "cuda", LLAMA_7B, steps=5000,
                     cache_unmeasured=True).torch_compile
+
+
+def test_the_cache_keys_hashes_of_torch_and_triton_are_computed_in_a_thread_started_before_the_model_loads(
+        monkeypatch):
+    # Both computed once a process and cached where the first compiled step looks them up: the thread computes them
+    # (as torch and Triton name them), and a failure there is left to the compile, which computes them itself.
+    import sys
+    import threading
+    import types
+
+    import torch._inductor.codecache as codecache
+
+    from job.speed.compile_cache import prefetch_keys
+
+    calls = []
+
+    def recorder(name, fails=False):
+        def key():
+            calls.append((name, threading.current_thread().name))
+            if fails:
+                raise RuntimeError("no key")
+            return name
+        return key
+
+    triton = types.ModuleType("triton.runtime.cache")
+    triton.triton_key = recorder("triton", fails=True)
+    monkeypatch.setitem(sys.modules, "triton.runtime.cache", triton)
+    monkeypatch.setattr(codecache, "torch_key", recorder("torch"))
+    thread = prefetch_keys()
+    thread.join(10)
+    assert not thread.is_alive() and thread.daemon
+    assert calls == [("torch", "compile-cache-keys"), ("triton", "compile-cache-keys")]
+    # Run.setup starts it where the run compiles on a GPU, before the model loads
+    import inspect
+
+    from job.run import Run
+    setup = inspect.getsource(Run.setup)
+    assert setup.index("compile_cache.prefetch_keys()") < setup.index("load_base_model(self.config")

@@ -122,6 +122,29 @@ class CompileCache:
             self._saver.join(timeout)
 
 
+def prefetch_keys() -> threading.Thread:
+    """The keys inductor's and AOTAutograd's caches are looked up by start with hashes of the installed torch and
+    Triton (their source files, and Triton's library), computed once a process and cached: 0.55 s of the first
+    compiled step of an H100 run (py-spy, docs/PERFORMANCE.md), found or not in the caches. Computed here in a
+    thread, started as the model loads (torch's copies leave the interpreter free), the step finds them done (it
+    waits for torch's under its lock, or computes Triton's again if asked first: the same value)."""
+    def compute() -> None:
+        try:
+            from torch._inductor.codecache import torch_key
+            torch_key()
+        except Exception:  # noqa: BLE001 - only a head start: the compile computes what is missing
+            pass
+        try:
+            from triton.runtime.cache import triton_key
+            triton_key()
+        except Exception:  # noqa: BLE001
+            pass
+
+    thread = threading.Thread(target=compute, name="compile-cache-keys", daemon=True)
+    thread.start()
+    return thread
+
+
 def for_run(config, store, model_config, gpu: str) -> CompileCache:
     """The cache this run's compiled layers would use: this GPU, torch, job code and graph shape."""
     import torch
