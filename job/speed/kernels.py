@@ -167,14 +167,13 @@ def _bnb_step(self, closure=None):
                 self.init_state(group, p, gindex, pindex)
             self.prefetch_state(p)
             if kernel is not None and _direct(p):
-                settings = settings or _settings(self, group)
+                before_step, after_step = settings = settings or _settings(self, group)
                 state = self.state[p]
                 state["step"] += 1
                 g = p.grad
                 kernel(ctypes.c_void_p(g.data_ptr()), ctypes.c_void_p(p.data_ptr()),
                        ctypes.c_void_p(state["state1"].data_ptr()), ctypes.c_void_p(state["state2"].data_ptr()),
-                       None, *settings[:-1], ctypes.c_int32(state["step"]), *settings[-1],
-                       ctypes.c_int32(g.numel()))
+                       None, *before_step, ctypes.c_int32(state["step"]), *after_step, ctypes.c_int32(g.numel()))
             else:
                 self.update_step(group, p, gindex, pindex)
     return loss
@@ -212,11 +211,11 @@ def _direct(p) -> bool:
             and g.is_contiguous() and p.get_device() == torch.cuda.current_device())
 
 
-def _settings(optimizer, group) -> tuple:
-    """update_step's scalar arguments for a group, in the kernel's order (max_unorm and param_norm 0, as
-    F.optimizer_update_32bit passes them without update-norm clipping); the last item: those after the step."""
+def _settings(optimizer, group) -> tuple[tuple, tuple]:
+    """update_step's scalar arguments for a group, in the kernel's order: those before the step (max_unorm and
+    param_norm 0, as F.optimizer_update_32bit passes them without update-norm clipping) and those after it."""
     betas = group["betas"]
-    floats = (0.0, 0.0, betas[0], betas[1], betas[2] if len(betas) >= 3 else 0.0, group.get("alpha", 0.0),
-              group["eps"], group["weight_decay"])
-    return (*(ctypes.c_float(x) for x in floats),
+    before_step = (0.0, 0.0, betas[0], betas[1], betas[2] if len(betas) >= 3 else 0.0, group.get("alpha", 0.0),
+                   group["eps"], group["weight_decay"])
+    return (tuple(ctypes.c_float(x) for x in before_step),
             (ctypes.c_float(group["lr"]), ctypes.c_float(1.0), ctypes.c_bool(optimizer.args.skip_zeros)))
